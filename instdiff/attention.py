@@ -43,7 +43,7 @@ class AttentionStore:
     ``maps[step]`` is a (R, HW, T) sum over recorded layers and ``counts[step]`` the number of layers.
     """
 
-    cond_rows: slice = slice(None)
+    cond_rows: slice = field(default_factory=lambda: slice(None))
     step: int = 0
     record_steps: set[int] | None = None
     enabled: bool = True
