@@ -309,7 +309,9 @@ def instdiffedit(bundle: ModelBundle, images: torch.Tensor, source_prompts: Sequ
     limit = bundle.tokenizer.model_max_length
     n_tokens = torch.tensor([min(bundle.token_count(p), limit) for p in prompts], device=bundle.device)
     sched, timesteps = _timesteps(bundle, cfg.steps, cfg.strength)
-    factor = cfg.attention_downsample or default_downsample(bundle.unet)
+    factor = cfg.attention_downsample or bundle.defaults.get("attention_downsample") or default_downsample(
+        bundle.unet
+    )
     store = AttentionStore(cond_rows=slice(b * n, 2 * b * n))
     selection = AttentionSelection(downsample=factor)
     # 3. denoise from τ = r·T; every step: instant mask from the recorded maps, then blend (Eq. 5)

@@ -28,6 +28,7 @@ ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_MODEL_DIR = ASSETS / "shapes"
 DEFAULT_MODEL = "default"
 MAX_TOKENS = 77
+DEFAULTS_FILE = "instdiff.json"
 
 
 class ModelLoadError(RuntimeError):
@@ -47,6 +48,8 @@ class ModelBundle:
     name: str = "custom"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    # editor defaults a model folder may carry in ``instdiff.json`` (e.g. {"attention_downsample": 1})
+    defaults: dict = field(default_factory=dict)
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -336,6 +339,8 @@ def load_pretrained(
             f"expected {4 + 1 + vae.config.latent_channels} (latents + mask + masked-image latents)"
         )
     bundle = ModelBundle(tokenizer, text_encoder, vae, unet, scheduler, inpaint_unet, name=spec)
+    if is_local and (path / DEFAULTS_FILE).exists():
+        bundle.defaults = json.loads((path / DEFAULTS_FILE).read_text())
     for m in bundle.modules():
         m.eval().requires_grad_(False)
     return bundle.to(device, dtype)
@@ -413,4 +418,6 @@ def save_bundle(bundle: ModelBundle, out: str | Path) -> Path:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if bundle.defaults:
+        (out / DEFAULTS_FILE).write_text(json.dumps(bundle.defaults, indent=2) + "\n")
     return out
