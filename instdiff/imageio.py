@@ -1,0 +1,192 @@
+"""Image and mask decoding/encoding with clear errors, shared by the CLI, the batch job and the endpoint.
+
+Accepted inputs: anything Pillow decodes (PNG, JPEG, WebP, BMP, TIFF, …) in modes RGB, RGBA/LA (alpha
+composited onto white), L/1/P (converted to RGB), I;16/I (16/32-bit, rescaled to 8 bit), CMYK and
+YCbCr (converted to RGB). Sides that are not multiples of the model's step are resized (default) or
+padded by edge replication — the choice is returned as a note so callers can say which.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+class ImageInputError(ValueError):
+    """An image or mask that cannot be used; the message says what was wrong and what is accepted."""
+
+
+class SizePolicy(str, Enum):
+    RESIZE = "resize"  # resize to the nearest multiple (aspect kept within one step)
+    PAD = "pad"  # pad right/bottom by edge replication; outputs are cropped back by callers
+    REFUSE = "refuse"  # raise
+
+
+@dataclass
+class Prepared:
+    """An RGB uint8 image ready for a model, with what was done to it."""
+
+    array: np.ndarray  # (H, W, 3) uint8
+    original_size: tuple[int, int]  # (W, H) as decoded
+    notes: list[str] = field(default_factory=list)
+    pad: tuple[int, int] = (0, 0)  # (right, bottom) padding added
+
+
+def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
+    """Decode bytes or a file into an (H, W, 3) uint8 RGB array; returns (array, notes on conversions)."""
+    notes: list[str] = []
+    try:
+        if isinstance(data, str | Path):
+            path = Path(data)
+            if not path.exists():
+                raise ImageInputError(f"image file {str(path)!r} does not exist")
+            raw = path.read_bytes()
+        else:
+            raw = bytes(data)
+        if not raw:
+            raise ImageInputError("image is empty (0 bytes)")
+        img = Image.open(io.BytesIO(raw))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageInputError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+        if w < 1 or h < 1:
+            raise ImageInputError(f"image has no pixels ({w}x{h})")
+        img.load()
+    except ImageInputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageInputError(
+            f"cannot decode image ({type(exc).__name__}: {exc}); accepted: PNG, JPEG, WebP, BMP, TIFF"
+        ) from None
+    return _to_rgb(img, notes), notes
+
+
+def _to_rgb(img: Image.Image, notes: list[str]) -> np.ndarray:
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img, dtype=np.uint8).copy()
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr8 = np.clip(np.round(arr / hi * 255.0), 0, 255).astype(np.uint8)
+        notes.append(f"converted {mode} (high bit depth) to 8-bit RGB")
+        return np.repeat(arr8[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        notes.append(f"composited {mode} alpha onto white")
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8).copy()
+    notes.append(f"converted {mode} to RGB")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def fit_to_multiple(
+    array: np.ndarray, multiple: int, policy: SizePolicy | str = SizePolicy.RESIZE, size: int | None = None
+) -> Prepared:
+    """Make both sides multiples of ``multiple``.
+
+    ``size``: optional target for the longer side (e.g. the model's native resolution), applied first.
+    """
+    h, w = array.shape[:2]
+    prepared = Prepared(array=array, original_size=(w, h))
+    if min(h, w) < multiple and SizePolicy(policy) is not SizePolicy.PAD and size is None:
+        raise ImageInputError(f"image is {w}x{h}; both sides must be at least {multiple} pixels")
+    img = Image.fromarray(array)
+    if size is not None and max(w, h) != size:
+        scale = size / max(w, h)
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+        img = img.resize((w, h), Image.Resampling.LANCZOS)
+        prepared.notes.append(f"resized {prepared.original_size[0]}x{prepared.original_size[1]} to {w}x{h}")
+    if w % multiple or h % multiple:
+        policy = SizePolicy(policy)
+        if policy is SizePolicy.REFUSE:
+            raise ImageInputError(f"image size {w}x{h} is not a multiple of {multiple}")
+        if policy is SizePolicy.RESIZE:
+            nw, nh = max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple)
+            img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+            prepared.notes.append(f"resized {w}x{h} to {nw}x{nh} (sides must be multiples of {multiple})")
+        else:
+            nw, nh = -(-w // multiple) * multiple, -(-h // multiple) * multiple
+            arr = np.pad(np.asarray(img), ((0, nh - h), (0, nw - w), (0, 0)), mode="edge")
+            prepared.pad = (nw - w, nh - h)
+            prepared.notes.append(f"padded {w}x{h} to {nw}x{nh} (sides must be multiples of {multiple})")
+            prepared.array = arr
+            return prepared
+    prepared.array = np.asarray(img, dtype=np.uint8).copy()
+    return prepared
+
+
+def to_model_tensor(arrays: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+    """(H, W, 3) uint8 array(s) → (B, 3, H, W) float tensor in [-1, 1]. All arrays must share a size."""
+    if isinstance(arrays, np.ndarray) and arrays.ndim == 3:
+        arrays = [arrays]
+    sizes = {a.shape for a in arrays}
+    if len(sizes) != 1:
+        raise ImageInputError(f"images in one batch must share a size; got {sorted(sizes)}")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def from_model_tensor(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
+    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).numpy()
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 or (H, W) bool/uint8 → PNG bytes (masks as 8-bit L with 0/255)."""
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_mask(data: bytes | str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode a mask image (any mode; non-zero = inside) to (H, W) bool; ``size`` (W, H) must match when given."""
+    try:
+        raw = Path(data).read_bytes() if isinstance(data, str | Path) else bytes(data)
+        img = Image.open(io.BytesIO(raw))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageInputError(f"cannot decode mask ({type(exc).__name__}); accepted: a PNG mask, non-zero = edit") from None
+    if img.mode in ("RGBA", "LA"):
+        arr = np.asarray(img.getchannel("A")) > 127
+    else:
+        arr = np.asarray(img.convert("L")) > 127
+    if size is not None and (arr.shape[1], arr.shape[0]) != tuple(size):
+        raise ImageInputError(
+            f"mask is {arr.shape[1]}x{arr.shape[0]} but the image is {size[0]}x{size[1]}; they must match"
+        )
+    return arr
+
+
+def resize_bool(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an (H, W) bool mask to ``size`` (W, H) with nearest neighbour."""
+    if (mask.shape[1], mask.shape[0]) == tuple(size):
+        return mask
+    img = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+    return np.asarray(img) > 127
+
+
+def undo_fit(array: np.ndarray, prepared: Prepared) -> np.ndarray:
+    """Bring a model-sized (H, W, ...) output back to the decoded size (crop padding or resize back)."""
+    w, h = prepared.original_size
+    if prepared.pad != (0, 0):
+        return array[: array.shape[0] - prepared.pad[1], : array.shape[1] - prepared.pad[0]]
+    if (array.shape[1], array.shape[0]) == (w, h):
+        return array
+    if array.dtype == bool:
+        return resize_bool(array, (w, h))
+    return np.asarray(Image.fromarray(array).resize((w, h), Image.Resampling.LANCZOS))
