@@ -1,0 +1,198 @@
+"""Mask math on constructed attention maps whose right answer is known."""
+
+import torch
+
+from instdiff.masks import (
+    MaskConfig,
+    Refinement,
+    diffedit_mask,
+    dilate,
+    erode,
+    index_token,
+    instdiffedit_mask,
+    iou,
+    latent_difference_map,
+    mask_area,
+    merge_word_pieces,
+    open_mask,
+    otsu_threshold,
+    position_vector,
+    refine,
+    resize_mask,
+    similarity_vector,
+    steps_for_strength,
+)
+
+H = W = 16
+
+
+def _object() -> torch.Tensor:
+    m = torch.zeros(H, W)
+    m[4:10, 5:12] = 1.0
+    return m
+
+
+def constructed_maps() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens: 0 start (object + haze), 1 'a' (uniform), 2 'red' (object), 3 'circle' (object, dimmer),
+    4 'on' (background), 5 end. Returns maps (1, 8, H, W), n_tokens (1,), object mask."""
+    obj = _object()
+    maps = torch.zeros(1, 8, H, W)
+    maps[0, 0] = 0.7 * obj + 0.1
+    maps[0, 1] = 1.0 / (H * W)
+    maps[0, 2] = obj
+    maps[0, 3] = 0.8 * obj + 0.01 * obj.flip(0)
+    maps[0, 4] = 1.0 - obj
+    maps[0, 5] = 0.5
+    return maps, torch.tensor([6]), obj.bool()
+
+
+def test_index_token_picks_the_object_word():
+    maps, n, _ = constructed_maps()
+    assert index_token(maps, n).item() in (2, 3)
+
+
+def test_index_token_never_picks_start_end_or_padding():
+    maps, n, _ = constructed_maps()
+    maps[0, 6] = maps[0, 0]  # padding identical to the start map must be ignored
+    maps[0, 5] = maps[0, 0]  # so must the end token
+    assert index_token(maps, n).item() in (2, 3)
+
+
+def test_position_vector_thresholds_flip_sign():
+    sims = torch.tensor([[1.0, 0.95, 0.91, 0.9, 0.75, 0.6, 0.59, 0.1]])
+    p = position_vector(sims, torch.tensor([8]), gamma1=0.9, gamma2=0.6)
+    assert p.tolist() == [[0.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0]]  # start and end are never weighted
+    # lowering gamma1 below a similarity turns a neutral token positive; raising gamma2 turns it negative
+    assert position_vector(sims, torch.tensor([8]), 0.7, 0.6)[0, 4] == 1.0
+    assert position_vector(sims, torch.tensor([8]), 0.9, 0.8)[0, 4] == -1.0
+
+
+def test_token_map_that_is_the_object_comes_back_as_the_mask_exactly():
+    maps, n, obj = constructed_maps()
+    cfg = MaskConfig(smooth_size=1)  # no smoothing: the answer is exact
+    mask, soft, p = instdiffedit_mask(maps, n, (H, W), cfg)
+    assert p[0, 2] == 1 and p[0, 3] == 1 and p[0, 4] == -1 and p[0, 1] == -1
+    assert torch.equal(mask[0, 0], obj)
+    assert soft.min() >= 0 and soft.max() <= 1
+
+
+def test_smoothed_mask_still_matches_object():
+    maps, n, obj = constructed_maps()
+    # a symmetric blur puts a step edge at 0.5: φ = 0.5 recovers the object, the paper's φ = 0.2 grows it
+    mask, _, _ = instdiffedit_mask(maps, n, (H, W), MaskConfig(phi=0.5))
+    assert iou(mask, obj[None, None]).item() > 0.8
+    grown, _, _ = instdiffedit_mask(maps, n, (H, W), MaskConfig(phi=0.2))
+    assert (grown >= mask).all() and grown.sum() > mask.sum()
+
+
+def test_mask_on_finer_latent_grid_is_upsampled_object():
+    maps, n, obj = constructed_maps()
+    mask, _, _ = instdiffedit_mask(maps, n, (2 * H, 2 * W), MaskConfig(smooth_size=1, phi=0.5))
+    big = resize_mask(obj[None, None], (2 * H, 2 * W))
+    assert iou(mask, big).item() > 0.85
+
+
+def test_phi_is_monotone():
+    maps, n, _ = constructed_maps()
+    maps[0, 2] = maps[0, 2] * torch.linspace(0.2, 1.0, W)  # graded object so φ matters
+    areas = [mask_area(instdiffedit_mask(maps, n, (H, W), MaskConfig(phi=phi))[0]).item() for phi in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    assert all(a >= b for a, b in zip(areas, areas[1:], strict=False))
+    assert areas[0] > areas[-1]
+
+
+def test_position_from_first_step_is_reused():
+    maps, n, obj = constructed_maps()
+    _, _, p = instdiffedit_mask(maps, n, (H, W), MaskConfig(smooth_size=1))
+    later = maps.clone()
+    later[0, 4] = obj.float()  # token 4 changes meaning later; P from the first step still subtracts it
+    mask, _, p2 = instdiffedit_mask(later, n, (H, W), MaskConfig(smooth_size=1), position=p)
+    assert torch.equal(p, p2)
+
+
+def test_official_refinement_variant():
+    maps, n, obj = constructed_maps()
+    idx = index_token(maps, n)
+    p = position_vector(similarity_vector(maps, idx), n)
+    ref = refine(maps, p, Refinement.OFFICIAL)
+    assert ref.min() >= 0
+    assert torch.equal(ref[0] > 0.2, obj)
+    # with no negative tokens, official == normalised mean of positives
+    p_pos = p.clamp_min(0)
+    ref_pos = refine(maps, p_pos, Refinement.OFFICIAL)
+    expected = maps[0, 2:4].mean(0)
+    expected = (expected - expected.min()) / (expected.max() - expected.min())
+    assert torch.allclose(ref_pos[0], expected, atol=1e-6)
+
+
+def test_invert_start_variant_changes_reference():
+    maps, n, _ = constructed_maps()
+    # inverted start map resembles the background token
+    assert index_token(maps, n, invert_start=True).item() == 4
+
+
+def test_merge_word_pieces_averages_pieces():
+    maps = torch.rand(1, 5, 4, 4)
+    word_ids = torch.tensor([[0, 1, 1, 2, 3]])  # tokens 1 and 2 are pieces of one word
+    merged = merge_word_pieces(maps, word_ids)
+    assert torch.allclose(merged[0, 1], (maps[0, 1] + maps[0, 2]) / 2)
+    assert torch.allclose(merged[0, 1], merged[0, 2])
+    assert torch.equal(merged[0, 3], maps[0, 3])
+
+
+def test_diffedit_mask_is_per_image_not_per_batch():
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(2 * 3, 4, 8, 8, generator=g)
+    tgt = src.clone()
+    tgt[:3, :, 2:5, 2:5] += 1.0  # image 0: small change
+    tgt[3:, :, :, :4] += 100.0  # image 1: huge change that would dominate a batch-wide threshold
+    batch_mask, _ = diffedit_mask(src, tgt, 3)
+    alone, _ = diffedit_mask(src[:3], tgt[:3], 3)
+    assert torch.equal(batch_mask[:1], alone)
+    assert alone[0, 0, 2:5, 2:5].all() and alone.sum() == 9
+
+
+def test_otsu_splits_bimodal_values():
+    x = torch.cat([torch.full((100,), 0.1), torch.full((50,), 0.9)]).view(1, 10, 15)
+    t = otsu_threshold(x)
+    assert 0.1 < t.item() < 0.9
+    assert ((x > t[:, None, None]).sum() == 50).item()
+
+
+def test_latent_difference_and_morphology():
+    ref = [torch.zeros(1, 4, 8, 8) for _ in range(3)]
+    cur = [r.clone() for r in ref]
+    for c in cur:
+        c[0, :, 2:5, 2:5] = 1.0
+        c[0, :, 7, 0] = 0.5  # an isolated speck
+    d = latent_difference_map(cur, ref)
+    assert d.shape == (1, 8, 8)
+    m = (d > otsu_threshold(d)[:, None, None]).unsqueeze(1)
+    opened = open_mask(m, 3)
+    assert not opened[0, 0, 7, 0] and opened[0, 0, 2:5, 2:5].all()
+    grown = dilate(opened, 3)
+    assert grown.sum() == 25 and erode(grown, 3).sum() == 9
+
+
+def test_iou_known_values():
+    a = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    b = a.clone()
+    assert iou(a, b).item() == 1.0  # both empty
+    a[..., :2, :] = True
+    b[..., 1:3, :] = True
+    assert abs(iou(a, b).item() - 4 / 12) < 1e-6
+    assert iou(a, ~a).item() == 0.0
+    assert iou(a, a).item() == 1.0
+
+
+def test_resize_mask_roundtrip_and_area():
+    m = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    m[..., 2:6, 1:3] = True
+    up = resize_mask(m, (32, 32))
+    assert up.sum() == m.sum() * 16
+    assert torch.equal(resize_mask(up, (8, 8)), m)
+
+
+def test_steps_for_strength():
+    assert steps_for_strength(50, 0.5) == 25
+    assert steps_for_strength(50, 1.0) == 50
+    assert steps_for_strength(10, 0.01) == 1
