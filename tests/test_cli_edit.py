@@ -1,0 +1,65 @@
+"""`instdiff edit` end to end on a shapes scene, and its one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from instdiff.synthetic import make_edit_pairs
+from pipelines.cli import main
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    pair = make_edit_pairs(1, seed=2, size=32)[0]
+    path = tmp_path_factory.mktemp("cli") / "scene.png"
+    Image.fromarray(pair.source.image).save(path)
+    return path, pair
+
+
+@pytest.mark.parametrize("method", ["instdiffedit", "sdedit", "diffedit"])
+def test_edit_writes_image_and_mask(scene, tmp_path, capsys, method):
+    path, pair = scene
+    out, mask = tmp_path / "out.png", tmp_path / "mask.png"
+    rc = main(["edit", str(path), "--model", "tiny", "--method", method, "--steps", "4", "--noises", "1",
+               "--source", pair.source_prompt, "--target", pair.target_prompt, "--out", str(out),
+               "--mask-out", str(mask)])
+    assert rc == 0
+    edited = np.asarray(Image.open(out))
+    m = np.asarray(Image.open(mask))
+    assert edited.shape == (32, 32, 3) and m.shape == (32, 32)
+    assert set(np.unique(m)) <= {0, 255}
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == method and summary["unet_calls"] > 0
+
+
+def test_odd_size_rgba_input_is_converted_and_restored(tmp_path):
+    img = Image.new("RGBA", (37, 29), (255, 0, 0, 255))
+    src = tmp_path / "odd.png"
+    img.save(src)
+    out = tmp_path / "o.png"
+    assert main(["edit", str(src), "--model", "tiny", "--steps", "2", "--method", "sdedit", "--target",
+                 "a red square", "--out", str(out)]) == 0
+    assert Image.open(out).size == (37, 29)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["edit", "{bad}", "--target", "a red circle"], "cannot decode image"),
+        (["edit", "{missing}", "--target", "a red circle"], "does not exist"),
+        (["edit", "{scene}", "--target", "   "], "empty"),
+        (["edit", "{scene}", "--target", "x", "--model", "{missing}"], "does not exist"),
+    ],
+)
+def test_errors_are_one_clear_line(scene, tmp_path, capsys, args, message):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"definitely not a png")
+    subst = {"{bad}": str(bad), "{missing}": str(tmp_path / "missing.png"), "{scene}": str(scene[0])}
+    argv = [subst.get(a, a) for a in args] + ["--out", str(tmp_path / "o.png")]
+    if "--model" not in argv:
+        argv += ["--model", "tiny"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
