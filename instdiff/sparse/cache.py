@@ -1,0 +1,171 @@
+"""The per-step activation cache of a run, with an accelerator-memory budget and host overflow.
+
+FISEdit §"Cache-Based Editing Pipeline": the sparse pass needs activations of every step of the previous run
+(per step up to GBs at large sizes), so the cache keeps what fits in accelerator memory and spills the rest to
+(pinned) host memory; transfers of the next step run asynchronously on a side stream while the current step
+computes. Entries that did not fit are copied to the accelerator only for the step that uses them.
+
+Accounting is exact: :meth:`ActivationCache.nbytes` sums ``numel · element_size`` over the tensors held.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ActivationCache:
+    """Tensors keyed by (step, name), split between an accelerator tier and a host tier.
+
+    ``device``: where consumers want the tensors. ``budget_bytes``: most bytes kept on ``device``
+    (``None``: no limit); once reached, new entries go to the host tier (pinned memory when ``device`` is CUDA).
+    On a CPU ``device`` the host tier is plain memory; the split still follows the budget, so the policy is the
+    same (and testable) everywhere.
+    """
+
+    def __init__(self, device: torch.device | str, budget_bytes: int | None = None) -> None:
+        self.device = torch.device(device)
+        self.budget_bytes = budget_bytes
+        self._device: dict[int, dict[str, torch.Tensor]] = {}
+        self._host: dict[int, dict[str, torch.Tensor]] = {}
+        self._device_bytes = 0
+        self._host_bytes = 0
+        self._staged: dict[int, tuple[dict[str, torch.Tensor], torch.cuda.Event | None]] = {}
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._put_events: dict[int, torch.cuda.Event] = {}
+
+    # ---- writing ---------------------------------------------------------------------------
+    def put(self, step: int, name: str, tensor: torch.Tensor) -> None:
+        """Store ``tensor`` (detached) for ``step`` under ``name``; replaces an existing entry."""
+        self.drop(step, name)
+        t = tensor.detach()
+        size = t.numel() * t.element_size()
+        if self.budget_bytes is None or self._device_bytes + size <= self.budget_bytes:
+            self._device.setdefault(step, {})[name] = t.to(self.device)
+            self._device_bytes += size
+            return
+        if self._cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self._put_events[step] = ev
+        else:
+            host = t.to("cpu", copy=True)
+        self._host.setdefault(step, {})[name] = host
+        self._host_bytes += size
+
+    def drop(self, step: int, name: str) -> None:
+        for tier, attr in ((self._device, "_device_bytes"), (self._host, "_host_bytes")):
+            t = tier.get(step, {}).pop(name, None)
+            if t is not None:
+                setattr(self, attr, getattr(self, attr) - t.numel() * t.element_size())
+
+    # ---- reading ---------------------------------------------------------------------------
+    def has(self, step: int, name: str) -> bool:
+        return name in self._device.get(step, {}) or name in self._host.get(step, {})
+
+    def is_persistent(self, step: int, name: str) -> bool:
+        """True if :meth:`get` returns the stored tensor itself rather than a transient device copy.
+
+        That holds for the device tier, and on a CPU device for the host tier too (no copy is needed there).
+        Whoever writes into a persistent tensor in place must restore it (the engine keeps an undo log).
+        """
+        return name in self._device.get(step, {}) or (not self._cuda and name in self._host.get(step, {}))
+
+    def prefetch(self, step: int, names: Iterable[str] | None = None) -> None:
+        """Start copying ``step``'s host-tier entries (or only ``names``) to the device, on a side stream on CUDA."""
+        host = self._host.get(step)
+        if not host or step in self._staged:
+            return
+        wanted = [n for n in (host if names is None else names) if n in host]
+        if not self._cuda:
+            self._staged[step] = ({n: host[n] for n in wanted}, None)
+            return
+        assert self._stream is not None
+        with torch.cuda.stream(self._stream):
+            if step in self._put_events:
+                self._stream.wait_event(self._put_events[step])
+            staged = {n: host[n].to(self.device, non_blocking=True) for n in wanted}
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        self._staged[step] = (staged, ev)
+
+    def get(self, step: int, name: str) -> torch.Tensor:
+        """The tensor for (step, name) on the device; waits for its prefetch, or copies it now if none ran."""
+        dev = self._device.get(step, {})
+        if name in dev:
+            return dev[name]
+        if name not in self._host.get(step, {}):
+            raise KeyError(f"nothing cached for step {step} under {name!r}")
+        staged = self._staged.get(step)
+        if staged is None or name not in staged[0]:
+            t = self._host[step][name].to(self.device, non_blocking=False)
+            if staged is not None:
+                staged[0][name] = t
+            return t
+        tensors, ev = staged
+        t = tensors[name]
+        if ev is not None:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(ev)
+            t.record_stream(cur)
+        return t
+
+    def release(self, step: int) -> None:
+        """Forget the transient device copies made for ``step``."""
+        self._staged.pop(step, None)
+
+    # ---- accounting ------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        return sorted(set(self._device) | set(self._host))
+
+    def names(self, step: int) -> list[str]:
+        return sorted(set(self._device.get(step, {})) | set(self._host.get(step, {})))
+
+    def items(self) -> Iterator[tuple[int, str, torch.Tensor]]:
+        """Every stored tensor (both tiers; transient prefetch copies are not stored and not listed)."""
+        for tier in (self._device, self._host):
+            for step, entries in tier.items():
+                for name, t in entries.items():
+                    yield step, name, t
+
+    @property
+    def device_bytes(self) -> int:
+        return self._device_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self._host_bytes
+
+    def nbytes(self) -> int:
+        return self._device_bytes + self._host_bytes
+
+    def bytes_per_step(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for step, _, t in self.items():
+            out[step] = out.get(step, 0) + t.numel() * t.element_size()
+        return dict(sorted(out.items()))
+
+    def summary(self) -> dict[str, object]:
+        per_step = self.bytes_per_step()
+        return {
+            "total_bytes": self.nbytes(),
+            "device_bytes": self.device_bytes,
+            "host_bytes": self.host_bytes,
+            "bytes_per_step": per_step,
+            "max_step_bytes": max(per_step.values(), default=0),
+            "entries": sum(1 for _ in self.items()),
+        }
+
+    def clear(self) -> None:
+        self._device.clear()
+        self._host.clear()
+        self._staged.clear()
+        self._put_events.clear()
+        self._device_bytes = self._host_bytes = 0

@@ -1,0 +1,633 @@
+"""Wrapper modules and attention processors of the sparse engine.
+
+Each wrapper holds the original module (``inner``) and, in a dense step, simply calls it (recording what later
+sparse steps need when the step records). In a sparse step with a sparse plan it computes only the active
+region, following FISEdit §"Sparse Computation":
+
+* convolutions gather the active tiles with their halo and run densely on them, with the tile size chosen per
+  layer by the APSC heuristic (§"Adaptive Pixel-Wise Sparse Convolution"); tile size 1 is a pixel-wise gather
+  (an im2col matrix product);
+* GroupNorm uses the cached per-(sample, channel) scale and shift of the dense run at the same step
+  (§"Approximate Normalization"), fused with the SiLU that follows;
+* self-attention takes queries from the active tokens only and keys / values from the whole map, where the
+  inactive tokens' keys / values come from the cache; cross-attention uses the new prompt; the feed-forward
+  and the norms run on active tokens (§"Approximate Attention", Fig. 4);
+* the result is written into the cached full-size output of this step, which the wrapper returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch import nn
+
+from instdiff.sparse.blocks import (
+    BlockSet,
+    ConvShape,
+    TokenSet,
+    blocks_to_pixels,
+    gather_pixels,
+    gather_windows,
+)
+from instdiff.sparse.engine import SparseState
+
+log = logging.getLogger(__name__)
+
+
+# ---- eligibility -------------------------------------------------------------------------------------
+def conv_supported(conv: nn.Module) -> bool:
+    """Square-kernel, ungrouped, undilated, zero-padded ``Conv2d`` with equal strides and paddings."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.groups == 1
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and conv.kernel_size[0] == conv.kernel_size[1]
+        and conv.stride[0] == conv.stride[1]
+        and isinstance(conv.padding, tuple)
+        and conv.padding[0] == conv.padding[1]
+    )
+
+
+def conv_shape(conv: nn.Conv2d) -> ConvShape:
+    return ConvShape(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0])
+
+
+def resnet_supported(r: ResnetBlock2D) -> bool:
+    """Standard SD ResNet block: pre-norm GroupNorm → SiLU → 3×3 conv, twice; no up/down sampling inside."""
+    return (
+        r.upsample is None
+        and r.downsample is None
+        and r.time_embedding_norm in ("default", "scale_shift")
+        and isinstance(r.norm1, nn.GroupNorm)
+        and isinstance(r.norm2, nn.GroupNorm)
+        and isinstance(r.nonlinearity, nn.SiLU)
+        and conv_supported(r.conv1)
+        and conv_supported(r.conv2)
+        and r.conv1.kernel_size[0] == 3
+        and r.conv1.stride[0] == 1
+        and r.conv1.padding[0] == 1
+        and r.conv2.kernel_size[0] == 3
+        and r.conv2.stride[0] == 1
+        and r.conv2.padding[0] == 1
+        and (r.conv_shortcut is None or (conv_supported(r.conv_shortcut) and r.conv_shortcut.kernel_size[0] == 1))
+    )
+
+
+def attention_supported(attn: Attention) -> bool:
+    """Plain multi-head attention: no spatial / group / q-k norms, no residual inside, no output rescale."""
+    return (
+        isinstance(attn, Attention)
+        and attn.spatial_norm is None
+        and attn.group_norm is None
+        and getattr(attn, "norm_q", None) is None
+        and getattr(attn, "norm_k", None) is None
+        and not attn.residual_connection
+        and attn.rescale_output_factor == 1.0
+        and getattr(attn, "norm_cross", None) is None
+        and isinstance(attn.to_out[0], nn.Linear)
+    )
+
+
+def transformer_supported(t: Transformer2DModel) -> bool:
+    """Continuous-input SD transformer with layer-norm ``BasicTransformerBlock``s and plain attention."""
+    if not (getattr(t, "is_input_continuous", False) and isinstance(t.norm, nn.GroupNorm)):
+        return False
+    for blk in t.transformer_blocks:
+        if not (
+            type(blk) is BasicTransformerBlock
+            and blk.norm_type == "layer_norm"
+            and blk.pos_embed is None
+            and not blk.only_cross_attention
+            and attention_supported(blk.attn1)
+            and not blk.attn1.is_cross_attention
+            and (blk.attn2 is None or attention_supported(blk.attn2))
+            and not hasattr(blk, "fuser")
+        ):
+            return False
+    return True
+
+
+# ---- small tensor helpers -------------------------------------------------------------------------------
+def group_norm_affine(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """Per-(sample, channel) scale and shift (2, N, C) float32 that turn ``x`` into ``norm(x)``:
+    norm(x) = x·scale + shift, scale = γ·rstd_g, shift = β − mean_g·scale (Wu & He 2018, Eq. 1–2)."""
+    n, c = x.shape[:2]
+    g = norm.num_groups
+    var, mean = torch.var_mean(x.float().reshape(n, g, -1), dim=2, unbiased=False)  # (N, G)
+    rstd = torch.rsqrt(var + norm.eps)
+    rstd_c = rstd.repeat_interleave(c // g, dim=1)  # (N, C)
+    mean_c = mean.repeat_interleave(c // g, dim=1)
+    gamma = norm.weight.float() if norm.weight is not None else torch.ones_like(rstd_c[0])
+    beta = norm.bias.float() if norm.bias is not None else torch.zeros_like(rstd_c[0])
+    scale = gamma * rstd_c
+    return torch.stack([scale, beta - mean_c * scale])
+
+
+class _LinearWeight:
+    """A conv weight (Cout, Cin, k, k) reordered to (Cout, k·k·Cin) for channels-last windows; rebuilt when the
+    parameter changes (device, dtype or values)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._w: torch.Tensor | None = None
+
+    def get(self, conv: nn.Conv2d) -> torch.Tensor:
+        w = conv.weight
+        key = (w.data_ptr(), w.dtype, w.device, w._version)
+        if key != self._key:
+            self._w = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
+            self._key = key
+        assert self._w is not None
+        return self._w
+
+
+def _conv_tiles(g: torch.Tensor, conv: nn.Conv2d, block: int, lin: _LinearWeight) -> torch.Tensor:
+    """Convolve windows (nb, Cin, P, P) without padding → tiles (nb, Cout, b, b). Tile size 1 → im2col GEMM."""
+    if block == 1:
+        nb = g.shape[0]
+        cols = g.permute(0, 2, 3, 1).reshape(nb, -1)  # (nb, P·P·Cin), a view of the channels-last windows
+        return F.linear(cols, lin.get(conv), conv.bias)[:, :, None, None]
+    return F.conv2d(g, conv.weight, conv.bias, stride=conv.stride)
+
+
+def _conv_macs(rows: int, h: int, w: int, conv: nn.Conv2d) -> float:
+    """Hout·Wout·Cout·Cin·k² per batch row."""
+    return float(rows * h * w * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1])
+
+
+def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Multi-head SDPA: q (N, L, D), k / v (N, S, D) → (N, L, D)."""
+    n, lq, d = q.shape
+    hd = d // attn.heads
+    q = q.view(n, lq, attn.heads, hd).transpose(1, 2)
+    k = k.view(n, -1, attn.heads, hd).transpose(1, 2)
+    v = v.view(n, -1, attn.heads, hd).transpose(1, 2)
+    # AttnProcessor2_0 leaves SDPA's default scale 1/sqrt(hd); only a different attn.scale is passed on
+    scale = None if abs(attn.scale - hd**-0.5) < 1e-12 else attn.scale
+    o = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (N, heads, L, hd)
+    return o.transpose(1, 2).reshape(n, lq, d)
+
+
+def _linear_macs(tokens: int, layer: nn.Module) -> float:
+    return float(sum(tokens * m.in_features * m.out_features for m in layer.modules() if isinstance(m, nn.Linear)))
+
+
+class _Wrapper(nn.Module):
+    """Base of the wrappers: the original module as ``inner``, the module path, and the shared state."""
+
+    def __init__(self, inner: nn.Module, path: str, state: SparseState) -> None:
+        super().__init__()
+        self.inner = inner
+        self.path = path
+        self._state_ref = state  # a plain object, not a submodule
+
+    @property
+    def state(self) -> SparseState:
+        return self._state_ref
+
+    def key(self, what: str) -> str:
+        return f"{self.path}:{what}"
+
+    def install_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        return []
+
+    def _norm_stats_hook(self, name: str) -> Any:
+        def hook(module: nn.GroupNorm, args: tuple) -> None:
+            x = args[0]
+            if self.state.should_record(x.shape[-2]):
+                self.state.record(self.key(name), group_norm_affine(x, module))
+
+        return hook
+
+    def _input_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if self.state.should_record(x.shape[-2]):
+                self.state.record(self.key(name), x)
+
+        return hook
+
+
+# ---- convolutions ----------------------------------------------------------------------------------------
+class SparseConv(_Wrapper):
+    """A ``Conv2d`` (``conv_in``, ``conv_out``, down- / upsampler convs) computed on active tiles.
+
+    Cache per step: ``out`` (N, Cout, Hout, Wout).
+    """
+
+    inner: nn.Conv2d
+
+    def __init__(self, inner: nn.Conv2d, path: str, state: SparseState) -> None:
+        super().__init__(inner, path, state)
+        self.shape = conv_shape(inner)
+        self._lin = _LinearWeight()
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        s = self.shape
+        return (h + 2 * s.padding - s.kernel) // s.stride + 1, (w + 2 * s.padding - s.kernel) // s.stride + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        n, _, h, w = x.shape
+        ho, wo = self.out_size(h, w)
+        dense = _conv_macs(n, ho, wo, self.inner)
+        plan = st.conv_plan(self.path, (ho, wo), [self.shape], [self.key("out")]) if st.sparse_step else None
+        if plan is None:
+            y = self.inner(x)
+            st.count("conv", dense, dense)
+            if st.should_record(ho):
+                st.record(self.key("out"), y)
+            return y
+        return self._sparse(x, plan, dense)
+
+    def _sparse(self, x: torch.Tensor, bs: BlockSet, dense: float) -> torch.Tensor:
+        st = self.state
+        win = bs.windows(self.shape, x.shape[-2], x.shape[-1])
+        with st.timed("gather"):
+            g = gather_windows(x, win)  # (nb, Cin, P, P)
+            valid = win.valid_as(g)
+            if valid is not None:
+                g = g * valid
+        with st.timed("conv"):
+            y = _conv_tiles(g, self.inner, bs.block, self._lin)  # (nb, Cout, b, b)
+        st.count("conv", dense, _conv_macs(bs.count, bs.block, bs.block, self.inner))
+        with st.timed("gather"):
+            out = st.fetch(self.key("out"))
+            rows, pos = bs.centers()
+            st.write_pixels(out, rows, pos, blocks_to_pixels(y))
+        return out
+
+
+class SparseGroupNorm(_Wrapper):
+    """A stand-alone ``GroupNorm`` (``conv_norm_out``): in sparse steps, the cached statistics of the dense run
+    (FISEdit §"Approximate Normalization") applied to the whole map. Cache per step: ``gn`` (2, N, C)."""
+
+    inner: nn.GroupNorm
+
+    def install_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        return [self.inner.register_forward_pre_hook(self._norm_stats_hook("gn"))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        if st.sparse_step and st.affine_plan(self.path, (x.shape[-2], x.shape[-1]), [self.key("gn")]):
+            with st.timed("norm"):
+                gn = st.fetch(self.key("gn")).to(x.dtype)  # (2, N, C)
+                return torch.addcmul(gn[1][:, :, None, None], x, gn[0][:, :, None, None])
+        return self.inner(x)
+
+
+# ---- ResNet block ----------------------------------------------------------------------------------------
+class SparseResnet(_Wrapper):
+    """``ResnetBlock2D`` on active tiles: GN1+SiLU on haloed windows of the input (cached statistics) → conv1 →
+    +temb → GN2+SiLU → written into the cached conv2 input → haloed windows → conv2 → + shortcut → written into
+    the cached block output.
+
+    Cache per step: ``gn1`` (2, N, Cin), ``gn2`` (2, N, Cout), ``act2`` (N, Cout, H, W) = conv2's input,
+    ``out`` (N, Cout, H, W).
+    """
+
+    inner: ResnetBlock2D
+
+    def __init__(self, inner: ResnetBlock2D, path: str, state: SparseState) -> None:
+        super().__init__(inner, path, state)
+        self.shape1 = conv_shape(inner.conv1)
+        self.shape2 = conv_shape(inner.conv2)
+        self.shapes = [self.shape1, self.shape2]
+        if inner.conv_shortcut is not None:
+            self.shapes.append(conv_shape(inner.conv_shortcut))
+        self._lin1, self._lin2 = _LinearWeight(), _LinearWeight()
+        self.needs = [self.key(k) for k in ("gn1", "gn2", "act2", "out")]
+
+    def install_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        r = self.inner
+        return [
+            r.norm1.register_forward_pre_hook(self._norm_stats_hook("gn1")),
+            r.norm2.register_forward_pre_hook(self._norm_stats_hook("gn2")),
+            r.conv2.register_forward_pre_hook(self._input_hook("act2")),
+        ]
+
+    def dense_macs(self, n: int, h: int, w: int, temb: torch.Tensor | None) -> float:
+        r = self.inner
+        m = _conv_macs(n, h, w, r.conv1) + _conv_macs(n, h, w, r.conv2)
+        if r.conv_shortcut is not None:
+            m += _conv_macs(n, h, w, r.conv_shortcut)
+        if temb is not None and r.time_emb_proj is not None:
+            m += _linear_macs(n, r.time_emb_proj)
+        return m
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        st = self.state
+        n, _, h, w = input_tensor.shape
+        dense = self.dense_macs(n, h, w, temb)
+        plan = st.conv_plan(self.path, (h, w), self.shapes, self.needs) if st.sparse_step else None
+        if plan is None:
+            out = self.inner(input_tensor, temb, *args, **kwargs)
+            st.count("conv", dense, dense)
+            if st.should_record(h):
+                st.record(self.key("out"), out)
+            return out
+        return self._sparse(input_tensor, temb, plan, dense)
+
+    def _sparse(self, x: torch.Tensor, temb: torch.Tensor | None, bs: BlockSet, dense: float) -> torch.Tensor:
+        st, r = self.state, self.inner
+        n, cin, h, w = x.shape
+        rows = bs.rows
+        b = bs.block
+        # 1. GN1 + SiLU on haloed input windows, conv1
+        win1 = bs.windows(self.shape1, h, w)
+        with st.timed("gather"):
+            g = gather_windows(x, win1)  # (nb, Cin, P, P)
+        with st.timed("norm"):
+            gn1 = st.fetch(self.key("gn1")).to(x.dtype)  # (2, N, Cin)
+            a = F.silu(torch.addcmul(gn1[1][rows][:, :, None, None], g, gn1[0][rows][:, :, None, None]))
+            valid = win1.valid_as(a)
+            if valid is not None:
+                a = a * valid  # conv1 zero-pads its input, i.e. after the norm and the SiLU
+        with st.timed("conv"):
+            hid = _conv_tiles(a, r.conv1, b, self._lin1)  # (nb, Cout, b, b)
+        # 2. time embedding, GN2 + SiLU
+        with st.timed("norm"):
+            gn2 = st.fetch(self.key("gn2")).to(hid.dtype)  # (2, N, Cout)
+            t = None
+            if r.time_emb_proj is not None and temb is not None:
+                tt = temb if r.skip_time_act else r.nonlinearity(temb)
+                t = r.time_emb_proj(tt)[rows][:, :, None, None]  # (nb, Cout or 2·Cout, 1, 1)
+            if r.time_embedding_norm == "default":
+                if t is not None:
+                    hid = hid + t
+                hid = torch.addcmul(gn2[1][rows][:, :, None, None], hid, gn2[0][rows][:, :, None, None])
+            else:
+                hid = torch.addcmul(gn2[1][rows][:, :, None, None], hid, gn2[0][rows][:, :, None, None])
+                if t is not None:
+                    scale, shift = t.chunk(2, dim=1)
+                    hid = hid * (1 + scale) + shift
+            a2 = F.silu(hid)
+        # 3. conv2 over haloed windows of (cached conv2 input with the active tiles overwritten)
+        c_rows, c_pos = bs.centers()
+        with st.timed("gather"):
+            act2 = st.fetch(self.key("act2"))  # (N, Cout, H, W)
+            st.write_pixels(act2, c_rows, c_pos, blocks_to_pixels(a2))
+            win2 = bs.windows(self.shape2, h, w)
+            g2 = gather_windows(act2, win2)
+            valid2 = win2.valid_as(g2)
+            if valid2 is not None:
+                g2 = g2 * valid2
+        with st.timed("conv"):
+            hid2 = _conv_tiles(g2, r.conv2, b, self._lin2)  # (nb, Cout2, b, b)
+        # 4. shortcut and residual, written into the cached block output
+        with st.timed("gather"):
+            xc = gather_pixels(x, c_rows, c_pos)  # (nb·b·b, Cin)
+        with st.timed("conv"):
+            if r.conv_shortcut is not None:
+                sc = r.conv_shortcut
+                xc = F.linear(xc, sc.weight.view(sc.out_channels, sc.in_channels), sc.bias)
+            res = (xc + blocks_to_pixels(hid2)) / r.output_scale_factor  # (nb·b·b, Cout2)
+        actual = (
+            _conv_macs(bs.count, b, b, r.conv1)
+            + _conv_macs(bs.count, b, b, r.conv2)
+            + (_conv_macs(bs.count, b, b, r.conv_shortcut) if r.conv_shortcut is not None else 0.0)
+            + (_linear_macs(n, r.time_emb_proj) if t is not None else 0.0)
+        )
+        st.count("conv", dense, actual)
+        with st.timed("gather"):
+            out = st.fetch(self.key("out"))
+            st.write_pixels(out, c_rows, c_pos, res)
+        return out
+
+
+# ---- transformer ----------------------------------------------------------------------------------------
+class SparseTransformer(_Wrapper):
+    """``Transformer2DModel`` on active tokens: GN (cached statistics) → proj_in → per block: LN → self-attention
+    (queries from active tokens, keys / values of the whole map with inactive ones from the cache) → LN →
+    cross-attention with the new prompt → LN → FF → proj_out → + input, written into the cached output.
+
+    Cache per step: ``gn`` (2, N, C); per block ``…attn1:k`` and ``…attn1:v`` (N, HW, D); ``out`` (N, C, H, W).
+    """
+
+    inner: Transformer2DModel
+
+    def __init__(self, inner: Transformer2DModel, path: str, state: SparseState) -> None:
+        super().__init__(inner, path, state)
+        self.attn_paths = [f"{path}.transformer_blocks.{i}.attn1" for i in range(len(inner.transformer_blocks))]
+        self.needs = [self.key("gn"), self.key("out")]
+        for p in self.attn_paths:
+            self.needs += [f"{p}:k", f"{p}:v"]
+        self.recording_now = False
+
+    def install_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        return [self.inner.norm.register_forward_pre_hook(self._norm_stats_hook("gn"))]
+
+    def dense_macs(self, n: int, hw: int, enc_len: int) -> dict[str, float]:
+        t = self.inner
+        out = {"conv": 0.0, "attention": 0.0, "ff": 0.0}
+        out["conv"] += _proj_macs(t.proj_in, n * hw) + _proj_macs(t.proj_out, n * hw)
+        for blk in t.transformer_blocks:
+            a1 = blk.attn1
+            d = a1.inner_dim
+            out["attention"] += _linear_macs(n * hw, a1) + 2.0 * n * hw * hw * d
+            if blk.attn2 is not None:
+                a2 = blk.attn2
+                out["attention"] += (
+                    _linear_macs(n * hw, a2.to_q)
+                    + _linear_macs(n * enc_len, a2.to_k)
+                    + _linear_macs(n * enc_len, a2.to_v)
+                    + _linear_macs(n * hw, a2.to_out)
+                    + 2.0 * n * hw * enc_len * a2.inner_dim
+                )
+            out["ff"] += _linear_macs(n * hw, blk.ff)
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        st = self.state
+        n, _, h, w = hidden_states.shape
+        ehs = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        enc_len = ehs.shape[1] if ehs is not None else 0
+        dense = self.dense_macs(n, h * w, enc_len)
+        plan = None
+        if st.sparse_step and kwargs.get("attention_mask") is None and kwargs.get("encoder_attention_mask") is None:
+            plan = st.token_plan(self.path, (h, w), self.needs)
+        if plan is None:
+            self.recording_now = st.should_record(h)
+            try:
+                result = self.inner(hidden_states, *args, **kwargs)
+            finally:
+                self.recording_now = False
+            for cat, m in dense.items():
+                st.count(cat, m, m)
+            if st.should_record(h):
+                st.record(self.key("out"), result[0] if isinstance(result, tuple) else result.sample)
+            return result
+        out = self._sparse(hidden_states, ehs, plan, dense)
+        return Transformer2DModelOutput(sample=out) if kwargs.get("return_dict", True) else (out,)
+
+    def _sparse(self, x: torch.Tensor, ehs: torch.Tensor | None, ts: TokenSet, dense: dict[str, float]) -> torch.Tensor:
+        st, t = self.state, self.inner
+        n, c, h, w = x.shape
+        m = ts.count
+        with st.timed("gather"):
+            xa = gather_pixels(x, ts.rows, ts.pos)  # (M, C)
+        with st.timed("norm"):
+            gn = st.fetch(self.key("gn")).to(x.dtype)  # (2, N, C)
+            hid = torch.addcmul(gn[1][ts.rows], xa, gn[0][ts.rows])
+        with st.timed("conv"):
+            hid = _proj(t.proj_in, hid)  # (M, D)
+        actual = {"conv": _proj_macs(t.proj_in, m) + _proj_macs(t.proj_out, m), "attention": 0.0, "ff": 0.0}
+        for blk, apath in zip(t.transformer_blocks, self.attn_paths, strict=True):
+            hid = self._block(blk, apath, hid, ehs, ts, actual, h * w)
+        with st.timed("conv"):
+            y = _proj(t.proj_out, hid) + xa  # (M, C)
+        for cat in dense:
+            st.count(cat, dense[cat], actual[cat])
+        with st.timed("gather"):
+            out = st.fetch(self.key("out"))
+            st.write_pixels(out, ts.rows, ts.pos, y)
+        return out
+
+    def _block(
+        self,
+        blk: BasicTransformerBlock,
+        apath: str,
+        hid: torch.Tensor,
+        ehs: torch.Tensor | None,
+        ts: TokenSet,
+        actual: dict[str, float],
+        hw: int,
+    ) -> torch.Tensor:
+        st = self.state
+        m = ts.count
+        # self-attention: queries of active tokens, keys / values of the whole map
+        nh = blk.norm1(hid)  # (M, D)
+        a1 = blk.attn1
+        with st.timed("attention"):
+            q, k, v = a1.to_q(nh), a1.to_k(nh), a1.to_v(nh)
+            keys, values = st.fetch(f"{apath}:k"), st.fetch(f"{apath}:v")  # (N, HW, D)
+            st.write_tokens(keys, ts.rows, ts.pos, k)
+            st.write_tokens(values, ts.rows, ts.pos, v)
+            o = ts.unpad(_attend(a1, ts.pad(q), keys, values))
+            o = a1.to_out[1](a1.to_out[0](o))
+        actual["attention"] += _linear_macs(m, a1) + 2.0 * m * hw * a1.inner_dim
+        hid = hid + o
+        # cross-attention with the (new) prompt
+        if blk.attn2 is not None:
+            nh = blk.norm2(hid)
+            a2 = blk.attn2
+            enc = ehs if ehs is not None else nh
+            with st.timed("attention"):
+                q = a2.to_q(nh)
+                k, v = a2.to_k(enc), a2.to_v(enc)  # (N, T, D)
+                o = ts.unpad(_attend(a2, ts.pad(q), k, v))
+                o = a2.to_out[1](a2.to_out[0](o))
+            n_rows, t_len = enc.shape[0], enc.shape[1]
+            actual["attention"] += (
+                _linear_macs(m, a2.to_q)
+                + _linear_macs(n_rows * t_len, a2.to_k)
+                + _linear_macs(n_rows * t_len, a2.to_v)
+                + _linear_macs(m, a2.to_out)
+                + 2.0 * m * t_len * a2.inner_dim
+            )
+            hid = hid + o
+        # feed-forward
+        nh = blk.norm3(hid)
+        hid = hid + blk.ff(nh)
+        actual["ff"] += _linear_macs(m, blk.ff)
+        return hid
+
+
+def _proj(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution or a linear layer applied to token rows (M, Cin) → (M, Cout)."""
+    if isinstance(layer, nn.Conv2d):
+        return F.linear(x, layer.weight.view(layer.out_channels, layer.in_channels), layer.bias)
+    return layer(x)
+
+
+def _proj_macs(layer: nn.Module, tokens: int) -> float:
+    if isinstance(layer, nn.Conv2d):
+        return float(tokens * layer.in_channels * layer.out_channels)
+    return _linear_macs(tokens, layer)
+
+
+# ---- attention processors -------------------------------------------------------------------------------
+class SelfAttentionRecorder:
+    """Processor of a wrapped transformer's self-attention: identical to the original processor, and in recording
+    steps it computes the attention itself (same ops as ``AttnProcessor2_0``) to keep the keys / values (N, HW, D)
+    that later sparse steps use for inactive tokens."""
+
+    def __init__(self, state: SparseState, path: str, original: Any, owner: SparseTransformer) -> None:
+        self.state = state
+        self.path = path
+        self.original = original
+        self.owner = owner
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        plain = encoder_hidden_states is None and attention_mask is None and hidden_states.ndim == 3
+        if not (self.owner.recording_now and plain):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)  # (N, HW, D)
+        self.state.record(f"{self.path}:k", k)
+        self.state.record(f"{self.path}:v", v)
+        o = _attend(attn, q, k, v).to(q.dtype)
+        return attn.to_out[1](attn.to_out[0](o))
+
+
+class CrossAttentionProcessor:
+    """Processor of every cross-attention: the original one, except while cross-attention control is active
+    (FISEdit §"Target Area Capture", after prompt-to-prompt): then it records the conditional rows' attention
+    maps (N', heads, HW, T) or replaces the maps of unchanged words with the recorded ones."""
+
+    def __init__(self, state: SparseState, path: str, original: Any) -> None:
+        self.state = state
+        self.path = path
+        self.original = original
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        ctl = self.state.ca
+        if (
+            ctl is None
+            or self.state.step is None
+            or encoder_hidden_states is None
+            or attention_mask is not None
+            or hidden_states.ndim != 3
+            or not attention_supported(attn)
+        ):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        n, length, d = hidden_states.shape
+        heads = attn.heads
+        q = attn.to_q(hidden_states).view(n, length, heads, -1).transpose(1, 2)  # (N, h, L, hd)
+        k = attn.to_k(encoder_hidden_states).view(n, -1, heads, q.shape[-1]).transpose(1, 2)  # (N, h, T, hd)
+        v = attn.to_v(encoder_hidden_states).view(n, -1, heads, q.shape[-1]).transpose(1, 2)
+        probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1).to(q.dtype)  # (N, h, L, T)
+        name = f"{self.path}:probs"
+        if ctl.mode == "record":
+            self.state.record(name, probs[ctl.rows])
+        elif ctl.mode == "replace" and ctl.source is not None and ctl.source.has(self.state.step, name):
+            src = ctl.source.get(self.state.step, name)  # (N', h, L, T)
+            cond = probs[ctl.rows]
+            cond[..., ctl.dst] = src[..., ctl.src].to(cond.dtype)
+            probs[ctl.rows] = cond
+        o = (probs @ v).transpose(1, 2).reshape(n, length, -1)
+        return attn.to_out[1](attn.to_out[0](o))

@@ -1,0 +1,136 @@
+"""Difference masks: where does a prompt edit change the image? Pure tensor functions.
+
+FISEdit §"Fine-Grained Mask Generation" / "Target Area Capture": run the first denoising steps with the edited
+prompt, compare the latents with the cached ones (the difference is clear around steps 5–10 of 50), and
+threshold the accumulated difference. Here: |Δlatent| summed over channels, normalised per step by its maximum,
+summed over the chosen steps, thresholded (Otsu by default, or a fixed fraction of the maximum), cleaned with a
+small morphological opening and grown by a safety margin. Masks are then max-pooled to every UNet resolution,
+so that any active latent pixel activates the feature-map pixel (and hence the block) that covers it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def latent_difference(edited: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """Per-pixel change (N, H, W) = Σ_c |edited − cached| of latents (N, C, H, W)."""
+    return (edited.float() - cached.float()).abs().sum(dim=1)
+
+
+def normalize_per_sample(d: torch.Tensor) -> torch.Tensor:
+    """Divide each map of (N, H, W) by its maximum (maps that are all zero stay zero)."""
+    peak = d.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    return d / peak[:, None, None]
+
+
+def accumulate_differences(diffs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_steps normalise(Δ_step): (N, H, W) from a sequence of per-step difference maps (N, H, W)."""
+    if not diffs:
+        raise ValueError("no difference maps to accumulate: the mask needs at least one detection step")
+    return torch.stack([normalize_per_sample(d.float()) for d in diffs]).sum(0)
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Otsu's threshold of each map of (N, H, W): the level maximising the between-class variance. Returns (N,).
+
+    The histogram spans [min, max] of each map; the threshold is the upper edge of the last bin of the lower class.
+    """
+    n = values.shape[0]
+    flat = values.reshape(n, -1).float()
+    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    span = (hi - lo).clamp_min(torch.finfo(torch.float32).eps)
+    idx = ((flat - lo[:, None]) / span[:, None] * bins).long().clamp(0, bins - 1)  # (N, P)
+    hist = torch.zeros(n, bins, device=values.device).scatter_add_(1, idx, torch.ones_like(flat))
+    p = hist / hist.sum(dim=1, keepdim=True)
+    centers = (torch.arange(bins, device=values.device, dtype=torch.float32) + 0.5) / bins
+    w0 = p.cumsum(1)  # weight of the lower class with threshold after bin i
+    m0 = (p * centers).cumsum(1)
+    mt = m0[:, -1:]
+    between = (mt * w0 - m0) ** 2 / (w0 * (1 - w0)).clamp_min(1e-12)
+    between[:, -1] = -1.0  # an empty upper class is not a split
+    best = between.argmax(dim=1)  # (N,)
+    return lo + (best.float() + 1.0) / bins * span
+
+
+def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary erosion of (N, H, W) bool with a (2r+1)² square; outside the image counts as set."""
+    if radius <= 0:
+        return mask
+    k = 2 * radius + 1
+    return ~(F.max_pool2d((~mask)[:, None].float(), k, stride=1, padding=radius).squeeze(1) > 0)
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary dilation of (N, H, W) bool with a (2r+1)² square."""
+    if radius <= 0:
+        return mask
+    k = 2 * radius + 1
+    return F.max_pool2d(mask[:, None].float(), k, stride=1, padding=radius).squeeze(1) > 0
+
+
+def opening(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Erosion then dilation: removes specks smaller than the (2r+1)² square, keeps larger regions' shape."""
+    return dilate(erode(mask, radius), radius)
+
+
+def difference_mask(
+    diffs: Sequence[torch.Tensor],
+    threshold: float | None = None,
+    open_radius: int = 1,
+    margin: int = 1,
+    min_peak: float = 1e-6,
+) -> torch.Tensor:
+    """FISEdit's difference mask (N, H, W) bool from per-step latent differences (each (N, H, W)).
+
+    ``threshold``: ``None`` for Otsu on the accumulated map, else a fraction in (0, 1] of each map's maximum.
+    ``open_radius``: radius of the opening that removes isolated pixels; ``margin``: dilation radius after it.
+    Samples whose raw differences never exceed ``min_peak`` (an unchanged prompt) get an empty mask.
+    """
+    acc = accumulate_differences(diffs)  # (N, H, W)
+    peak = torch.stack([d.float().flatten(1).amax(1) for d in diffs]).amax(0)  # (N,)
+    if threshold is None:
+        level = otsu_threshold(acc)
+    else:
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"a fixed mask threshold is a fraction of the maximum in (0, 1], got {threshold}")
+        level = acc.flatten(1).amax(1) * threshold
+    mask = acc > level[:, None, None]
+    mask = opening(mask, open_radius)
+    mask = dilate(mask, margin)
+    return mask & (peak > min_peak)[:, None, None]
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A bool mask (N, H, W) at another size: max-pooled when shrinking (any active pixel activates), nearest when
+    growing. Halving steps use ceil mode, matching the UNet's stride-2 downsamplers on odd sizes."""
+    h, w = size
+    if tuple(mask.shape[-2:]) == (h, w):
+        return mask
+    m = mask[:, None].float()
+    while m.shape[-2] >= 2 * h and m.shape[-1] >= 2 * w and m.shape[-2] > h:
+        m = F.max_pool2d(m, 2, ceil_mode=True)
+    if tuple(m.shape[-2:]) != (h, w):
+        if m.shape[-2] >= h and m.shape[-1] >= w:
+            m = F.adaptive_max_pool2d(m, (h, w))
+        else:
+            m = F.interpolate(m, size=(h, w), mode="nearest")
+    return m.squeeze(1) > 0
+
+
+def mask_to_latent(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A user mask (N, 1, H, W) / (N, H, W) / (H, W), bool or float (> 0.5 is set), as (N, h, w) bool latents."""
+    m = mask
+    if m.dim() == 2:
+        m = m[None]
+    if m.dim() == 4:
+        if m.shape[1] != 1:
+            raise ValueError(f"a mask has one channel; got shape {tuple(mask.shape)}")
+        m = m[:, 0]
+    if m.dim() != 3:
+        raise ValueError(f"a mask is (H, W), (N, H, W) or (N, 1, H, W); got shape {tuple(mask.shape)}")
+    m = m > 0.5 if m.is_floating_point() else m.bool()
+    return resize_mask(m, latent_size)
