@@ -14,6 +14,10 @@ import sys
 # subcommand modules, each with register(subparsers) that sets ``func`` on its parser
 SUBCOMMANDS = (
     "pipelines.edit_cmd",
+    "pipelines.batch",
+    "pipelines.make_dataset",
+    "pipelines.report",
+    "pipelines.datasets",
 )
 
 

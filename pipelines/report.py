@@ -1,0 +1,291 @@
+"""``instdiff report OUTPUT_DIR``: an HTML page and a PNG contact sheet of a batch job's output.
+
+The page shows, for the first ``--limit`` ok rows (by id), the input image, the ground-truth mask (when the
+input has one), the predicted mask and the edited image with the row's prompts and metrics; then a metrics
+summary table (mean, std, min, max, count over ok rows), the status counts and the most common errors.
+Input images are read from the job's input (recorded in ``OUTPUT_DIR/_runs/*.json``, or ``--input``).
+
+Written to ``OUTPUT_DIR/_report/`` for a local output (``index.html``, ``contact_sheet.png``,
+``summary.json``), or to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import html
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipelines import schema as S
+from pipelines import storage
+
+log = logging.getLogger("instdiff.report")
+
+TILE = 128  # px per image in the contact sheet and the page
+PANELS = ("input", "gt mask", "pred mask", "edited")
+
+
+def read_output(output: str, storage_cfg: storage.StorageConfig | None = None) -> pa.Table:
+    """All rows of a batch output, one per id: an ok row wins over error rows, then the latest run."""
+    fs, path = storage.resolve(output, storage_cfg)
+    files = storage.list_files(fs, path)
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {storage.display(fs, path)}")
+    table = pads.dataset(files, filesystem=fs, format="parquet").to_table()
+    problems = S.output_schema_problems(table.schema)
+    if problems:
+        raise S.SchemaError(f"{output} is not a batch output: " + "; ".join(problems))
+    return latest_rows(table)
+
+
+def latest_rows(table: pa.Table) -> pa.Table:
+    """Keep one row per id (ok before error, then the highest run_id), sorted by id."""
+    if table.num_rows == 0:
+        return table
+    rank = pc.if_else(pc.equal(table[S.STATUS], S.STATUS_OK), 1, 0)
+    order = pa.table({"i": pa.array(range(table.num_rows)), S.ID: table[S.ID], "r": rank,
+                      "run": pc.fill_null(table[S.RUN_ID], "")})
+    order = order.sort_by([(S.ID, "ascending"), ("r", "descending"), ("run", "descending")])
+    ids = order[S.ID].to_pylist()
+    keep = [order["i"][k].as_py() for k in range(len(ids)) if k == 0 or ids[k] != ids[k - 1]]
+    return table.take(pa.array(keep))
+
+
+def summarize(table: pa.Table) -> dict[str, Any]:
+    """Status counts, settings and metric statistics (ok rows; nulls and NaNs ignored)."""
+    status = table[S.STATUS].to_pylist()
+    ok_mask = pc.equal(table[S.STATUS], S.STATUS_OK)
+    ok = table.filter(ok_mask)
+    metrics: dict[str, dict[str, float]] = {}
+    for name in S.METRIC_COLUMNS:
+        values = np.array([v for v in ok[name].to_pylist() if v is not None and not math.isnan(v)], dtype=float)
+        if values.size:
+            metrics[name] = {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
+                             "max": float(values.max()), "count": int(values.size)}
+        else:
+            metrics[name] = {"mean": None, "std": None, "min": None, "max": None, "count": 0}
+    errors = collections.Counter(e for s, e in zip(status, table[S.ERROR].to_pylist(), strict=True)
+                                 if s != S.STATUS_OK)
+    return {
+        "rows": table.num_rows,
+        "ok": sum(1 for s in status if s == S.STATUS_OK),
+        "error": sum(1 for s in status if s != S.STATUS_OK),
+        "methods": sorted({m for m in table[S.METHOD].to_pylist() if m}),
+        "models": sorted({m for m in table[S.MODEL].to_pylist() if m}),
+        "runs": sorted({r for r in table[S.RUN_ID].to_pylist() if r}),
+        "metrics": metrics,
+        "top_errors": dict(errors.most_common(20)),
+    }
+
+
+def job_input(output: str, storage_cfg: storage.StorageConfig | None = None) -> str | None:
+    """The input recorded by the latest run manifest of ``output`` (None when there is none)."""
+    fs, path = storage.resolve(output, storage_cfg)
+    manifests = [f for f in storage.list_files(fs, storage.join(path, "_runs"), suffix=".json")
+                 if not f.endswith(".summary.json")]
+    for f in reversed(manifests):
+        try:
+            return json.loads(storage.read_bytes(fs, f))["input"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def read_inputs(input_uri: str, ids: list[str], storage_cfg: storage.StorageConfig | None = None) -> dict[str, dict]:
+    """``{id: {"image": bytes, "mask": bytes | None}}`` for ``ids`` from the job input."""
+    fs, path = storage.resolve(input_uri, storage_cfg)
+    files = storage.list_files(fs, path)
+    if not files or not ids:
+        return {}
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    columns = [c for c in (S.ID, S.IMAGE, S.MASK) if c in dataset.schema.names]
+    table = dataset.to_table(columns=columns, filter=pc.field(S.ID).isin(ids))
+    out = {}
+    for row in table.to_pylist():
+        out[row[S.ID]] = {"image": row.get(S.IMAGE), "mask": row.get(S.MASK)}
+    return out
+
+
+def _tile(data: bytes | None, mask: bool = False) -> np.ndarray:
+    """A TILE×TILE RGB tile of an encoded image (nearest-neighbour, letterboxed); gray when missing."""
+    from PIL import Image
+
+    tile = Image.new("RGB", (TILE, TILE), (200, 200, 200))
+    if data is not None:
+        try:
+            img = Image.open(io.BytesIO(data))
+            img = img.convert("L").convert("RGB") if mask else img.convert("RGB")
+            scale = TILE / max(img.size)
+            size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+            img = img.resize(size, Image.Resampling.NEAREST)
+            tile.paste(img, ((TILE - size[0]) // 2, (TILE - size[1]) // 2))
+        except Exception as exc:  # noqa: BLE001 - a broken picture must not break the page
+            log.warning("cannot render an image (%s)", exc)
+    return np.asarray(tile)
+
+
+def _panels(row: dict[str, Any], inp: dict[str, Any]) -> list[bytes | None]:
+    source = row.get(S.GENERATED_SOURCE) or inp.get("image")
+    return [source, inp.get("mask"), row.get(S.PRED_MASK), row.get(S.EDITED)]
+
+
+def contact_sheet(rows: list[dict[str, Any]], inputs: dict[str, dict]) -> bytes:
+    """PNG grid: one line per row (input | gt mask | pred mask | edited) under a header, ids on the left."""
+    from PIL import Image, ImageDraw
+
+    label_w, header_h, pad = 180, 20, 4
+    width = label_w + len(PANELS) * (TILE + pad)
+    height = header_h + max(1, len(rows)) * (TILE + pad)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, name in enumerate(PANELS):
+        draw.text((label_w + k * (TILE + pad) + 4, 4), name, fill=(0, 0, 0))
+    for r, row in enumerate(rows):
+        y = header_h + r * (TILE + pad)
+        iou = row.get(S.IOU)
+        lines = [row[S.ID][:28], f"iou {iou:.2f}" if iou is not None else "iou -",
+                 f"area {row.get(S.MASK_AREA) or 0:.2f}"]
+        draw.multiline_text((4, y + 4), "\n".join(lines), fill=(0, 0, 0))
+        for k, data in enumerate(_panels(row, inputs.get(row[S.ID], {}))):
+            sheet.paste(Image.fromarray(_tile(data, mask=k in (1, 2))), (label_w + k * (TILE + pad), y))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _img(data: bytes | None, alt: str) -> str:
+    if data is None:
+        return f'<div class="missing">no {html.escape(alt)}</div>'
+    b64 = base64.b64encode(data).decode()
+    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
+
+
+def _fmt(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.4g}" if isinstance(x, float) else html.escape(str(x))
+
+
+def render_html(output: str, summary: dict[str, Any], rows: list[dict[str, Any]], inputs: dict[str, dict],
+                errors: list[dict[str, Any]]) -> str:
+    """The report page (self-contained: images inlined as data URIs)."""
+    metric_rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(S.OUTPUT_DOC[name])}</td>"
+        + "".join(f"<td>{_fmt(stats[k])}</td>" for k in ("mean", "std", "min", "max", "count")) + "</tr>"
+        for name, stats in summary["metrics"].items()
+    )
+    error_rows = "".join(
+        f"<tr><td>{n}</td><td>{html.escape(str(reason))}</td></tr>" for reason, n in summary["top_errors"].items()
+    )
+    error_ids = "".join(
+        f"<tr><td>{html.escape(e[S.ID])}</td><td>{html.escape(e[S.ERROR] or '')}</td></tr>" for e in errors
+    )
+    cards = []
+    for row in rows:
+        inp = inputs.get(row[S.ID], {})
+        figs = "".join(f"<figure>{_img(d, n)}<figcaption>{n}</figcaption></figure>"
+                       for n, d in zip(PANELS, _panels(row, inp), strict=True))
+        stats = " · ".join(f"{n} {_fmt(row.get(n))}" for n in (S.IOU, S.C_M, S.C_NON, S.MASK_AREA,
+                                                                 S.CHANGE_OUTSIDE_PRED, S.LATENCY_S))
+        notes = f'<div class="notes">{html.escape(row[S.NOTES])}</div>' if row.get(S.NOTES) else ""
+        cards.append(
+            f'<div class="card"><div class="id">{html.escape(row[S.ID])}</div>'
+            f'<div class="prompt">{html.escape(row.get(S.SOURCE_PROMPT) or "")} → '
+            f'<b>{html.escape(row.get(S.TARGET_PROMPT) or "")}</b></div>'
+            f'<div class="figs">{figs}</div><div class="stats">{stats}</div>{notes}</div>'
+        )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>instdiff batch report: {html.escape(output)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; }}
+th {{ background: #f3f3f3; }} .card {{ border: 1px solid #ddd; padding: 8px; margin: 8px 0; }}
+.figs {{ display: flex; gap: 8px; }} figure {{ margin: 0; text-align: center; font-size: 12px; }}
+img {{ width: {TILE}px; height: {TILE}px; object-fit: contain; image-rendering: pixelated; background: #eee; }}
+.missing {{ width: {TILE}px; height: {TILE}px; background: #eee; color: #888; font-size: 12px; }}
+.id {{ font-family: monospace; }} .stats, .notes {{ font-size: 13px; color: #444; }}
+</style></head><body>
+<h1>instdiff batch report</h1>
+<p>output: <code>{html.escape(output)}</code> · rows {summary["rows"]} · ok {summary["ok"]} ·
+error {summary["error"]} · methods {html.escape(", ".join(summary["methods"]))} ·
+models {html.escape(", ".join(summary["models"]))} · runs {len(summary["runs"])}</p>
+<h2>Metrics (ok rows)</h2>
+<table><tr><th>metric</th><th>meaning</th><th>mean</th><th>std</th><th>min</th><th>max</th><th>count</th></tr>
+{metric_rows}</table>
+<h2>Errors</h2>
+<table><tr><th>rows</th><th>reason</th></tr>{error_rows or '<tr><td colspan="2">none</td></tr>'}</table>
+{"<details><summary>error rows</summary><table><tr><th>id</th><th>error</th></tr>" + error_ids
+ + "</table></details>" if error_ids else ""}
+<h2>Rows (first {len(rows)} ok rows by id)</h2>
+{"".join(cards)}
+</body></html>
+"""
+
+
+def default_report_dir(output: str) -> str:
+    if storage.is_remote(output):
+        return f"report-{output.rstrip('/').rsplit('/', 1)[-1]}"
+    return str(Path(output) / "_report")
+
+
+def make_report(output: str, out_dir: str | None = None, input_uri: str | None = None, limit: int = 32,
+                max_errors: int = 50, storage_cfg: storage.StorageConfig | None = None) -> dict[str, str]:
+    """Write ``index.html``, ``contact_sheet.png`` and ``summary.json``; returns their paths."""
+    table = read_output(output, storage_cfg)
+    summary = summarize(table)
+    ok = table.filter(pc.equal(table[S.STATUS], S.STATUS_OK))
+    rows = ok.slice(0, limit).to_pylist()
+    errors = table.filter(pc.not_equal(table[S.STATUS], S.STATUS_OK)).select([S.ID, S.ERROR])
+    errors_list = errors.slice(0, max_errors).to_pylist()
+    input_uri = input_uri or job_input(output, storage_cfg)
+    inputs: dict[str, dict] = {}
+    if input_uri:
+        try:
+            inputs = read_inputs(input_uri, [r[S.ID] for r in rows], storage_cfg)
+        except (OSError, pa.ArrowException) as exc:
+            log.warning("cannot read the input %s (%s); showing outputs only", input_uri, exc)
+    else:
+        log.warning("no input recorded for %s and no --input; showing outputs only", output)
+    out_fs, out_path = storage.resolve(out_dir or default_report_dir(output), storage_cfg)
+    paths = {name: storage.join(out_path, name) for name in ("index.html", "contact_sheet.png", "summary.json")}
+    storage.write_bytes(out_fs, paths["index.html"],
+                        render_html(output, summary, rows, inputs, errors_list).encode("utf-8"))
+    storage.write_bytes(out_fs, paths["contact_sheet.png"], contact_sheet(rows, inputs))
+    storage.write_bytes(out_fs, paths["summary.json"],
+                        json.dumps(summary, indent=2, default=str, allow_nan=True).encode("utf-8"))
+    return {k: storage.display(out_fs, v) for k, v in paths.items()}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="HTML page + PNG contact sheet of a batch output",
+                       description="Render input / mask / edited triples with their metrics and a metrics summary.")
+    p.add_argument("output", help="batch output folder (local or s3://)")
+    p.add_argument("--input", default=None, help="the job's input (default: recorded in OUTPUT/_runs)")
+    p.add_argument("--out", default=None, help="report folder (default: OUTPUT/_report for local outputs)")
+    p.add_argument("--limit", type=int, default=32, help="rows shown (first ok rows by id)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.cli import CliError
+
+    if args.limit < 1:
+        raise CliError(f"--limit must be at least 1, got {args.limit}")
+    try:
+        paths = make_report(args.output, args.out, args.input, args.limit)
+    except S.SchemaError as exc:
+        raise CliError(str(exc)) from None
+    log.info("report: %s (open it in a browser); contact sheet: %s", paths["index.html"], paths["contact_sheet.png"])
+    print(json.dumps(paths))
+    return 0

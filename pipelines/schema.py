@@ -1,0 +1,226 @@
+"""Parquet schema of the batch job: the one place that names columns and their Arrow types.
+
+Input rows (one edit each)::
+
+    id             string   required, unique, non-null
+    image          binary   required column; encoded PNG/JPEG/WebP/BMP/TIFF bytes. Null only for methods
+                            that generate the source from ``source_prompt`` (fisedit).
+    source_prompt  string   required column; describes the input image
+    target_prompt  string   required column; what the edited image should show (non-empty)
+    mask           binary   optional; ground-truth edit region as PNG (non-zero = edit), same size as the image
+    dataset        string   optional; carried to the output
+    meta           string   optional; JSON text, carried to the output
+
+Other columns are ignored. Output rows carry the ids and prompts, the edited image and the predicted mask
+as PNG, the settings that produced them, per-sample metrics that need no extra model, and a status with
+the reason when the row could not be edited (see :data:`OUTPUT_SCHEMA`).
+
+A row that cannot be edited is still written, with ``status = "error"`` and ``error`` saying why; nothing
+is dropped. Output files are plain Parquet: ``pyarrow.parquet.read_table(output_dir)`` reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+# ---- input columns --------------------------------------------------------------------------------------------
+ID = "id"
+IMAGE = "image"
+SOURCE_PROMPT = "source_prompt"
+TARGET_PROMPT = "target_prompt"
+MASK = "mask"
+DATASET = "dataset"
+META = "meta"
+
+# ---- output columns -------------------------------------------------------------------------------------------
+METHOD = "method"
+MODEL = "model"
+SEED = "seed"
+STATUS = "status"
+ERROR = "error"
+NOTES = "notes"
+EDITED = "edited"
+PRED_MASK = "pred_mask"
+GENERATED_SOURCE = "generated_source"
+WIDTH = "width"
+HEIGHT = "height"
+MASK_AREA = "mask_area"
+CHANGE_OUTSIDE_PRED = "change_outside_pred"
+IOU = "iou"
+C_M = "c_m"
+C_NON = "c_non"
+UNET_CALLS = "unet_calls"
+LATENCY_S = "latency_s"
+BATCH_ROWS = "batch_rows"
+RUN_ID = "run_id"
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+# ---- columns between the job's stages (never written) -------------------------------------------------------
+RGB = "_rgb"  # (H, W, 3) uint8 C-order bytes of the decoded (or generated) source image
+GT_BITS = "_gt_bits"  # np.packbits of the (H, W) ground-truth mask
+GENERATE = "_generate"  # True: no input image, the editor generates it from the source prompt
+EDITED_RGB = "_edited_rgb"  # (H, W, 3) uint8 bytes of the edited image at the input's size
+PRED_BITS = "_pred_bits"  # np.packbits of the (H, W) predicted mask at the input's size
+
+INPUT_SCHEMA = pa.schema(
+    [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(IMAGE, pa.binary()),
+        pa.field(SOURCE_PROMPT, pa.string()),
+        pa.field(TARGET_PROMPT, pa.string()),
+        pa.field(MASK, pa.binary()),
+        pa.field(DATASET, pa.string()),
+        pa.field(META, pa.string()),
+    ]
+)
+REQUIRED_INPUT = (ID, IMAGE, SOURCE_PROMPT, TARGET_PROMPT)
+OPTIONAL_INPUT = (MASK, DATASET, META)
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(DATASET, pa.string()),
+        pa.field(SOURCE_PROMPT, pa.string()),
+        pa.field(TARGET_PROMPT, pa.string()),
+        pa.field(METHOD, pa.string()),
+        pa.field(MODEL, pa.string()),
+        pa.field(SEED, pa.int64()),
+        pa.field(STATUS, pa.string(), nullable=False),
+        pa.field(ERROR, pa.string()),
+        pa.field(NOTES, pa.string()),
+        pa.field(EDITED, pa.binary()),
+        pa.field(PRED_MASK, pa.binary()),
+        pa.field(GENERATED_SOURCE, pa.binary()),
+        pa.field(WIDTH, pa.int32()),
+        pa.field(HEIGHT, pa.int32()),
+        pa.field(MASK_AREA, pa.float64()),
+        pa.field(CHANGE_OUTSIDE_PRED, pa.float64()),
+        pa.field(IOU, pa.float64()),
+        pa.field(C_M, pa.float64()),
+        pa.field(C_NON, pa.float64()),
+        pa.field(UNET_CALLS, pa.float64()),
+        pa.field(LATENCY_S, pa.float64()),
+        pa.field(BATCH_ROWS, pa.int32()),
+        pa.field(META, pa.string()),
+        pa.field(RUN_ID, pa.string()),
+    ]
+)
+
+OUTPUT_DOC: dict[str, str] = {
+    ID: "input id (unique in the output)",
+    DATASET: "input dataset name",
+    SOURCE_PROMPT: "input source prompt",
+    TARGET_PROMPT: "input target prompt",
+    METHOD: "editing method (instdiffedit, sdedit, diffedit, fisedit)",
+    MODEL: "model name (bundle name: default, tiny, a hub id or folder)",
+    SEED: "per-row seed; `instdiff edit --seed SEED` reproduces the row",
+    STATUS: "'ok' or 'error'",
+    ERROR: "why the row could not be edited (null when ok)",
+    NOTES: "conversions applied to the input, '; '-separated (alpha composited, resized, ...)",
+    EDITED: "edited image, PNG, at the input's size",
+    PRED_MASK: "predicted edit mask, 8-bit PNG (255 = edited), at the input's size",
+    GENERATED_SOURCE: "PNG of the source generated from source_prompt (prompt-only rows), else null",
+    WIDTH: "image width in pixels",
+    HEIGHT: "image height in pixels",
+    MASK_AREA: "fraction of pixels inside the predicted mask",
+    CHANGE_OUTSIDE_PRED: "mean |edited - input| outside the predicted mask, over RGB, in /255 units",
+    IOU: "IoU of the predicted mask with the ground-truth mask (null without one)",
+    C_M: "C_m: mean pixel change inside the ground-truth mask, /255 (InstDiffEdit Eq. II; higher = edited)",
+    C_NON: "C_non: mean pixel change outside the ground-truth mask, /255 (Eq. III; lower = preserved)",
+    UNET_CALLS: "UNet evaluations per image (CFG counts 2)",
+    LATENCY_S: "wall seconds of the editor call that produced the row (shared by batch_rows rows)",
+    BATCH_ROWS: "rows edited together in that call",
+    META: "input meta (JSON text)",
+    RUN_ID: "the job run that wrote the row",
+}
+
+METRIC_COLUMNS = (MASK_AREA, CHANGE_OUTSIDE_PRED, IOU, C_M, C_NON, UNET_CALLS, LATENCY_S)
+
+
+class SchemaError(ValueError):
+    """An input table that does not match :data:`INPUT_SCHEMA`; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class _Kind:
+    name: str
+    accepts: Callable[[pa.DataType], bool]
+
+
+_STRING = _Kind("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
+_BINARY = _Kind(
+    "binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+)
+_INPUT_KINDS = {ID: _STRING, IMAGE: _BINARY, SOURCE_PROMPT: _STRING, TARGET_PROMPT: _STRING,
+                MASK: _BINARY, DATASET: _STRING, META: _STRING}
+
+
+def describe_input_schema() -> str:
+    """The accepted input schema as text, one column a line (used in error messages and ``--help``)."""
+    lines = []
+    for name in REQUIRED_INPUT + OPTIONAL_INPUT:
+        kind = _INPUT_KINDS[name].name
+        need = "required" if name in REQUIRED_INPUT else "optional"
+        lines.append(f"  {name}: {kind} ({need})")
+    return "\n".join(lines)
+
+
+def input_schema_problems(schema: pa.Schema) -> list[str]:
+    """Everything wrong with ``schema`` as an input schema (empty when it is accepted).
+
+    String columns may be ``string``, ``large_string`` or ``string_view``; binary columns ``binary``,
+    ``large_binary`` or ``binary_view``. An optional column of type ``null`` (all values null) is accepted.
+    """
+    problems = []
+    for name in REQUIRED_INPUT + OPTIONAL_INPUT:
+        kind = _INPUT_KINDS[name]
+        idx = schema.get_field_index(name)
+        if idx < 0:
+            if name in REQUIRED_INPUT:
+                problems.append(f"missing column {name!r} ({kind.name})")
+            continue
+        dtype = schema.field(idx).type
+        if kind.accepts(dtype) or (name in OPTIONAL_INPUT and pa.types.is_null(dtype)):
+            continue
+        problems.append(f"column {name!r} has type {dtype}, expected {kind.name}")
+    names = schema.names
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(f"duplicate column names: {', '.join(dupes)}")
+    return problems
+
+
+def validate_input_schema(schema: pa.Schema, source: str = "input") -> None:
+    """Raise :class:`SchemaError` naming every missing or mistyped column and showing the accepted schema."""
+    problems = input_schema_problems(schema)
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise SchemaError(
+            f"{source} does not match the instdiff input schema:\n{listing}\n"
+            f"accepted schema:\n{describe_input_schema()}\n(other columns are ignored)"
+        )
+
+
+def output_table(columns: dict[str, list]) -> pa.Table:
+    """Build an output table in :data:`OUTPUT_SCHEMA` (column order and types) from Python lists."""
+    missing = [f.name for f in OUTPUT_SCHEMA if f.name not in columns]
+    if missing:
+        raise KeyError(f"output columns missing: {missing}")
+    return pa.Table.from_pydict({f.name: columns[f.name] for f in OUTPUT_SCHEMA}, schema=OUTPUT_SCHEMA)
+
+
+def output_schema_problems(schema: pa.Schema) -> list[str]:
+    """Columns of :data:`OUTPUT_SCHEMA` that ``schema`` lacks or types differently (empty when it matches)."""
+    problems = []
+    for want in OUTPUT_SCHEMA:
+        idx = schema.get_field_index(want.name)
+        if idx < 0:
+            problems.append(f"missing column {want.name!r} ({want.type})")
+        elif schema.field(idx).type != want.type:
+            problems.append(f"column {want.name!r} has type {schema.field(idx).type}, expected {want.type}")
+    return problems

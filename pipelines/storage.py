@@ -1,0 +1,161 @@
+"""Filesystem helpers: local paths and ``s3://`` URIs behind one pyarrow filesystem interface.
+
+S3 settings come from :class:`StorageConfig` (the job config's ``storage:`` section) or, for each field
+left unset, from the usual AWS environment variables: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
+``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``. Credentials found this way are resolved once, on the driver, and travel with the
+filesystem object to the Ray workers (so workers need no environment of their own); with none found,
+every process uses the AWS SDK's default chain (profile, instance role, ...).
+
+Other URI schemes pyarrow knows (``gs://``, ``hdfs://``, ...) go through ``pyarrow.fs.FileSystem.from_uri``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """S3 connection settings; ``None`` means: take it from the AWS environment variables."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 (MinIO, moto); None = AWS
+    region: str | None = None
+    access_key_id: str | None = None  # prefer the environment or an instance role to keys in a file
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    anonymous: bool = False  # public buckets
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs with a scheme other than ``file`` (s3://, gs://, ...)."""
+    scheme = urlparse(uri).scheme
+    return len(scheme) > 1 and scheme != "file"
+
+
+def _env(*names: str) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def s3_filesystem(cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem from ``cfg`` with the AWS environment variables as fallback."""
+    cfg = cfg or StorageConfig()
+    kw: dict = {}
+    endpoint = cfg.endpoint_url or _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kw["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        kw["scheme"] = parsed.scheme or "https"
+    region = cfg.region or _env("AWS_REGION", "AWS_DEFAULT_REGION")
+    if region:
+        kw["region"] = region
+    if cfg.anonymous:
+        kw["anonymous"] = True
+    else:
+        key = cfg.access_key_id or _env("AWS_ACCESS_KEY_ID")
+        secret = cfg.secret_access_key or _env("AWS_SECRET_ACCESS_KEY")
+        if bool(key) != bool(secret):
+            raise ValueError(
+                "S3 credentials are incomplete: set both storage.access_key_id and storage.secret_access_key "
+                "(or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), or neither to use the AWS default chain"
+            )
+        if key:
+            kw["access_key"] = key
+            kw["secret_key"] = secret
+            token = cfg.session_token or _env("AWS_SESSION_TOKEN")
+            if token:
+                kw["session_token"] = token
+    return pafs.S3FileSystem(**kw)
+
+
+def resolve(uri: str | Path, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """Turn a local path or URI into ``(filesystem, path inside it)``; local paths become absolute."""
+    uri = str(uri)
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise ValueError(f"{uri!r} has no bucket; expected s3://BUCKET/PATH")
+        return s3_filesystem(cfg), (parsed.netloc + parsed.path).rstrip("/")
+    if uri.startswith("file://"):
+        uri = urlparse(uri).path
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with '/' (filesystem paths inside pyarrow filesystems are always '/'-separated)."""
+    return posixpath.join(base, *parts)
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def _hidden(rel: str) -> bool:
+    """pyarrow's and Spark's convention: path parts starting with '_' or '.' are not data."""
+    return any(part.startswith(("_", ".")) for part in rel.split("/"))
+
+
+def list_files(fs: pafs.FileSystem, path: str, suffix: str = ".parquet") -> list[str]:
+    """Data files under ``path`` (a file or a folder, recursively), sorted; hidden parts ('_x', '.x') skipped.
+
+    A missing ``path`` gives an empty list.
+    """
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        return [path]
+    out = []
+    for item in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if item.type != pafs.FileType.File or not item.path.endswith(suffix):
+            continue
+        rel = item.path[len(path.rstrip("/")) + 1:]
+        if not _hidden(rel):
+            out.append(item.path)
+    return sorted(out)
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a whole file (creating parent folders on local filesystems)."""
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def display(fs: pafs.FileSystem, path: str) -> str:
+    """A URI for messages: ``s3://bucket/key`` for S3, the plain path locally."""
+    if isinstance(fs, pafs.S3FileSystem):
+        return f"s3://{path}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    return f"{fs.type_name}://{path}"
