@@ -305,6 +305,7 @@ class SparseResnet(_Wrapper):
         if inner.conv_shortcut is not None:
             self.shapes.append(conv_shape(inner.conv_shortcut))
         self._lin1, self._lin2 = _LinearWeight(), _LinearWeight()
+        self._macs_memo: dict[tuple, float] = {}
         self.needs = [self.key(k) for k in ("gn1", "gn2", "act2", "out")]
 
     def install_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
@@ -316,6 +317,12 @@ class SparseResnet(_Wrapper):
         ]
 
     def dense_macs(self, n: int, h: int, w: int, temb: torch.Tensor | None) -> float:
+        key = (n, h, w, temb is None)
+        if key not in self._macs_memo:
+            self._macs_memo[key] = self._dense_macs(n, h, w, temb)
+        return self._macs_memo[key]
+
+    def _dense_macs(self, n: int, h: int, w: int, temb: torch.Tensor | None) -> float:
         r = self.inner
         m = _conv_macs(n, h, w, r.conv1) + _conv_macs(n, h, w, r.conv2)
         if r.conv_shortcut is not None:
@@ -422,36 +429,40 @@ class SparseTransformer(_Wrapper):
         for p in self.attn_paths:
             self.needs += [f"{p}:k", f"{p}:v"]
         self.recording_now = False
+        # multiply-accumulates per token (or per prompt token, or per query-key pair), from the layer shapes
+        self.c_proj = _proj_macs(inner.proj_in, 1) + _proj_macs(inner.proj_out, 1)
+        self.c_attn1 = [(_linear_macs(1, b.attn1), float(b.attn1.inner_dim)) for b in inner.transformer_blocks]
+        self.c_attn2 = [
+            (
+                _linear_macs(1, b.attn2.to_q) + _linear_macs(1, b.attn2.to_out),
+                _linear_macs(1, b.attn2.to_k) + _linear_macs(1, b.attn2.to_v),
+                float(b.attn2.inner_dim),
+            )
+            if b.attn2 is not None
+            else (0.0, 0.0, 0.0)
+            for b in inner.transformer_blocks
+        ]
+        self.c_ff = sum(_linear_macs(1, b.ff) for b in inner.transformer_blocks)
 
     def install_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         return [self.inner.norm.register_forward_pre_hook(self._norm_stats_hook("gn"))]
 
-    def dense_macs(self, n: int, hw: int, enc_len: int) -> dict[str, float]:
-        t = self.inner
-        out = {"conv": 0.0, "attention": 0.0, "ff": 0.0}
-        out["conv"] += _proj_macs(t.proj_in, n * hw) + _proj_macs(t.proj_out, n * hw)
-        for blk in t.transformer_blocks:
-            a1 = blk.attn1
-            d = a1.inner_dim
-            out["attention"] += _linear_macs(n * hw, a1) + 2.0 * n * hw * hw * d
-            if blk.attn2 is not None:
-                a2 = blk.attn2
-                out["attention"] += (
-                    _linear_macs(n * hw, a2.to_q)
-                    + _linear_macs(n * enc_len, a2.to_k)
-                    + _linear_macs(n * enc_len, a2.to_v)
-                    + _linear_macs(n * hw, a2.to_out)
-                    + 2.0 * n * hw * enc_len * a2.inner_dim
-                )
-            out["ff"] += _linear_macs(n * hw, blk.ff)
-        return out
+    def macs(self, tokens: int, rows: int, hw: int, enc_len: int) -> dict[str, float]:
+        """MACs of this transformer computing ``tokens`` query tokens over ``rows`` maps of ``hw`` tokens each
+        (keys of self-attention: all ``hw``; of cross-attention: ``enc_len`` prompt tokens)."""
+        attn = 0.0
+        for lin, d in self.c_attn1:
+            attn += tokens * lin + 2.0 * tokens * hw * d
+        for per_q, per_kv, d in self.c_attn2:
+            attn += tokens * per_q + rows * enc_len * per_kv + 2.0 * tokens * enc_len * d
+        return {"conv": tokens * self.c_proj, "attention": attn, "ff": tokens * self.c_ff}
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         st = self.state
         n, _, h, w = hidden_states.shape
         ehs = kwargs.get("encoder_hidden_states", args[0] if args else None)
         enc_len = ehs.shape[1] if ehs is not None else 0
-        dense = self.dense_macs(n, h * w, enc_len)
+        dense = self.macs(n * h * w, n, h * w, enc_len)
         plan = None
         if st.sparse_step and kwargs.get("attention_mask") is None and kwargs.get("encoder_attention_mask") is None:
             plan = st.token_plan(self.path, (h, w), self.needs)
@@ -480,9 +491,9 @@ class SparseTransformer(_Wrapper):
             hid = torch.addcmul(gn[1][ts.rows], xa, gn[0][ts.rows])
         with st.timed("conv"):
             hid = _proj(t.proj_in, hid)  # (M, D)
-        actual = {"conv": _proj_macs(t.proj_in, m) + _proj_macs(t.proj_out, m), "attention": 0.0, "ff": 0.0}
         for blk, apath in zip(t.transformer_blocks, self.attn_paths, strict=True):
-            hid = self._block(blk, apath, hid, ehs, ts, actual, h * w)
+            hid = self._block(blk, apath, hid, ehs, ts)
+        actual = self.macs(m, n, h * w, ehs.shape[1] if ehs is not None else h * w)
         with st.timed("conv"):
             y = _proj(t.proj_out, hid) + xa  # (M, C)
         for cat in dense:
@@ -499,11 +510,8 @@ class SparseTransformer(_Wrapper):
         hid: torch.Tensor,
         ehs: torch.Tensor | None,
         ts: TokenSet,
-        actual: dict[str, float],
-        hw: int,
     ) -> torch.Tensor:
         st = self.state
-        m = ts.count
         # self-attention: queries of active tokens, keys / values of the whole map
         nh = blk.norm1(hid)  # (M, D)
         a1 = blk.attn1
@@ -514,7 +522,6 @@ class SparseTransformer(_Wrapper):
             st.write_tokens(values, ts.rows, ts.pos, v)
             o = ts.unpad(_attend(a1, ts.pad(q), keys, values))
             o = a1.to_out[1](a1.to_out[0](o))
-        actual["attention"] += _linear_macs(m, a1) + 2.0 * m * hw * a1.inner_dim
         hid = hid + o
         # cross-attention with the (new) prompt
         if blk.attn2 is not None:
@@ -526,20 +533,10 @@ class SparseTransformer(_Wrapper):
                 k, v = a2.to_k(enc), a2.to_v(enc)  # (N, T, D)
                 o = ts.unpad(_attend(a2, ts.pad(q), k, v))
                 o = a2.to_out[1](a2.to_out[0](o))
-            n_rows, t_len = enc.shape[0], enc.shape[1]
-            actual["attention"] += (
-                _linear_macs(m, a2.to_q)
-                + _linear_macs(n_rows * t_len, a2.to_k)
-                + _linear_macs(n_rows * t_len, a2.to_v)
-                + _linear_macs(m, a2.to_out)
-                + 2.0 * m * t_len * a2.inner_dim
-            )
             hid = hid + o
         # feed-forward
         nh = blk.norm3(hid)
-        hid = hid + blk.ff(nh)
-        actual["ff"] += _linear_macs(m, blk.ff)
-        return hid
+        return hid + blk.ff(nh)
 
 
 def _proj(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
