@@ -133,7 +133,9 @@ def bench_model_size(
             with state.run_step(0):
                 call(emb_tgt)
 
-        engine_dense_s = statistics.median(time_call(dense_engine, device, 1, 1 if args.warmup else 0))
+        engine_dense_s = float("nan")
+        if args.overhead_reps:
+            engine_dense_s = statistics.median(time_call(dense_engine, device, args.overhead_reps, 0))
         state.reset_counters()
         with state.run_step(0):
             call(emb_tgt)
@@ -186,7 +188,7 @@ def bench_model_size(
                      1e3 * sparse_s, row["speedup"], row["macs_ratio"], row["block_sizes"])
         remove_sparse(unet)
         # 4. profile: per-layer-type times, dense and sparse (synchronised timers; slower than the runs above)
-        if args.profile:
+        if args.profile and (not args.profile_sizes or size in args.profile_sizes):
             state = apply_sparse(unet, SparseConfig(mode=SparseMode.PROFILE,
                                                     min_resolution_ratio=args.min_resolution_ratio,
                                                     dense_fraction=args.dense_fraction))
@@ -277,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-budget", type=int, default=None, help="bytes of accelerator memory for the cache")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--profile-fractions", nargs="+", type=float, default=[0.05])
+    ap.add_argument("--profile-sizes", nargs="+", type=int, default=None, help="profile only these sizes")
+    ap.add_argument("--overhead-reps", type=int, default=1,
+                    help="timed dense steps with the engine installed (wrapper overhead); 0 skips")
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None, help="Markdown table path (default: docs/results/sparse.md for cpu, "
                                                "the JSON path with .md otherwise)")
