@@ -354,6 +354,23 @@ def test_inception_features_and_fid(inception: M.InceptionFeatures) -> None:
     torch.testing.assert_close(inception(as_uint8), feats_a[:1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_inception_fid_ranks_distributions(inception: M.InceptionFeatures) -> None:
+    """Two draws from one image generator are closer than draws from different generators."""
+    draw_1 = inception(structured_images(32, 64, seed=30))
+    draw_2 = inception(structured_images(32, 64, seed=31))
+    shifted = inception(1.0 - structured_images(32, 64, seed=32) ** 2)
+    same = M.frechet_distance(draw_1, draw_2)
+    different = M.frechet_distance(draw_1, shifted)
+    assert 0.0 < same < different
+    labels = ["a"] * 32 + ["b"] * 32
+    result = M.csfid_from_features(
+        torch.cat([draw_1, shifted]), labels, torch.cat([draw_2, draw_1]), labels, inception.weights_source
+    )
+    assert result.per_class == pytest.approx({"a": same, "b": different}, rel=1e-9)
+    assert result.value == pytest.approx((same + different) / 2, rel=1e-9)
+
+
 def test_inception_resize_is_tf_legacy_bilinear() -> None:
     x = torch.arange(4, dtype=torch.float32).view(1, 1, 1, 4).repeat(1, 3, 2, 1)
     out = M._resize_bilinear_legacy(x, (2, 8))
