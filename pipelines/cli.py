@@ -18,6 +18,7 @@ SUBCOMMANDS = (
     "pipelines.make_dataset",
     "pipelines.report",
     "pipelines.datasets",
+    "pipelines.bench",
 )
 
 
