@@ -42,7 +42,15 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from instdiff import synthetic
-from instdiff.models import BASE_WORDS, MAX_TOKENS, ModelBundle, build_word_tokenizer, pick_device, save_bundle
+from instdiff.models import (
+    BASE_WORDS,
+    MAX_TOKENS,
+    ModelBundle,
+    build_word_tokenizer,
+    load_pretrained,
+    pick_device,
+    save_bundle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +167,9 @@ class TrainConfig:
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     samples: SampleConfig = field(default_factory=SampleConfig)
     editor_defaults: dict[str, Any] = field(default_factory=dict)
+    # a model folder written by an earlier run to continue from (its architecture, tokenizer and VAE scaling
+    # are kept; the architecture fields above are then ignored); a stage with 0 steps is skipped
+    init_from: str | None = None
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> TrainConfig:
@@ -204,8 +215,10 @@ class TrainConfig:
         ) <= 0:
             raise TrainConfigError(f"inpaint.mask_mix needs {len(MASK_KINDS)} non-negative weights for {MASK_KINDS}")
         for name, stage in (("vae", self.vae), ("unet", self.unet), ("inpaint", self.inpaint)):
-            if stage.steps < 1 or stage.batch_size < 1:
-                raise TrainConfigError(f"{name}.steps and {name}.batch_size must be positive")
+            if stage.steps < 0 or stage.batch_size < 1:
+                raise TrainConfigError(f"{name}.steps must be >= 0 and {name}.batch_size positive")
+            if stage.steps == 0 and self.init_from is None:
+                raise TrainConfigError(f"{name}.steps is 0: skipping a stage needs init_from (a trained model folder)")
 
 
 def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> Any:
@@ -386,21 +399,19 @@ class LossLog:
 
     every: int
     stages: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    _acc: float = 0.0
+    _acc: torch.Tensor | float = 0.0  # summed on the loss's device: no host sync between log lines
     _n: int = 0
 
     def add(self, stage: str, step: int, loss: torch.Tensor) -> None:
-        self._acc += float(loss.detach())
+        self._acc = self._acc + loss.detach().float()
         self._n += 1
         if self._n >= self.every:
-            value = self._acc / self._n
-            self.stages.setdefault(stage, []).append((step, value))
-            log.info("%s step %d loss %.5f", stage, step, value)
-            self._acc, self._n = 0.0, 0
+            self.flush(stage, step)
+            log.info("%s step %d loss %.5f", stage, step, self.stages[stage][-1][1])
 
     def flush(self, stage: str, step: int) -> None:
         if self._n:
-            self.stages.setdefault(stage, []).append((step, self._acc / self._n))
+            self.stages.setdefault(stage, []).append((step, float(self._acc) / self._n))
         self._acc, self._n = 0.0, 0
 
     def first_last(self, stage: str) -> tuple[float, float]:
@@ -500,7 +511,7 @@ def train_vae(vae: AutoencoderKL, data: ShapesData, cfg: VaeConfig, device: torc
               losses: LossLog, gen: torch.Generator) -> int:
     """Stage 1: reconstruction (L1 + L2) + ``kl_weight`` · KL on the posterior. Returns steps done."""
     vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     n = len(data)
     done = 0
@@ -563,6 +574,7 @@ def train_unet(text_encoder: CLIPTextModel, unet: UNet2DConditionModel, latents:
         [{"params": list(unet.parameters()), "lr": cfg.lr},
          {"params": list(text_encoder.parameters()), "lr": cfg.text_lr}],
         weight_decay=1e-2,
+        fused=device.type == "cuda",
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps))
     ema = Ema(list(unet.parameters()) + list(text_encoder.parameters()), cfg.ema_decay)
@@ -606,7 +618,7 @@ def train_inpaint(inpaint_unet: UNet2DConditionModel, text_encoder: CLIPTextMode
     scale = float(vae.config.scaling_factor)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     inpaint_unet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(inpaint_unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(inpaint_unet.parameters(), lr=cfg.lr, weight_decay=1e-2, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps))
     ema = Ema(list(inpaint_unet.parameters()), cfg.ema_decay)
     n = mean.shape[0]
@@ -646,20 +658,23 @@ def train_inpaint(inpaint_unet: UNet2DConditionModel, text_encoder: CLIPTextMode
 
 
 # ---- reporting -------------------------------------------------------------------------------
-def plot_losses(losses: LossLog, path: Path) -> Path:
-    """One panel per stage, log-scale loss against step."""
+def plot_losses(stages_losses: Mapping[str, Sequence[Sequence[float]]], path: Path,
+                resumed_at: Mapping[str, int] | None = None) -> Path:
+    """One panel per stage, log-scale loss against step; a dashed line where a continued run started."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [s for s in ("vae", "unet", "inpaint") if losses.stages.get(s)]
+    stages = [s for s in ("vae", "unet", "inpaint") if stages_losses.get(s)]
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(4.2 * max(1, len(stages)), 3.2))
     axes = np.atleast_1d(axes)
     titles = {"vae": "VAE (L1 + L2 + KL)", "unet": "text encoder + UNet (ε MSE)", "inpaint": "inpainting UNet (ε MSE)"}
     for ax, stage in zip(axes, stages, strict=False):
-        steps, values = zip(*losses.stages[stage], strict=True)
+        steps, values = zip(*stages_losses[stage], strict=True)
         ax.plot(steps, values, lw=1.2)
+        if resumed_at and stage in resumed_at:
+            ax.axvline(resumed_at[stage], ls="--", color="gray", lw=0.8)
         ax.set_yscale("log")
         ax.set_title(titles[stage], fontsize=10)
         ax.set_xlabel("step")
@@ -679,7 +694,8 @@ def sample_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], captions: Sequ
     import matplotlib.pyplot as plt
 
     n_cols = max(len(imgs) for _, imgs in rows)
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.25 * n_cols + 1.2, 1.3 * len(rows) + 0.25 * len(captions)),
+    text_h = 0.11 * len(captions) + 0.2  # inches for the caption list
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.25 * n_cols + 1.2, 1.3 * len(rows) + text_h),
                              squeeze=False)
     for r, (label, imgs) in enumerate(rows):
         for c in range(n_cols):
@@ -695,7 +711,7 @@ def sample_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], captions: Sequ
         axes[r, 0].set_ylabel(label, fontsize=8)
     text = "\n".join(f"{i}: {c}" for i, c in enumerate(captions))
     fig.text(0.01, 0.005, text, fontsize=6.5, va="bottom", family="monospace")
-    fig.tight_layout(rect=(0, 0.02 + 0.17 * len(captions) / (1.3 * len(rows) + 0.25 * len(captions)), 1, 1))
+    fig.tight_layout(rect=(0, text_h / (1.3 * len(rows) + text_h), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -735,6 +751,8 @@ def train_shapes(config: TrainConfig | str | Path, out_dir: str | Path, device: 
     ``out_dir`` becomes a diffusers model folder (loadable with ``load_bundle(out_dir)``) that also holds
     ``losses.json``, ``loss.png``, ``samples.png`` and ``training_summary.json``. ``device`` overrides the
     config's. Returns the summary dict (seed, data size, steps, seconds per stage, losses, VAE PSNR, sizes).
+    With ``init_from`` the run continues an earlier one; the summary then also holds the earlier summary and
+    the loss log and plot cover both runs.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_yaml(config)
     cfg.validate()
@@ -763,16 +781,26 @@ def train_shapes(config: TrainConfig | str | Path, out_dir: str | Path, device: 
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(dev).manual_seed(cfg.seed)
-    tokenizer, text_encoder, vae, unet, scheduler = build_models(cfg)
+    previous: dict[str, Any] | None = None
+    inpaint_unet: UNet2DConditionModel | None = None
+    if cfg.init_from is not None:
+        start = load_pretrained(cfg.init_from, dev, torch.float32, local_files_only=True)
+        tokenizer, text_encoder, vae, unet = start.tokenizer, start.text_encoder, start.vae, start.unet
+        scheduler, inpaint_unet = start.scheduler, start.inpaint_unet
+        previous = _read_json(Path(cfg.init_from) / SUMMARY_FILE)
+        log.info("continuing from %s", cfg.init_from)
+    else:
+        tokenizer, text_encoder, vae, unet, scheduler = build_models(cfg)
     for m in (text_encoder, vae, unet):
         m.to(dev)
 
-    # 2. VAE, then the latent scaling factor
+    # 2. VAE, then the latent scaling factor (kept when the VAE is not trained in this run)
     with _stage_timer("vae", times, dev):
-        vae_steps = train_vae(vae, data, cfg.vae, dev, amp, losses, gen)
+        vae_steps = train_vae(vae, data, cfg.vae, dev, amp, losses, gen) if cfg.vae.steps else 0
         mean, std = encode_dataset(vae, data.images, dev)
-        scaling = float(1.0 / mean.std())
-        vae.register_to_config(scaling_factor=scaling)
+        if vae_steps:
+            vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+        scaling = float(vae.config.scaling_factor)
         psnr = vae_psnr(vae, held_u8, dev)
     log.info("VAE: %d steps, held-out PSNR %.2f dB, scaling_factor %.4f", vae_steps, psnr, scaling)
     latents = (mean * scaling, std * scaling)
@@ -782,13 +810,21 @@ def train_shapes(config: TrainConfig | str | Path, out_dir: str | Path, device: 
     empty_ids = _token_ids(tokenizer, [""]).to(dev)
     alphas = scheduler.alphas_cumprod.to(dev)
     with _stage_timer("unet", times, dev):
-        unet_steps = train_unet(text_encoder, unet, latents, ids, empty_ids, alphas, cfg.unet, dev, amp, losses, gen)
+        unet_steps = 0
+        if cfg.unet.steps:
+            unet_steps = train_unet(text_encoder, unet, latents, ids, empty_ids, alphas, cfg.unet, dev, amp, losses,
+                                    gen)
 
-    # 4. inpainting UNet from the base UNet, conv_in widened to latents + mask + masked-image latents
-    inpaint_unet = widen_to_inpaint(unet, 1 + cfg.vae.latent_channels)
+    # 4. inpainting UNet: from the base UNet with conv_in widened to latents + mask + masked-image latents
+    #    (or the earlier run's inpainting UNet, continued)
+    if inpaint_unet is None:
+        inpaint_unet = widen_to_inpaint(unet, 1 + vae.config.latent_channels)
+    inpaint_unet.to(dev)
     with _stage_timer("inpaint", times, dev):
-        inpaint_steps = train_inpaint(inpaint_unet, text_encoder, vae, data, latents, ids, empty_ids, alphas,
-                                      cfg.inpaint, dev, amp, losses, gen)
+        inpaint_steps = 0
+        if cfg.inpaint.steps:
+            inpaint_steps = train_inpaint(inpaint_unet, text_encoder, vae, data, latents, ids, empty_ids, alphas,
+                                          cfg.inpaint, dev, amp, losses, gen)
 
     # 5. save the bundle, then samples, probe, losses and the summary
     bundle = ModelBundle(tokenizer, text_encoder, vae, unet, scheduler, inpaint_unet, name=cfg.name, device=dev)
@@ -811,9 +847,12 @@ def train_shapes(config: TrainConfig | str | Path, out_dir: str | Path, device: 
     if cfg.samples.n_probe:
         with _stage_timer("probe", times, dev):
             probe = generation_probe(bundle, held_out[: cfg.samples.n_probe], cfg.samples.steps, cfg.samples.guidance)
-    plot_losses(losses, out / LOSS_PLOT)
-    (out / LOSSES_FILE).write_text(json.dumps(losses.stages) + "\n")
+    history, resumed_at = _merge_losses(_read_json(Path(cfg.init_from) / LOSSES_FILE) if cfg.init_from else None,
+                                        losses.stages)
+    plot_losses(history, out / LOSS_PLOT, resumed_at)
+    (out / LOSSES_FILE).write_text(json.dumps(history) + "\n")
     times["total"] = time.perf_counter() - t_start
+    steps = {"vae": vae_steps, "unet": unet_steps, "inpaint": inpaint_steps}
     summary: dict[str, Any] = {
         "config": cfg.to_dict(),
         "seed": cfg.seed,
@@ -821,7 +860,7 @@ def train_shapes(config: TrainConfig | str | Path, out_dir: str | Path, device: 
                  "scene_seeds": [cfg.data_seed, cfg.data_seed + -(-len(data) // SCENES_PER_CHUNK) - 1],
                  "scenes_per_seed": SCENES_PER_CHUNK, "image_size": cfg.image_size,
                  "held_out_seed_for_samples": HELD_OUT_SEED + 1},
-        "steps": {"vae": vae_steps, "unet": unet_steps, "inpaint": inpaint_steps},
+        "steps": steps,
         "planned_steps": {"vae": cfg.vae.steps, "unet": cfg.unet.steps, "inpaint": cfg.inpaint.steps},
         "seconds": {k: round(v, 2) for k, v in times.items()},
         "loss_first_last": {s: losses.first_last(s) for s in losses.stages},
@@ -834,9 +873,36 @@ def train_shapes(config: TrainConfig | str | Path, out_dir: str | Path, device: 
         "machine": _machine(dev),
         "git_commit": _git_commit(),
     }
+    if previous is not None:
+        summary["init_from"] = cfg.init_from
+        summary["previous"] = previous
+        before = previous.get("total_steps", previous.get("steps", {}))
+        summary["total_steps"] = {k: int(before.get(k, 0)) + v for k, v in steps.items()}
+        summary["total_seconds"] = round(float(previous.get("total_seconds", previous["seconds"]["total"]))
+                                         + times["total"], 2)
+    else:
+        summary["total_steps"] = steps
+        summary["total_seconds"] = round(times["total"], 2)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("done in %.1f s; weights %.2f MB", times["total"], summary["weights_mb"])
     return summary
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _merge_losses(previous: Mapping[str, Sequence[Sequence[float]]] | None,
+                  current: Mapping[str, Sequence[tuple[int, float]]]) -> tuple[dict[str, list], dict[str, int]]:
+    """Loss history over an earlier run and this one (this run's steps shifted past the earlier run's)."""
+    merged: dict[str, list] = {k: [list(p) for p in v] for k, v in (previous or {}).items()}
+    resumed_at: dict[str, int] = {}
+    for stage, points in current.items():
+        offset = int(merged[stage][-1][0]) + 1 if merged.get(stage) else 0
+        if offset:
+            resumed_at[stage] = offset
+        merged.setdefault(stage, []).extend([[step + offset, value] for step, value in points])
+    return merged, resumed_at
 
 
 def _save(bundle: ModelBundle, out: Path, save_dtype: str) -> None:
