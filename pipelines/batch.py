@@ -18,11 +18,16 @@ The pipeline (one read, three map stages, one write; rows stream through, nothin
 
 Every row comes out: a row that cannot be edited is written with ``status = "error"`` and the reason, its
 batch-mates are unaffected; when a whole editor call fails (e.g. out of memory) its rows are retried one by
-one first. Re-running with the same output resumes: ids already written with status ok (and, unless
-``retry_errors``, ids already written as errors) are skipped, earlier files are never deleted or
-overwritten (each run writes new ``part-<run_id>-*.parquet`` files), so no id is written twice. Each run
-also leaves ``_runs/<run_id>.json`` (its settings) and ``_runs/<run_id>.summary.json`` next to the data;
-Parquet readers skip ``_``-prefixed paths.
+one first.
+
+Resume: re-running with the same output skips the ids already written with status ok and, by default,
+those already written as errors too, so no id is ever written twice; earlier files are never deleted or
+overwritten (each run writes new ``part-<run_id>-*.parquet`` files). With ``retry_errors: true`` the error
+ids are edited again: one that fails again is not rewritten, one that now succeeds gets an ok row next to
+its earlier error row (readers keep the ok row: ``pipelines.report.latest_rows``). A resumed run must use
+the settings of the earlier runs (model, method and its parameters, seed, image handling); the job refuses
+otherwise. Each run leaves ``_runs/<run_id>.json`` (its settings) and ``_runs/<run_id>.summary.json`` next
+to the data; Parquet readers skip ``_``-prefixed paths.
 """
 
 from __future__ import annotations
@@ -409,10 +414,18 @@ def finalize_row(row: dict[str, Any], run_id: str) -> dict[str, Any]:
     return out
 
 
-def finalize_batch(batch: pa.Table, *, run_id: str) -> pa.Table:
-    """Stage 3 (stateless): output rows in :data:`pipelines.schema.OUTPUT_SCHEMA`."""
+def finalize_batch(batch: pa.Table, *, run_id: str, known_errors: Any = None) -> pa.Table:
+    """Stage 3 (stateless): output rows in :data:`pipelines.schema.OUTPUT_SCHEMA`.
+
+    ``known_errors`` (ids, or a Ray object ref to them): ids the output already holds as error rows; when
+    such an id fails again it is not written a second time (``retry_errors``)."""
     rows = [finalize_row(r, run_id) for r in batch.to_pylist()]
-    return pa.Table.from_pylist(rows, schema=S.OUTPUT_SCHEMA)
+    out = pa.Table.from_pylist(rows, schema=S.OUTPUT_SCHEMA)
+    known = _resolve_skip(known_errors)
+    if known is not None and len(known) and out.num_rows:
+        again = pc.and_(pc.equal(out[S.STATUS], S.STATUS_ERROR), pc.is_in(out[S.ID], value_set=known))
+        out = out.filter(pc.invert(again))
+    return out
 
 
 # ---- the same stages in one process (baseline for the benchmark; small jobs without Ray) ---------------------
@@ -580,14 +593,48 @@ def connect_ray(cfg: BatchConfig) -> bool:
     return True
 
 
-def build_dataset(cfg: BatchConfig, plan: InputPlan, in_fs: Any, skip: pa.Array | None, run_id: str) -> Any:
-    """The Ray Data pipeline up to (not including) the write."""
+def check_resources(cfg: BatchConfig, local: bool) -> None:
+    """Refuse (local cluster) or warn about (remote cluster, which may autoscale) a pool that cannot run.
+
+    Ray Data's listing, read and write tasks need a whole free CPU next to the actor pool; when the actors
+    reserve every CPU the job waits forever instead of failing.
+    """
+    import ray
+
+    a = cfg.actors
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0.0)), float(total.get("GPU", 0.0))
+    problems = []
+    reserved = a.pool_size * a.num_cpus
+    if cpus - reserved < max(1.0, cfg.ray.task_cpus):
+        problems.append(
+            f"the cluster has {cpus:g} CPUs and actors.pool_size × actors.num_cpus = {a.pool_size} × {a.num_cpus:g} "
+            f"reserves {reserved:g}, leaving {max(cpus - reserved, 0):g}; Ray Data's read/decode/write tasks need at "
+            f"least {max(1.0, cfg.ray.task_cpus):g}. Lower actors.num_cpus (e.g. "
+            f"{max((cpus - 1.0) / a.pool_size, 0.0):g}; torch still gets one thread) or actors.pool_size"
+        )
+    if a.num_gpus and a.pool_size * a.num_gpus > gpus:
+        problems.append(
+            f"actors.pool_size × actors.num_gpus = {a.pool_size} × {a.num_gpus:g} GPUs, but the cluster has {gpus:g}"
+        )
+    for problem in problems:
+        if local:
+            raise ConfigError(problem)
+        log.warning("%s (continuing: the cluster may scale up)", problem)
+
+
+def build_dataset(cfg: BatchConfig, plan: InputPlan, in_fs: Any, skip: pa.Array | None, run_id: str,
+                  known_errors: pa.Array | None = None) -> Any:
+    """The Ray Data pipeline up to (not including) the write. ``skip``: ids not to edit; ``known_errors``:
+    ids already written as errors (not written again if they fail again)."""
     import ray
 
     skip_ref = ray.put(skip) if skip is not None and len(skip) else None
+    errors_ref = ray.put(known_errors) if known_errors is not None and len(known_errors) else None
     a = cfg.actors
-    ds = ray.data.read_parquet(plan.files, filesystem=in_fs, columns=plan.columns)
-    ds = ds.map_batches(decode_batch, batch_format="pyarrow",
+    task_cpus = cfg.ray.task_cpus
+    ds = ray.data.read_parquet(plan.files, filesystem=in_fs, columns=plan.columns, num_cpus=task_cpus)
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", num_cpus=task_cpus,
                         fn_kwargs={"opts": DecodeOptions.from_config(cfg), "skip_ids": skip_ref})
     # blocks of batch_size rows, so that every actor of the pool gets work even from one big file
     ds = ds.repartition(target_num_rows_per_block=a.batch_size)
@@ -599,9 +646,10 @@ def build_dataset(cfg: BatchConfig, plan: InputPlan, in_fs: Any, skip: pa.Array 
         num_gpus=a.num_gpus,
         num_cpus=a.num_cpus,
         fn_constructor_kwargs={"model": cfg.model, "method": cfg.method, "image": cfg.image,
-                               "threads": int(a.num_cpus) if a.num_gpus == 0 else None},
+                               "threads": max(1, round(a.num_cpus)) if a.num_gpus == 0 else None},
     )
-    return ds.map_batches(finalize_batch, batch_format="pyarrow", fn_kwargs={"run_id": run_id})
+    return ds.map_batches(finalize_batch, batch_format="pyarrow", num_cpus=task_cpus,
+                          fn_kwargs={"run_id": run_id, "known_errors": errors_ref})
 
 
 def _write_json(fs: Any, path: str, data: dict) -> None:
@@ -638,10 +686,12 @@ def run_job(cfg: BatchConfig, run_id: str | None = None) -> JobSummary:
     t0 = time.perf_counter()
     if todo > 0:
         # 3. the pipeline: read → decode → edit (actors) → encode + metrics → write
-        connect_ray(cfg)
+        started = connect_ray(cfg)
+        check_resources(cfg, local=started or not os.environ.get("RAY_ADDRESS"))
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
         skip = pa.array(sorted(done & input_ids), type=pa.string()) if done else None
-        ds = build_dataset(cfg, plan, in_fs, skip, run_id)
+        retried = sorted(prior.error_ids & input_ids) if cfg.retry_errors else []
+        ds = build_dataset(cfg, plan, in_fs, skip, run_id, pa.array(retried, type=pa.string()))
         ds.write_parquet(out_path, filesystem=out_fs, filename_provider=_run_filenames(run_id),
                          max_rows_per_file=cfg.write.max_rows_per_file, compression=cfg.write.compression,
                          mode=SaveMode.APPEND)
@@ -729,17 +779,17 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    import ray
+
     from pipelines.cli import CliError
 
+    running = ray.is_initialized()
     try:
         cfg = config_from_args(args)
-        started = connect_ray(cfg)
         try:
             summary = run_job(cfg)
         finally:
-            if started:
-                import ray
-
+            if not running and ray.is_initialized():
                 ray.shutdown()
     except (ConfigError, S.SchemaError) as exc:
         raise CliError(str(exc)) from None

@@ -14,7 +14,7 @@ Layout (every key optional except ``input`` and ``output``; defaults are the dat
     actors:  {pool_size: 1, num_gpus: 0, num_cpus: 1, batch_size: 8}
     write:   {max_rows_per_file: 1000, compression: zstd}
     storage: {endpoint_url: null, region: null, anonymous: false}       # plus AWS_* environment variables
-    ray:     {num_cpus: null, object_store_memory: null, progress_bars: true}
+    ray:     {num_cpus: null, object_store_memory: null, task_cpus: 1, progress_bars: true}
 
 Unknown keys and wrong values raise :class:`ConfigError` naming the key and what it accepts. Command-line
 flags override the file; ``--set a.b=value`` overrides any key (the value is read as YAML).
@@ -80,7 +80,7 @@ class ActorConfig:
 
     pool_size: int = 1  # actors (model replicas)
     num_gpus: float = 0.0  # GPUs per actor (fractions share a GPU)
-    num_cpus: float = 1.0  # CPUs per actor (also torch's thread count on CPU)
+    num_cpus: float = 1.0  # CPUs per actor; on CPU torch uses max(1, round(num_cpus)) threads
     batch_size: int = 8  # rows per editor call (rows of one size are edited together)
 
 
@@ -92,10 +92,12 @@ class WriteConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    """Only used when the job starts its own local cluster (no ``RAY_ADDRESS``)."""
+    """Ray settings. ``num_cpus`` and ``object_store_memory`` apply when the job starts its own local cluster
+    (no ``RAY_ADDRESS``); the others on any cluster."""
 
     num_cpus: int | None = None  # None: all cores
     object_store_memory: int | None = None  # bytes; None: Ray's default
+    task_cpus: float = 1.0  # CPUs per decode / encode+metrics task
     progress_bars: bool = True
 
 
@@ -250,6 +252,7 @@ def _check_values(cfg: BatchConfig) -> None:
         (cfg.actors.batch_size >= 1, f"actors.batch_size: must be >= 1; got {cfg.actors.batch_size}"),
         (cfg.actors.num_gpus >= 0, f"actors.num_gpus: must be >= 0; got {cfg.actors.num_gpus}"),
         (cfg.actors.num_cpus > 0, f"actors.num_cpus: must be > 0; got {cfg.actors.num_cpus}"),
+        (cfg.ray.task_cpus > 0, f"ray.task_cpus: must be > 0; got {cfg.ray.task_cpus}"),
         (cfg.write.max_rows_per_file >= 1, f"write.max_rows_per_file: must be >= 1; got {cfg.write.max_rows_per_file}"),
         (cfg.write.compression in _PARQUET_CODECS,
          f"write.compression: {cfg.write.compression!r} is not accepted; accepted: {', '.join(_PARQUET_CODECS)}"),
