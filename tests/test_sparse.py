@@ -260,6 +260,14 @@ def test_difference_mask_edit_and_pairs(generated: tuple) -> None:
     assert pairs.timings["generate"] > 0 and len(pairs.extras["rows"]) == 2
 
 
+def test_regenerate_is_the_dense_baseline(generated: tuple) -> None:
+    _, session, image, run = generated
+    same_image, same = session.regenerate(run, "a red circle on a blue background")
+    assert torch.equal(same, run.latents(8)) and torch.equal(same_image, image)
+    _, other = session.regenerate(run, "a green star on a blue background")
+    assert not torch.equal(other, run.latents(8))
+
+
 @pytest.mark.slow
 def test_cross_attention_control_runs(generated: tuple) -> None:
     bundle, _, _, _ = generated
@@ -321,6 +329,9 @@ def test_difference_mask_from_constructed_steps() -> None:
     assert torch.equal(m, expected)
     assert int(difference_mask(diffs, open_radius=1, margin=1).sum()) == 8 * 8
     assert not difference_mask([torch.zeros(1, 16, 16)]).any()
+    specks = torch.zeros(1, 16, 16)
+    specks[0, 3, 3] = specks[0, 9, 12] = 1.0
+    assert int(difference_mask([specks], open_radius=1, margin=0).sum()) == 2  # not opened away
 
 
 def test_resize_mask_any_active_pixel_activates() -> None:

@@ -18,6 +18,7 @@ import argparse
 import gc
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -210,6 +211,49 @@ def bench_model_size(
     return results, profile
 
 
+def mask_quality(args: argparse.Namespace) -> dict[str, Any]:
+    """Does cross-attention control make the difference mask tighter? (FISEdit §"Target Area Capture".)
+
+    For prompt pairs of the shapes world: generate the source prompt, then (a) the difference mask of the edit's
+    first k steps and (b) the "true changed region": where the full dense re-generation with the target prompt
+    (the paper's SDTP baseline, from the same initial latents) differs from the source generation, Σ_c|Δ| of the
+    final latents above its Otsu threshold. Both without and with cross-attention control (the control also
+    applies to the re-generation's first k steps). Reports IoU(mask, changed region) and the mask areas.
+    """
+    from instdiff import synthetic
+    from instdiff.masks import iou
+    from instdiff.models import load_bundle
+    from instdiff.sparse import FISEditConfig, FISEditSession, latent_difference, otsu_threshold
+
+    bundle = load_bundle(args.mq_model, device="cpu", dtype="fp32")
+    pairs = synthetic.make_edit_pairs(args.mq_pairs, seed=0, size=bundle.resolution)
+    out: dict[str, Any] = {"model": bundle.name, "pairs": [], "steps": args.mq_steps}
+    for control in (False, True):
+        cfg = FISEditConfig(num_steps=args.mq_steps, mask_steps=args.mq_mask_steps,
+                            mask_from=max(1, args.mq_mask_steps // 2), cross_attention_control=control)
+        session = FISEditSession(bundle, cfg)
+        for i, pair in enumerate(pairs):
+            _, run = session.generate(pair.source_prompt, seed=i)
+            res = session.edit(run, pair.target_prompt)
+            _, regen = session.regenerate(run, pair.target_prompt)
+            diff = latent_difference(regen, run.latents(cfg.num_steps))  # (1, h, w)
+            truth = diff > otsu_threshold(diff)[:, None, None]
+            mask = res.extras["mask_latent"][:, 0]
+            out["pairs"].append({
+                "control": control, "pair": pair.id, "kind": pair.kind, "source": pair.source_prompt,
+                "target": pair.target_prompt, "iou": float(iou(mask, truth)[0]),
+                "mask_area": float(mask.float().mean()), "changed_area": float(truth.float().mean()),
+            })
+            log.info("mask quality control=%s %s: IoU %.3f (mask %.2f, changed %.2f)", control, pair.id,
+                     out["pairs"][-1]["iou"], out["pairs"][-1]["mask_area"], out["pairs"][-1]["changed_area"])
+    for control in (False, True):
+        rows = [r for r in out["pairs"] if r["control"] == control]
+        out["without_control" if not control else "with_control"] = {
+            k: statistics.mean(r[k] for r in rows) for k in ("iou", "mask_area", "changed_area")
+        }
+    return out
+
+
 def _times_ms(state: Any) -> dict[str, float]:
     total = sum(state.step_times)
     times = {k: 1e3 * v for k, v in state.times.items()}
@@ -225,7 +269,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "# FISEdit sparse UNet: dense vs sparse",
         "",
         f"Machine: {m.get('gpu') or m.get('cpu')} · torch {m.get('torch')} · diffusers {m.get('diffusers')} · "
-        f"threads {m.get('torch_threads')} · commit `{doc['commit']}` · {doc['created']}",
+        f"threads {m.get('torch_threads')} · commit `{doc['commit']}` · {doc['created']} · load average at the end "
+        f"{p.get('load_average')}",
         "",
         f"Device {p['device']}, dtype {p['dtype']}, batch {p['batch']} (rows of one UNet call), "
         f"{p['reps']} timed reps after {p['warmup']} warm-up (median), random weights, one step at t=500. "
@@ -282,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-sizes", nargs="+", type=int, default=None, help="profile only these sizes")
     ap.add_argument("--overhead-reps", type=int, default=1,
                     help="timed dense steps with the engine installed (wrapper overhead); 0 skips")
+    ap.add_argument("--mask-quality", action="store_true",
+                    help="instead of timing: IoU of the difference mask with / without cross-attention control")
+    ap.add_argument("--mq-model", default="default", help="bundle for --mask-quality (default: embedded or tiny)")
+    ap.add_argument("--mq-pairs", type=int, default=8)
+    ap.add_argument("--mq-steps", type=int, default=20)
+    ap.add_argument("--mq-mask-steps", type=int, default=6)
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None, help="Markdown table path (default: docs/results/sparse.md for cpu, "
                                                "the JSON path with .md otherwise)")
@@ -296,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     args.reps = args.reps or (10 if device.type == "cuda" else 2)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mask_quality:
+        t0 = time.perf_counter()
+        res = mask_quality(args)
+        params = {k: v for k, v in vars(args).items() if k.startswith("mq_")}
+        params["wall_s"] = time.perf_counter() - t0
+        path = write_report(args.out or ROOT / "docs/results/sparse-mask-quality.json", params, res)
+        log.info("wrote %s: without control %s, with control %s", path, res["without_control"], res["with_control"])
+        return 0
     out = Path(args.out or ROOT / f"docs/results/sparse-{device.type}.json")
     default_md = ROOT / "docs/results/sparse.md" if device.type == "cpu" else out.with_suffix(".md")
     md = Path(args.md) if args.md else default_md
@@ -317,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {k: v for k, v in vars(args).items() if k not in ("out", "md")}
     params["dtype"] = str(dtype).replace("torch.", "")
     params["wall_s"] = time.perf_counter() - t0
+    params["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     path = write_report(out, params, {"runs": runs, "profile": profiles})
     import json
 

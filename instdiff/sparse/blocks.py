@@ -85,43 +85,41 @@ def choose_block_size(
 
 @dataclass
 class BlockSet:
-    """The active ``block``×``block`` tiles of an output grid (H, W), over the rows of a batch.
+    """The active ``block``×``block`` tiles of an output grid (H, W), shared by every row of the batch.
 
-    Tiles are listed row-major within each batch row; ``rows``, ``by``, ``bx`` are (nb,) long tensors.
-    Index tensors derived from it (window and centre positions) are built once and memoised.
+    ``by``, ``bx`` are (nb,) long tensors, row-major. Index tensors derived from it (window and centre positions)
+    are built once and memoised. Tile tensors are laid out (N·nb, C, b, b): row-major over (batch row, tile).
     """
 
     block: int
     height: int
     width: int
-    rows: torch.Tensor
     by: torch.Tensor
     bx: torch.Tensor
     _memo: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, block: int) -> BlockSet:
-        """Tiles of ``mask`` (N, H, W) bool that contain at least one active pixel."""
-        _, height, width = mask.shape
+        """Tiles of ``mask`` (H, W) bool that contain at least one active pixel."""
+        height, width = mask.shape
         if not divides(block, height, width):
             raise ValueError(f"block size {block} does not divide the {height}×{width} feature map")
-        nz = active_blocks(mask, block).nonzero()  # (nb, 3): row, by, bx
-        return cls(block, height, width, nz[:, 0].contiguous(), nz[:, 1].contiguous(), nz[:, 2].contiguous())
+        nz = active_blocks(mask[None], block)[0].nonzero()  # (nb, 2): by, bx
+        return cls(block, height, width, nz[:, 0].contiguous(), nz[:, 1].contiguous())
 
     @property
     def count(self) -> int:
-        return int(self.rows.numel())
+        """Number of tiles per batch row."""
+        return int(self.by.numel())
 
-    def centers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch row and flat position (nb·b·b,) of every pixel of every tile, ordered (tile, i, j)."""
+    def centers(self) -> torch.Tensor:
+        """Flat positions (nb·b·b,) of every pixel of every tile, ordered (tile, i, j)."""
         if "centers" not in self._memo:
             b = self.block
-            r = torch.arange(b, device=self.rows.device)
+            r = torch.arange(b, device=self.by.device)
             ys = self.by[:, None] * b + r  # (nb, b)
             xs = self.bx[:, None] * b + r  # (nb, b)
-            pos = ys[:, :, None] * self.width + xs[:, None, :]  # (nb, b, b)
-            rows = self.rows[:, None, None].expand_as(pos)
-            self._memo["centers"] = (rows.reshape(-1), pos.reshape(-1))
+            self._memo["centers"] = (ys[:, :, None] * self.width + xs[:, None, :]).reshape(-1)
         return self._memo["centers"]
 
     def windows(self, conv: ConvShape, in_height: int, in_width: int) -> Windows:
@@ -129,25 +127,23 @@ class BlockSet:
         key = ("win", conv.kernel, conv.stride, conv.padding, in_height, in_width)
         if key not in self._memo:
             b, p = self.block, conv.window(self.block)
-            r = torch.arange(p, device=self.rows.device)
+            r = torch.arange(p, device=self.by.device)
             ys = conv.stride * b * self.by[:, None] - conv.padding + r  # (nb, P)
             xs = conv.stride * b * self.bx[:, None] - conv.padding + r  # (nb, P)
             vy = (ys >= 0) & (ys < in_height)
             vx = (xs >= 0) & (xs < in_width)
             pos = ys.clamp(0, in_height - 1)[:, :, None] * in_width + xs.clamp(0, in_width - 1)[:, None, :]
             valid = vy[:, :, None] & vx[:, None, :]  # (nb, P, P)
-            rows = self.rows[:, None, None].expand_as(pos)
             mask = None if bool(valid.all()) else valid[:, None]
-            self._memo[key] = Windows(p, rows.reshape(-1), pos.reshape(-1), mask)
+            self._memo[key] = Windows(p, pos.reshape(-1), mask)
         return self._memo[key]
 
 
 @dataclass
 class Windows:
-    """Flat gather indices of haloed windows: ``rows``/``pos`` (nb·P·P,); ``valid`` (nb, 1, P, P) or None."""
+    """Flat gather positions (nb·P·P,) of haloed windows of side ``size``; ``valid`` (nb, 1, P, P) or None."""
 
     size: int
-    rows: torch.Tensor
     pos: torch.Tensor
     valid: torch.Tensor | None
 
@@ -155,82 +151,40 @@ class Windows:
         return None if self.valid is None else self.valid.to(like.dtype)
 
 
-def gather_windows(x: torch.Tensor, win: Windows) -> torch.Tensor:
-    """Windows (nb, C, P, P) of ``x`` (N, C, H, W); positions outside the map hold clamped values (see ``valid``).
-
-    The result is a channels-last view (memory (nb, P, P, C)), which convolutions take without a copy.
-    """
+def gather_windows(x: torch.Tensor, win: Windows, zero_outside: bool = False) -> torch.Tensor:
+    """Windows (N·nb, C, P, P) of ``x`` (N, C, H, W). Positions outside the map hold clamped values, or zeros
+    with ``zero_outside`` (a convolution's zero padding of its input)."""
     n, c, h, w = x.shape
-    g = x.reshape(n, c, h * w)[win.rows, :, win.pos]  # (nb·P·P, C)
-    return g.view(-1, win.size, win.size, c).permute(0, 3, 1, 2)
+    p = win.size
+    g = x.reshape(n, c, h * w).index_select(2, win.pos).view(n, c, -1, p, p)  # (N, C, nb, P, P)
+    g = g.transpose(1, 2)  # (N, nb, C, P, P)
+    if zero_outside and win.valid is not None:
+        g = g * win.valid_as(g)
+    return g.reshape(-1, c, p, p)
 
 
-def gather_pixels(x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Values (M, C) of ``x`` (N, C, H, W) at batch rows ``rows`` and flat positions ``pos`` (M,)."""
+def tiles_to_flat(tiles: torch.Tensor, rows: int) -> torch.Tensor:
+    """(N·nb, C, b, b) tiles → (N, C, nb·b·b) values in :meth:`BlockSet.centers` order."""
+    _, c, b, _ = tiles.shape
+    return tiles.view(rows, -1, c, b * b).transpose(1, 2).reshape(rows, c, -1)
+
+
+def gather_flat(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Values (N, C, M) of ``x`` (N, C, H, W) at flat positions ``pos`` (M,)."""
     n, c, h, w = x.shape
-    return x.reshape(n, c, h * w)[rows, :, pos]
-
-
-def blocks_to_pixels(vals: torch.Tensor) -> torch.Tensor:
-    """(nb, C, b, b) tile outputs → (nb·b·b, C) rows in :meth:`BlockSet.centers` order."""
-    return vals.permute(0, 2, 3, 1).reshape(-1, vals.shape[1])
-
-
-def pixels_to_blocks(vals: torch.Tensor, block: int) -> torch.Tensor:
-    """(nb·b·b, C) rows → (nb, C, b, b) tiles (a channels-last view)."""
-    c = vals.shape[1]
-    return vals.view(-1, block, block, c).permute(0, 3, 1, 2)
-
-
-def put_pixels(target: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-    """Write ``vals`` (M, C) into ``target`` (N, C, H, W) in place at (rows, pos); returns the old values (M, C)."""
-    n, c, h, w = target.shape
-    t3 = target.view(n, c, h * w)
-    old = t3[rows, :, pos]
-    t3[rows, :, pos] = vals.to(target.dtype)
-    return old
+    return x.reshape(n, c, h * w).index_select(2, pos)
 
 
 @dataclass
 class TokenSet:
-    """Active tokens of an (H, W) map: batch ``rows`` and flat ``pos`` (M,), sorted by row then position.
+    """Active tokens of an (H, W) map, shared by every row: flat positions ``pos`` (M,), ascending."""
 
-    ``slots`` places each token in a padded (N, L, ·) layout for attention; ``uniform`` is True when every row
-    has the same count L, in which case the padded layout is a plain view.
-    """
-
-    rows: torch.Tensor
     pos: torch.Tensor
-    batch: int
-    length: int
-    slots: torch.Tensor
-    uniform: bool
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> TokenSet:
-        n = mask.shape[0]
-        nz = mask.reshape(n, -1).nonzero()  # (M, 2)
-        rows, pos = nz[:, 0].contiguous(), nz[:, 1].contiguous()
-        counts = torch.bincount(rows, minlength=n)
-        length = int(counts.max()) if rows.numel() else 0
-        offsets = torch.cumsum(counts, 0) - counts
-        slots = torch.arange(rows.numel(), device=rows.device) - offsets[rows]
-        return cls(rows, pos, n, length, slots, bool((counts == length).all()))
+        return cls(mask.reshape(-1).nonzero()[:, 0].contiguous())
 
     @property
     def count(self) -> int:
-        return int(self.rows.numel())
-
-    def pad(self, t: torch.Tensor) -> torch.Tensor:
-        """(M, D) → (N, L, D); padding slots are zeros."""
-        if self.uniform:
-            return t.view(self.batch, self.length, t.shape[-1])
-        out = t.new_zeros(self.batch, self.length, t.shape[-1])
-        out[self.rows, self.slots] = t
-        return out
-
-    def unpad(self, t: torch.Tensor) -> torch.Tensor:
-        """(N, L, D) → (M, D)."""
-        if self.uniform:
-            return t.reshape(-1, t.shape[-1])
-        return t[self.rows, self.slots]
+        return int(self.pos.numel())

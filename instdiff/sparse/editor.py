@@ -324,6 +324,25 @@ class FISEditSession:
         )
         return EditResult(images=image, masks=img_mask[:, None], timings=timings, unet_calls=unet_calls, extras=extras)
 
+    @torch.inference_mode()
+    def regenerate(self, cache: RunCache, new_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense baseline (the paper's SDTP): all steps dense from ``cache``'s initial latents with the new
+        prompt (with cross-attention control over the first ``mask_steps`` when the session enables it).
+        Returns the image (1, 3, H, W) and the final latents (1, C, h, w)."""
+        b, cfg = self.bundle, self.cfg
+        emb = self._embed(new_prompt)
+        sched = self._scheduler()
+        x = cache.latents(0).clone()
+        with sparse_unet(b.unet, cfg.sparse) as st:
+            st.bind(cache.activations)
+            for i, t in enumerate(sched.timesteps):
+                st.ca = self._control(cache, new_prompt, emb.shape[0]) if i < cfg.mask_steps else None
+                with st.run_step(i):
+                    eps = self._eps(x, t, emb)
+                x = sched.step(eps, t, x).prev_sample.to(b.dtype)
+            st.ca = None
+        return b.decode_latents(x), x
+
     def _control(self, cache: RunCache, new_prompt: str, rows: int) -> CrossAttentionControl | None:
         if not self.cfg.cross_attention_control:
             return None

@@ -98,7 +98,7 @@ class SparseState:
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
         self._plans: dict[tuple[str, int, int], Any] = {}
         self._persistent: set[int] = set()
-        self._undo: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
+        self._undo: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
         self.used_keys: set[str] = set()
         self.macs: dict[str, list[float]] = {c: [0.0, 0.0] for c in CATEGORIES}
         self.times: dict[str, float] = {c: 0.0 for c in CATEGORIES}
@@ -153,8 +153,8 @@ class SparseState:
 
     def end_step(self) -> None:
         """Restore cached tensors overwritten in place, drop transient copies, close the step's timer."""
-        for view, idx, old in reversed(self._undo):
-            view[idx] = old
+        for view, dim, pos, old in reversed(self._undo):
+            view.index_copy_(dim, pos, old)
         self._undo.clear()
         self._persistent.clear()
         if self.cache is not None and self.step is not None:
@@ -191,22 +191,29 @@ class SparseState:
 
     # ---- mask and plans ------------------------------------------------------------------
     def set_mask(self, mask: torch.Tensor) -> None:
-        """Active region (N, H, W) bool at latent resolution, one map per batch row of the UNet call."""
-        if mask.dim() != 3 or mask.dtype != torch.bool:
+        """Active region at latent resolution, shared by every batch row of the UNet call (e.g. the CFG rows of
+        one image): (H, W) bool, or (N, H, W) bool with identical rows."""
+        if mask.dtype != torch.bool or mask.dim() not in (2, 3):
             raise ValueError(
-                f"the sparse mask is (N, H, W) bool at latent resolution; got {tuple(mask.shape)} {mask.dtype}"
+                "the sparse mask is (H, W) or (N, H, W) bool at latent resolution; "
+                f"got {tuple(mask.shape)} {mask.dtype}"
             )
+        if mask.dim() == 3:
+            if not bool((mask == mask[:1]).all()):
+                raise ValueError("all rows of one UNet call share one sparse mask; edit images with different "
+                                 "masks in separate calls")
+            mask = mask[0]
         self.mask = mask.to(self.device)
         self._masks.clear()
         self._plans.clear()
         self.used_keys.clear()
 
     def mask_at(self, height: int, width: int) -> torch.Tensor:
-        """The mask max-pooled to an (height, width) feature map: (N, height, width) bool."""
+        """The mask max-pooled to an (height, width) feature map: (height, width) bool."""
         assert self.mask is not None
         key = (height, width)
         if key not in self._masks:
-            self._masks[key] = resize_mask(self.mask, key)
+            self._masks[key] = resize_mask(self.mask[None], key)[0]
         return self._masks[key]
 
     def eligible_resolution(self, height: int) -> bool:
@@ -241,7 +248,7 @@ class SparseState:
             block: int | None = fb if divides(fb, *size) else 1
         else:
             gamma = self.cfg.gather_cost_for(self.device.type)
-            block, costs = choose_block_size(mask, convs, self.cfg.block_sizes, gamma, self.cfg.block_overhead)
+            block, costs = choose_block_size(mask[None], convs, self.cfg.block_sizes, gamma, self.cfg.block_overhead)
             log.debug("plan %s %s: block %s (costs %s)", path, size, block, costs)
         if block is None:
             return None
@@ -307,21 +314,21 @@ class SparseState:
             self._persistent.add(id(t))
         return t
 
-    def write(self, base: torch.Tensor, view: torch.Tensor, idx: tuple, vals: torch.Tensor) -> None:
-        """``view[idx] = vals`` in place, where ``view`` shares ``base``'s storage; logged for restore if ``base``
-        is a persistent cache tensor."""
-        if id(base) in self._persistent:
-            self._undo.append((view, idx, view[idx]))
-        view[idx] = vals.to(view.dtype)
-
-    def write_pixels(self, target: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor) -> None:
-        """Overwrite pixels (rows, pos) of ``target`` (N, C, H, W) with ``vals`` (M, C)."""
+    def write_flat(self, target: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor) -> None:
+        """Overwrite flat positions ``pos`` (M,) of ``target`` (N, C, H, W) with ``vals`` (N, C, M), in place."""
         n, c, h, w = target.shape
-        self.write(target, target.view(n, c, h * w), (rows, slice(None), pos), vals)
+        self._index_copy(target, target.view(n, c, h * w), 2, pos, vals)
 
-    def write_tokens(self, target: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor) -> None:
-        """Overwrite tokens (rows, pos) of ``target`` (N, L, D) with ``vals`` (M, D)."""
-        self.write(target, target, (rows, pos), vals)
+    def write_tokens(self, target: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor) -> None:
+        """Overwrite tokens ``pos`` (M,) of ``target`` (N, L, D) with ``vals`` (N, M, D), in place."""
+        self._index_copy(target, target, 1, pos, vals)
+
+    def _index_copy(
+        self, base: torch.Tensor, view: torch.Tensor, dim: int, pos: torch.Tensor, vals: torch.Tensor
+    ) -> None:
+        if id(base) in self._persistent:  # a stored cache tensor: keep what is overwritten, restored at end_step
+            self._undo.append((view, dim, pos, view.index_select(dim, pos)))
+        view.index_copy_(dim, pos, vals.to(view.dtype))
 
     # ---- accounting ------------------------------------------------------------------------
     def count(self, category: str, dense: float, actual: float) -> None:

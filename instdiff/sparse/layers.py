@@ -29,14 +29,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from instdiff.sparse.blocks import (
-    BlockSet,
-    ConvShape,
-    TokenSet,
-    blocks_to_pixels,
-    gather_pixels,
-    gather_windows,
-)
+from instdiff.sparse.blocks import BlockSet, ConvShape, TokenSet, gather_flat, gather_windows, tiles_to_flat
 from instdiff.sparse.engine import SparseState
 
 log = logging.getLogger(__name__)
@@ -132,31 +125,26 @@ def group_norm_affine(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     return torch.stack([scale, beta - mean_c * scale])
 
 
-class _LinearWeight:
-    """A conv weight (Cout, Cin, k, k) reordered to (Cout, k·k·Cin) for channels-last windows; rebuilt when the
-    parameter changes (device, dtype or values)."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._w: torch.Tensor | None = None
-
-    def get(self, conv: nn.Conv2d) -> torch.Tensor:
-        w = conv.weight
-        key = (w.data_ptr(), w.dtype, w.device, w._version)
-        if key != self._key:
-            self._w = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
-            self._key = key
-        assert self._w is not None
-        return self._w
-
-
-def _conv_tiles(g: torch.Tensor, conv: nn.Conv2d, block: int, lin: _LinearWeight) -> torch.Tensor:
-    """Convolve windows (nb, Cin, P, P) without padding → tiles (nb, Cout, b, b). Tile size 1 → im2col GEMM."""
+def _conv_tiles(g: torch.Tensor, conv: nn.Conv2d, block: int) -> torch.Tensor:
+    """Convolve windows (T, Cin, P, P) without padding → tiles (T, Cout, b, b). Tile size 1 → im2col GEMM."""
     if block == 1:
-        nb = g.shape[0]
-        cols = g.permute(0, 2, 3, 1).reshape(nb, -1)  # (nb, P·P·Cin), a view of the channels-last windows
-        return F.linear(cols, lin.get(conv), conv.bias)[:, :, None, None]
+        w = conv.weight
+        return F.linear(g.reshape(g.shape[0], -1), w.reshape(w.shape[0], -1), conv.bias)[:, :, None, None]
     return F.conv2d(g, conv.weight, conv.bias, stride=conv.stride)
+
+
+def _affine(t: torch.Tensor, gn: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-(row, channel) affine of tiles (N·nb, C, P, P) with cached GroupNorm scale / shift ``gn`` (2, N, C)."""
+    _, c, p, q = t.shape
+    t5 = t.view(rows, -1, c, p, q)
+    out = torch.addcmul(gn[1][:, None, :, None, None], t5, gn[0][:, None, :, None, None])
+    return out.view(-1, c, p, q)
+
+
+def _per_row(t: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
+    """Add a per-(row, channel) vector ``v`` (N, C) to tiles (N·nb, C, P, P)."""
+    _, c, p, q = t.shape
+    return (t.view(rows, -1, c, p, q) + v[:, None, :, None, None]).view(-1, c, p, q)
 
 
 def _conv_macs(rows: int, h: int, w: int, conv: nn.Conv2d) -> float:
@@ -229,7 +217,6 @@ class SparseConv(_Wrapper):
     def __init__(self, inner: nn.Conv2d, path: str, state: SparseState) -> None:
         super().__init__(inner, path, state)
         self.shape = conv_shape(inner)
-        self._lin = _LinearWeight()
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         s = self.shape
@@ -251,19 +238,16 @@ class SparseConv(_Wrapper):
 
     def _sparse(self, x: torch.Tensor, bs: BlockSet, dense: float) -> torch.Tensor:
         st = self.state
+        n = x.shape[0]
         win = bs.windows(self.shape, x.shape[-2], x.shape[-1])
         with st.timed("gather"):
-            g = gather_windows(x, win)  # (nb, Cin, P, P)
-            valid = win.valid_as(g)
-            if valid is not None:
-                g = g * valid
+            g = gather_windows(x, win, zero_outside=True)  # (N·nb, Cin, P, P)
         with st.timed("conv"):
-            y = _conv_tiles(g, self.inner, bs.block, self._lin)  # (nb, Cout, b, b)
-        st.count("conv", dense, _conv_macs(bs.count, bs.block, bs.block, self.inner))
+            y = _conv_tiles(g, self.inner, bs.block)  # (N·nb, Cout, b, b)
+        st.count("conv", dense, _conv_macs(n * bs.count, bs.block, bs.block, self.inner))
         with st.timed("gather"):
             out = st.fetch(self.key("out"))
-            rows, pos = bs.centers()
-            st.write_pixels(out, rows, pos, blocks_to_pixels(y))
+            st.write_flat(out, bs.centers(), tiles_to_flat(y, n))
         return out
 
 
@@ -304,7 +288,7 @@ class SparseResnet(_Wrapper):
         self.shapes = [self.shape1, self.shape2]
         if inner.conv_shortcut is not None:
             self.shapes.append(conv_shape(inner.conv_shortcut))
-        self._lin1, self._lin2 = _LinearWeight(), _LinearWeight()
+        self.shape_sc = ConvShape(inner.in_channels, inner.out_channels, 1, 1, 0)
         self._macs_memo: dict[tuple, float] = {}
         self.needs = [self.key(k) for k in ("gn1", "gn2", "act2", "out")]
 
@@ -346,68 +330,61 @@ class SparseResnet(_Wrapper):
 
     def _sparse(self, x: torch.Tensor, temb: torch.Tensor | None, bs: BlockSet, dense: float) -> torch.Tensor:
         st, r = self.state, self.inner
-        n, cin, h, w = x.shape
-        rows = bs.rows
+        n, _, h, w = x.shape
         b = bs.block
         # 1. GN1 + SiLU on haloed input windows, conv1
         win1 = bs.windows(self.shape1, h, w)
         with st.timed("gather"):
-            g = gather_windows(x, win1)  # (nb, Cin, P, P)
+            g = gather_windows(x, win1)  # (N·nb, Cin, P, P)
         with st.timed("norm"):
-            gn1 = st.fetch(self.key("gn1")).to(x.dtype)  # (2, N, Cin)
-            a = F.silu(torch.addcmul(gn1[1][rows][:, :, None, None], g, gn1[0][rows][:, :, None, None]))
+            a = F.silu(_affine(g, st.fetch(self.key("gn1")).to(x.dtype), n))
             valid = win1.valid_as(a)
-            if valid is not None:
-                a = a * valid  # conv1 zero-pads its input, i.e. after the norm and the SiLU
+            if valid is not None:  # conv1 zero-pads its input, i.e. after the norm and the SiLU
+                a = (a.view(n, -1, *a.shape[1:]) * valid).view(a.shape)
         with st.timed("conv"):
-            hid = _conv_tiles(a, r.conv1, b, self._lin1)  # (nb, Cout, b, b)
+            hid = _conv_tiles(a, r.conv1, b)  # (N·nb, Cout, b, b)
         # 2. time embedding, GN2 + SiLU
         with st.timed("norm"):
             gn2 = st.fetch(self.key("gn2")).to(hid.dtype)  # (2, N, Cout)
             t = None
             if r.time_emb_proj is not None and temb is not None:
-                tt = temb if r.skip_time_act else r.nonlinearity(temb)
-                t = r.time_emb_proj(tt)[rows][:, :, None, None]  # (nb, Cout or 2·Cout, 1, 1)
+                t = r.time_emb_proj(temb if r.skip_time_act else r.nonlinearity(temb))  # (N, Cout or 2·Cout)
             if r.time_embedding_norm == "default":
                 if t is not None:
-                    hid = hid + t
-                hid = torch.addcmul(gn2[1][rows][:, :, None, None], hid, gn2[0][rows][:, :, None, None])
+                    hid = _per_row(hid, t, n)
+                hid = _affine(hid, gn2, n)
             else:
-                hid = torch.addcmul(gn2[1][rows][:, :, None, None], hid, gn2[0][rows][:, :, None, None])
+                hid = _affine(hid, gn2, n)
                 if t is not None:
                     scale, shift = t.chunk(2, dim=1)
-                    hid = hid * (1 + scale) + shift
+                    hid = _per_row(_affine(hid, torch.stack([1 + scale, torch.zeros_like(shift)]), n), shift, n)
             a2 = F.silu(hid)
         # 3. conv2 over haloed windows of (cached conv2 input with the active tiles overwritten)
-        c_rows, c_pos = bs.centers()
+        cpos = bs.centers()
         with st.timed("gather"):
             act2 = st.fetch(self.key("act2"))  # (N, Cout, H, W)
-            st.write_pixels(act2, c_rows, c_pos, blocks_to_pixels(a2))
-            win2 = bs.windows(self.shape2, h, w)
-            g2 = gather_windows(act2, win2)
-            valid2 = win2.valid_as(g2)
-            if valid2 is not None:
-                g2 = g2 * valid2
+            st.write_flat(act2, cpos, tiles_to_flat(a2, n))
+            g2 = gather_windows(act2, bs.windows(self.shape2, h, w), zero_outside=True)
         with st.timed("conv"):
-            hid2 = _conv_tiles(g2, r.conv2, b, self._lin2)  # (nb, Cout2, b, b)
+            hid2 = _conv_tiles(g2, r.conv2, b)  # (N·nb, Cout2, b, b)
         # 4. shortcut and residual, written into the cached block output
         with st.timed("gather"):
-            xc = gather_pixels(x, c_rows, c_pos)  # (nb·b·b, Cin)
+            xc = gather_windows(x, bs.windows(self.shape_sc, h, w))  # (N·nb, Cin, b, b)
         with st.timed("conv"):
             if r.conv_shortcut is not None:
-                sc = r.conv_shortcut
-                xc = F.linear(xc, sc.weight.view(sc.out_channels, sc.in_channels), sc.bias)
-            res = (xc + blocks_to_pixels(hid2)) / r.output_scale_factor  # (nb·b·b, Cout2)
+                xc = F.conv2d(xc, r.conv_shortcut.weight, r.conv_shortcut.bias)
+            res = (xc + hid2) / r.output_scale_factor
+        tiles = n * bs.count
         actual = (
-            _conv_macs(bs.count, b, b, r.conv1)
-            + _conv_macs(bs.count, b, b, r.conv2)
-            + (_conv_macs(bs.count, b, b, r.conv_shortcut) if r.conv_shortcut is not None else 0.0)
+            _conv_macs(tiles, b, b, r.conv1)
+            + _conv_macs(tiles, b, b, r.conv2)
+            + (_conv_macs(tiles, b, b, r.conv_shortcut) if r.conv_shortcut is not None else 0.0)
             + (_linear_macs(n, r.time_emb_proj) if t is not None else 0.0)
         )
         st.count("conv", dense, actual)
         with st.timed("gather"):
             out = st.fetch(self.key("out"))
-            st.write_pixels(out, c_rows, c_pos, res)
+            st.write_flat(out, cpos, tiles_to_flat(res, n))
         return out
 
 
@@ -483,45 +460,39 @@ class SparseTransformer(_Wrapper):
     def _sparse(self, x: torch.Tensor, ehs: torch.Tensor | None, ts: TokenSet, dense: dict[str, float]) -> torch.Tensor:
         st, t = self.state, self.inner
         n, c, h, w = x.shape
-        m = ts.count
+        pos = ts.pos
         with st.timed("gather"):
-            xa = gather_pixels(x, ts.rows, ts.pos)  # (M, C)
+            xa = gather_flat(x, pos).transpose(1, 2)  # (N, M, C)
         with st.timed("norm"):
             gn = st.fetch(self.key("gn")).to(x.dtype)  # (2, N, C)
-            hid = torch.addcmul(gn[1][ts.rows], xa, gn[0][ts.rows])
+            hid = torch.addcmul(gn[1][:, None, :], xa, gn[0][:, None, :])
         with st.timed("conv"):
-            hid = _proj(t.proj_in, hid)  # (M, D)
+            hid = _proj(t.proj_in, hid)  # (N, M, D)
         for blk, apath in zip(t.transformer_blocks, self.attn_paths, strict=True):
-            hid = self._block(blk, apath, hid, ehs, ts)
-        actual = self.macs(m, n, h * w, ehs.shape[1] if ehs is not None else h * w)
+            hid = self._block(blk, apath, hid, ehs, pos)
         with st.timed("conv"):
-            y = _proj(t.proj_out, hid) + xa  # (M, C)
+            y = _proj(t.proj_out, hid) + xa  # (N, M, C)
+        actual = self.macs(n * ts.count, n, h * w, ehs.shape[1] if ehs is not None else h * w)
         for cat in dense:
             st.count(cat, dense[cat], actual[cat])
         with st.timed("gather"):
             out = st.fetch(self.key("out"))
-            st.write_pixels(out, ts.rows, ts.pos, y)
+            st.write_flat(out, pos, y.transpose(1, 2))
         return out
 
     def _block(
-        self,
-        blk: BasicTransformerBlock,
-        apath: str,
-        hid: torch.Tensor,
-        ehs: torch.Tensor | None,
-        ts: TokenSet,
+        self, blk: BasicTransformerBlock, apath: str, hid: torch.Tensor, ehs: torch.Tensor | None, pos: torch.Tensor
     ) -> torch.Tensor:
         st = self.state
         # self-attention: queries of active tokens, keys / values of the whole map
-        nh = blk.norm1(hid)  # (M, D)
+        nh = blk.norm1(hid)  # (N, M, D)
         a1 = blk.attn1
         with st.timed("attention"):
             q, k, v = a1.to_q(nh), a1.to_k(nh), a1.to_v(nh)
             keys, values = st.fetch(f"{apath}:k"), st.fetch(f"{apath}:v")  # (N, HW, D)
-            st.write_tokens(keys, ts.rows, ts.pos, k)
-            st.write_tokens(values, ts.rows, ts.pos, v)
-            o = ts.unpad(_attend(a1, ts.pad(q), keys, values))
-            o = a1.to_out[1](a1.to_out[0](o))
+            st.write_tokens(keys, pos, k)
+            st.write_tokens(values, pos, v)
+            o = a1.to_out[1](a1.to_out[0](_attend(a1, q, keys, values)))
         hid = hid + o
         # cross-attention with the (new) prompt
         if blk.attn2 is not None:
@@ -529,14 +500,11 @@ class SparseTransformer(_Wrapper):
             a2 = blk.attn2
             enc = ehs if ehs is not None else nh
             with st.timed("attention"):
-                q = a2.to_q(nh)
-                k, v = a2.to_k(enc), a2.to_v(enc)  # (N, T, D)
-                o = ts.unpad(_attend(a2, ts.pad(q), k, v))
+                o = _attend(a2, a2.to_q(nh), a2.to_k(enc), a2.to_v(enc))  # (N, M, D)
                 o = a2.to_out[1](a2.to_out[0](o))
             hid = hid + o
         # feed-forward
-        nh = blk.norm3(hid)
-        return hid + blk.ff(nh)
+        return hid + blk.ff(blk.norm3(hid))
 
 
 def _proj(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,8 @@ def difference_mask(
 
     ``threshold``: ``None`` for Otsu on the accumulated map, else a fraction in (0, 1] of each map's maximum.
     ``open_radius``: radius of the opening that removes isolated pixels; ``margin``: dilation radius after it.
-    Samples whose raw differences never exceed ``min_peak`` (an unchanged prompt) get an empty mask.
+    Samples whose raw differences never exceed ``min_peak`` (an unchanged prompt) get an empty mask; where the
+    opening would remove every pixel, the thresholded pixels are kept.
     """
     acc = accumulate_differences(diffs)  # (N, H, W)
     peak = torch.stack([d.float().flatten(1).amax(1) for d in diffs]).amax(0)  # (N,)
@@ -99,7 +100,9 @@ def difference_mask(
             raise ValueError(f"a fixed mask threshold is a fraction of the maximum in (0, 1], got {threshold}")
         level = acc.flatten(1).amax(1) * threshold
     mask = acc > level[:, None, None]
-    mask = opening(mask, open_radius)
+    opened = opening(mask, open_radius)
+    # an opening that removes everything (a change made only of specks) keeps the thresholded pixels instead
+    mask = torch.where(opened.flatten(1).any(1)[:, None, None], opened, mask)
     mask = dilate(mask, margin)
     return mask & (peak > min_peak)[:, None, None]
 
