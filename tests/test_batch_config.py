@@ -1,0 +1,114 @@
+"""Batch job configuration: YAML → typed dataclasses, overrides, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from instdiff.editing import Inpaint, Method
+from instdiff.imageio import DEFAULT_MAX_PIXELS
+from pipelines.batch import config_from_args
+from pipelines.cli import build_parser
+from pipelines.config import (
+    DEFAULT_MAX_PIXELS as CONFIG_MAX_PIXELS,
+)
+from pipelines.config import (
+    AlphaPolicy,
+    ConfigError,
+    fingerprint,
+    load_config,
+    parse_assignment,
+    parse_config,
+    to_dict,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "batch"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_parse(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.input and cfg.output
+    assert isinstance(cfg.method.method, Method)
+
+
+def test_sections_become_typed_dataclasses():
+    cfg = parse_config({
+        "input": "s3://b/in/", "output": "out/x", "seed": 7,
+        "model": {"spec": "tiny", "dtype": "fp32"},
+        "method": {"name": "diffedit", "steps": 10, "strength": 0.6, "mask": {"phi": 0.3}, "inpaint": "blend"},
+        "image": {"size": 64, "alpha": "error", "max_pixels": 1000},
+        "actors": {"pool_size": 3, "num_gpus": 0.5, "batch_size": 2},
+        "write": {"max_rows_per_file": 10}, "storage": {"endpoint_url": "http://127.0.0.1:9000"},
+    })
+    assert cfg.method.method is Method.DIFFEDIT and cfg.method.steps == 10 and cfg.method.strength == 0.6
+    assert cfg.method.mask.phi == 0.3 and cfg.method.mask.gamma1 == 0.9  # nested defaults kept
+    assert cfg.method.inpaint is Inpaint.BLEND
+    assert cfg.method.seed == 7 == cfg.seed
+    assert cfg.image.size == 64 and cfg.image.alpha is AlphaPolicy.ERROR
+    assert cfg.actors.num_gpus == 0.5 and isinstance(cfg.actors.num_gpus, float)
+    assert cfg.storage.endpoint_url == "http://127.0.0.1:9000"
+    assert CONFIG_MAX_PIXELS == DEFAULT_MAX_PIXELS  # the config's default mirrors instdiff.imageio's
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"output": "o"}, "input: required key is missing"),
+        ({"input": "i", "output": "o", "actors": {"pool": 2}},
+         "actors.pool: unknown key; accepted keys in actors: pool_size, num_gpus, num_cpus, batch_size"),
+        ({"input": "i", "output": "o", "method": {"name": "magic"}},
+         "method.name: 'magic' is not accepted; accepted: instdiffedit, sdedit, diffedit, fisedit"),
+        ({"input": "i", "output": "o", "method": {"seed": 3}}, "method.seed: unknown key (the seed is the top-level"),
+        ({"input": "i", "output": "o", "method": {"mask": {"refinement": "x"}}},
+         "method.mask.refinement: 'x' is not accepted; accepted: weighted, official"),
+        ({"input": "i", "output": "o", "actors": {"batch_size": "8"}}, "actors.batch_size: expected an integer"),
+        ({"input": "i", "output": "o", "actors": {"pool_size": 0}}, "actors.pool_size: must be >= 1"),
+        ({"input": "i", "output": "o", "image": {"size": "huge"}}, "image.size: 'huge' is not accepted; accepted: a"),
+        ({"input": "i", "output": "o", "image": {"size_policy": "crop"}},
+         "image.size_policy: 'crop' is not accepted; accepted: resize, pad, refuse"),
+        ({"input": "i", "output": "o", "image": {"alpha": "drop"}},
+         "image.alpha: 'drop' is not accepted; accepted: convert, error"),
+        ({"input": "i", "output": "o", "write": {"compression": "xz"}}, "write.compression: 'xz' is not accepted"),
+        ({"input": "i", "output": "o", "resume": "yes"}, "resume: expected true or false"),
+        ({"input": "i", "output": "o", "method": {"strength": 1.5}}, "method.strength: must be in (0, 1]"),
+        ({"input": "i", "output": "o", "colour": 1}, "colour: unknown key; accepted keys: input, output"),
+    ],
+)
+def test_config_errors_name_the_key_and_the_accepted_values(data, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert message in str(info.value)
+
+
+def test_overrides_and_flags_win_over_the_file(tmp_path):
+    f = tmp_path / "job.yaml"
+    f.write_text("input: a.parquet\noutput: out/a\nmethod: sdedit\nactors: {batch_size: 4}\n")
+    args = build_parser().parse_args([
+        "batch", "--config", str(f), "--output", "out/b", "--steps", "3", "--set", "method.mask.phi=0.4",
+        "--set", "image.size=null", "--actors", "2", "--model", "tiny", "--retry-errors",
+    ])
+    cfg = config_from_args(args)
+    assert (cfg.input, cfg.output) == ("a.parquet", "out/b")
+    assert cfg.method.method is Method.SDEDIT and cfg.method.steps == 3 and cfg.method.mask.phi == 0.4
+    assert cfg.image.size is None and cfg.actors.pool_size == 2 and cfg.actors.batch_size == 4
+    assert cfg.model.spec == "tiny" and cfg.model.device == "auto"  # unset flags do not override
+    assert cfg.retry_errors is True
+    with pytest.raises(ConfigError, match="give --config FILE, or both --input and --output"):
+        config_from_args(build_parser().parse_args(["batch", "--input", "x.parquet"]))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_assignment("method.steps")
+    assert parse_assignment("seed=5") == ("seed", 5)
+
+
+def test_fingerprint_ignores_resources_and_round_trips_through_to_dict():
+    a = parse_config({"input": "i", "output": "o", "actors": {"pool_size": 1}})
+    b = parse_config({"input": "i", "output": "o", "actors": {"pool_size": 4}, "write": {"max_rows_per_file": 5}})
+    c = parse_config({"input": "i", "output": "o", "method": {"steps": 20}})
+    assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+    again = to_dict(a)
+    again.pop("method")
+    assert parse_config({**again, "method": to_dict(a.method)}) == a
+    secret = parse_config({"input": "i", "output": "o", "storage": {"access_key_id": "AK", "secret_access_key": "S"}})
+    assert to_dict(secret)["storage"]["secret_access_key"] == "***"

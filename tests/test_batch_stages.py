@@ -1,0 +1,227 @@
+"""The batch job's stages in one process (no Ray): decode/validate, edit with per-row isolation, finalize."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from instdiff import editing
+from instdiff.editing import EditResult, Method, expected_unet_calls
+from instdiff.imageio import decode_image, decode_mask, encode_png
+from pipelines import schema as S
+from pipelines.batch import (
+    DECODED_SCHEMA,
+    DecodeOptions,
+    EditStage,
+    decode_batch,
+    finalize_batch,
+    finalize_row,
+    row_seed,
+    run_in_process,
+)
+from pipelines.config import BatchConfig, parse_config
+from pipelines.make_dataset import shapes_table
+
+SIZE = 32
+MAX_PIXELS = 48 * 48  # the "huge" row (64×64) is over it
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")  # (H, W, 4) uint8 → RGBA
+    return buf.getvalue()
+
+
+def mixed_table(n_good: int = 4, seed: int = 0) -> tuple[pa.Table, dict[str, str]]:
+    """Shapes rows plus one of each bad kind; returns (table, {bad id: expected text in its error})."""
+    good = shapes_table(n_good, seed=seed, size=SIZE).to_pylist()
+    base = good[0]
+    rgb = np.asarray(decode_image(base[S.IMAGE])[0])
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])
+
+    def row(rid: str, **kw: object) -> dict:
+        return {**base, S.ID: rid, S.MASK: None, **kw}
+
+    bad = {
+        "bad-corrupt": (row("bad-corrupt", image=b"\x89PNG\r\n\x1a\n not really"), "cannot decode image"),
+        "bad-empty-prompt": (row("bad-empty-prompt", target_prompt="  "), "target_prompt is empty"),
+        "bad-1x1": (row("bad-1x1", image=_png(np.zeros((1, 1, 3), np.uint8))), "image is 1x1; both sides"),
+        "bad-huge": (row("bad-huge", image=_png(np.zeros((64, 64, 3), np.uint8))), "over the limit of 2304"),
+        "bad-mask": (row("bad-mask", mask=_png(np.zeros((16, 16), np.uint8))),
+                     "mask is 16x16 but the image is 32x32"),
+        "bad-no-image": (row("bad-no-image", image=None), "image is missing (null)"),
+    }
+    rgba_row = row("ok-rgba", image=_png(rgba), mask=base[S.MASK])
+    rest = [v[0] for k, v in bad.items() if k != "bad-corrupt"]
+    rows = good[:2] + [bad["bad-corrupt"][0], rgba_row] + good[2:] + rest
+    return pa.Table.from_pylist(rows, schema=S.INPUT_SCHEMA), {k: v[1] for k, v in bad.items()}
+
+
+def job_config(**overrides: object) -> BatchConfig:
+    data = {"input": "unused", "output": "unused", "model": {"spec": "tiny"},
+            "method": {"name": "instdiffedit", "steps": 2, "n_noises": 1},
+            "image": {"max_pixels": MAX_PIXELS}, "actors": {"batch_size": 4}}
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module")
+def stage() -> EditStage:
+    cfg = job_config()
+    return EditStage(cfg.model, cfg.method, cfg.image, threads=2)
+
+
+def test_decode_marks_each_bad_row_with_its_reason():
+    table, reasons = mixed_table()
+    out = decode_batch(table, opts=DecodeOptions.from_config(job_config()))
+    assert out.schema.equals(DECODED_SCHEMA) and out.num_rows == table.num_rows
+    rows = {r[S.ID]: r for r in out.to_pylist()}
+    for rid, text in reasons.items():
+        assert rows[rid][S.STATUS] == S.STATUS_ERROR, rid
+        assert text in rows[rid][S.ERROR], (rid, rows[rid][S.ERROR])
+        assert rows[rid][S.RGB] is None
+    good = [r for rid, r in rows.items() if rid not in reasons]
+    assert len(good) == 5 and all(r[S.STATUS] == S.STATUS_OK and r[S.ERROR] is None for r in good)
+    assert "composited RGBA alpha onto white" in rows["ok-rgba"][S.NOTES]
+    assert len(rows["ok-rgba"][S.RGB]) == SIZE * SIZE * 3
+
+
+def test_alpha_policy_error_refuses_transparency_and_skip_ids_drop_rows():
+    table, _ = mixed_table()
+    opts = DecodeOptions.from_config(job_config(image={"alpha": "error"}))
+    out = decode_batch(table, opts=opts, skip_ids=pa.array(["shapes-0-000000", "bad-1x1"]))
+    rows = {r[S.ID]: r for r in out.to_pylist()}
+    assert "shapes-0-000000" not in rows and "bad-1x1" not in rows and out.num_rows == table.num_rows - 2
+    assert rows["ok-rgba"][S.STATUS] == S.STATUS_ERROR and "transparency" in rows["ok-rgba"][S.ERROR]
+
+
+def test_source_prompt_needed_only_by_methods_that_read_it():
+    table = shapes_table(1, size=SIZE).to_pylist()
+    table[0][S.SOURCE_PROMPT] = ""
+    t = pa.Table.from_pylist(table, schema=S.INPUT_SCHEMA)
+    inst = decode_batch(t, opts=DecodeOptions.from_config(job_config())).to_pylist()[0]
+    assert inst[S.STATUS] == S.STATUS_OK and "source_prompt is empty (not used by instdiffedit)" in inst[S.NOTES]
+    diff = decode_batch(t, opts=DecodeOptions.from_config(job_config(method={"name": "diffedit"}))).to_pylist()[0]
+    assert diff[S.STATUS] == S.STATUS_ERROR and "method diffedit needs" in diff[S.ERROR]
+
+
+def test_in_process_job_edits_good_rows_and_reports_bad_ones(stage):
+    table, reasons = mixed_table()
+    cfg = job_config()
+    out = run_in_process(cfg, table, stage=stage, run_id="t1")
+    assert out.schema.equals(S.OUTPUT_SCHEMA)
+    assert sorted(out[S.ID].to_pylist()) == sorted(table[S.ID].to_pylist())  # nothing lost
+    expected_calls = expected_unet_calls(cfg.method)
+    for r in out.to_pylist():
+        if r[S.ID] in reasons:
+            assert r[S.STATUS] == S.STATUS_ERROR and reasons[r[S.ID]] in r[S.ERROR]
+            assert r[S.EDITED] is None and r[S.PRED_MASK] is None and r[S.IOU] is None
+            continue
+        assert r[S.STATUS] == S.STATUS_OK, r[S.ERROR]
+        edited, _ = decode_image(r[S.EDITED])
+        assert edited.shape == (SIZE, SIZE, 3)
+        mask = decode_mask(r[S.PRED_MASK], size=(SIZE, SIZE))
+        assert r[S.MASK_AREA] == pytest.approx(mask.mean())
+        for name in (S.IOU, S.C_M, S.C_NON, S.CHANGE_OUTSIDE_PRED):
+            assert 0.0 <= r[name] <= 1.0, name
+        assert r[S.CHANGE_OUTSIDE_PRED] < 0.01  # paste-back keeps the input outside the predicted mask
+        assert r[S.UNET_CALLS] == expected_calls
+        assert r[S.SEED] == row_seed(cfg.seed, r[S.ID])
+        assert r[S.METHOD] == "instdiffedit" and r[S.MODEL] == "tiny" and r[S.RUN_ID] == "t1"
+        assert r[S.LATENCY_S] > 0 and 1 <= r[S.BATCH_ROWS] <= cfg.actors.batch_size
+
+
+def _decoded(n: int, prompts: list[str] | None = None) -> pa.Table:
+    rows = shapes_table(n, size=SIZE).to_pylist()
+    for r, p in zip(rows, prompts or [], strict=False):
+        r[S.TARGET_PROMPT] = p
+    return decode_batch(pa.Table.from_pylist(rows, schema=S.INPUT_SCHEMA),
+                        opts=DecodeOptions.from_config(job_config()))
+
+
+def test_an_editor_exception_fails_only_its_row(stage, monkeypatch):
+    real = editing.edit
+
+    def flaky(bundle, images, sources, targets, cfg, seeds=None):  # noqa: ANN001, ANN202
+        if any("EXPLODE" in t for t in targets):
+            raise RuntimeError("the editor broke on this prompt")
+        return real(bundle, images, sources, targets, cfg, seeds)
+
+    monkeypatch.setattr(editing, "edit", flaky)
+    out = stage(_decoded(3, ["a red circle", "EXPLODE a blue square", "a green star"])).to_pylist()
+    status = {r[S.TARGET_PROMPT]: r for r in out}
+    bad = status["EXPLODE a blue square"]
+    assert bad[S.STATUS] == S.STATUS_ERROR and bad[S.ERROR] == "RuntimeError: the editor broke on this prompt"
+    for prompt in ("a red circle", "a green star"):
+        assert status[prompt][S.STATUS] == S.STATUS_OK and status[prompt][S.BATCH_ROWS] == 1
+
+
+def test_out_of_memory_on_a_batch_retries_rows_one_by_one(stage, monkeypatch):
+    real = editing.edit
+    calls = []
+
+    def small_gpu(bundle, images, sources, targets, cfg, seeds=None):  # noqa: ANN001, ANN202
+        calls.append(images.shape[0])
+        if images.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(bundle, images, sources, targets, cfg, seeds)
+
+    monkeypatch.setattr(editing, "edit", small_gpu)
+    out = finalize_batch(stage(_decoded(3)), run_id="oom").to_pylist()
+    assert calls == [3, 1, 1, 1]
+    assert all(r[S.STATUS] == S.STATUS_OK and r[S.BATCH_ROWS] == 1 for r in out)
+
+
+def test_generating_methods_accept_prompt_only_rows(stage, monkeypatch):
+    def fake_fisedit(bundle, images, sources, targets, cfg, seeds):  # noqa: ANN001, ANN202
+        masks = torch.zeros(images.shape[0], 1, *images.shape[-2:], dtype=torch.bool)
+        masks[..., :8, :8] = True
+        return EditResult(images.clamp(-1, 1).flip(-1).cpu(), masks, {"total": 0.0}, 2.0)
+
+    monkeypatch.setitem(editing.EDITORS, Method.FISEDIT, fake_fisedit)
+    cfg = job_config(method={"name": "fisedit"})
+    rows = shapes_table(2, size=SIZE).to_pylist()
+    rows[0][S.IMAGE], rows[0][S.MASK] = None, None
+    table = pa.Table.from_pylist(rows, schema=S.INPUT_SCHEMA)
+    fis = EditStage(cfg.model, cfg.method, cfg.image, threads=2)
+    out = {r[S.ID]: r for r in run_in_process(cfg, table, stage=fis).to_pylist()}
+    generated, given = out[rows[0][S.ID]], out[rows[1][S.ID]]
+    assert generated[S.STATUS] == S.STATUS_OK and generated[S.GENERATED_SOURCE] is not None
+    assert decode_image(generated[S.GENERATED_SOURCE])[0].shape == (SIZE, SIZE, 3)
+    assert "source generated from source_prompt" in generated[S.NOTES] and generated[S.IOU] is None
+    assert generated[S.MASK_AREA] == pytest.approx(64 / SIZE**2)
+    assert given[S.STATUS] == S.STATUS_OK and given[S.GENERATED_SOURCE] is None and given[S.IOU] is not None
+
+
+def test_finalize_metrics_on_a_constructed_edit():
+    h = w = 8
+    src = np.zeros((h, w, 3), np.uint8)
+    region = np.zeros((h, w), bool)
+    region[:4, :4] = True  # a quarter of the image
+    edited = src.copy()
+    edited[region] = 255
+    gt = np.zeros((h, w), bool)
+    gt[:4, :] = True  # half the image; the edit fills half of it
+    pack = lambda m: np.packbits(m).tobytes()  # noqa: E731
+    row = {S.ID: "x", S.STATUS: S.STATUS_OK, S.HEIGHT: h, S.WIDTH: w, S.RGB: src.tobytes(),
+           S.EDITED_RGB: edited.tobytes(), S.PRED_BITS: pack(region), S.GT_BITS: pack(gt), S.GENERATE: False}
+    out = finalize_row(row, "r")
+    assert out[S.STATUS] == S.STATUS_OK
+    assert out[S.MASK_AREA] == 0.25 and out[S.IOU] == 0.5
+    assert out[S.C_M] == pytest.approx(0.5) and out[S.C_NON] == 0.0 and out[S.CHANGE_OUTSIDE_PRED] == 0.0
+    assert np.array_equal(decode_mask(out[S.PRED_MASK]), region)
+    assert np.array_equal(decode_image(out[S.EDITED])[0], edited)
+    broken = finalize_row({**row, S.EDITED_RGB: b"short"}, "r")
+    assert broken[S.STATUS] == S.STATUS_ERROR and broken[S.ERROR].startswith("could not encode or score")
+
+
+def test_row_seed_depends_on_id_and_base_only():
+    assert row_seed(0, "a") == row_seed(0, "a") != row_seed(1, "a")
+    assert row_seed(0, "a") != row_seed(0, "b") and 0 <= row_seed(123, "zz") < 2**31
+    assert encode_png(np.zeros((2, 2), bool))  # masks encode as 8-bit PNG
