@@ -96,6 +96,27 @@ def time_call(fn: Any, device: torch.device, reps: int, warmup: int) -> list[flo
     return out
 
 
+def graph_time(fn: Any, device: torch.device, reps: int) -> list[float] | None:
+    """Times of ``fn`` captured once in a CUDA graph and replayed (no kernel-launch overhead); None if capture
+    fails. Warm-up runs on a side stream first (plans and index tensors are built there, outside the capture)."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        times = time_call(graph.replay, device, reps, 2)
+        del graph
+        return times
+    except RuntimeError as exc:  # capture is an optimisation of the measurement, not a requirement
+        log.warning("CUDA graph capture failed: %s", exc)
+        return None
+
+
 def bench_model_size(
     name: str, unet: Any, size: int, fractions: list[float], args: argparse.Namespace, device: torch.device,
     dtype: torch.dtype,
@@ -118,7 +139,9 @@ def bench_model_size(
         # 1. dense baseline: the original UNet, no engine installed
         dense_t = time_call(lambda: call(emb_tgt), device, args.reps, args.warmup)
         dense_s = statistics.median(dense_t)
-        log.info("%s %dpx dense %.1f ms", name, size, 1e3 * dense_s)
+        dense_g = graph_time(lambda: call(emb_tgt), device, args.reps) if args.cuda_graphs else None
+        log.info("%s %dpx dense %.1f ms (graph %s)", name, size, 1e3 * dense_s,
+                 f"{1e3 * statistics.median(dense_g):.1f} ms" if dense_g else "-")
         # 2. install, record one step of the source run
         cfg = SparseConfig(mode=SparseMode.SPARSE, min_resolution_ratio=args.min_resolution_ratio,
                            dense_fraction=args.dense_fraction)
@@ -151,6 +174,7 @@ def bench_model_size(
                     call(emb_tgt)
 
             sparse_t = time_call(sparse_step, device, args.reps, args.warmup)
+            sparse_g = graph_time(sparse_step, device, args.reps) if args.cuda_graphs else None
             state.reset_counters()
             sparse_step()
             macs = state.macs_summary()
@@ -175,6 +199,10 @@ def bench_model_size(
                 "sparse_ms": 1e3 * sparse_s,
                 "sparse_ms_all": [1e3 * v for v in sparse_t],
                 "speedup": dense_s / sparse_s,
+                "dense_graph_ms": 1e3 * statistics.median(dense_g) if dense_g else None,
+                "sparse_graph_ms": 1e3 * statistics.median(sparse_g) if sparse_g else None,
+                "speedup_graph": statistics.median(dense_g) / statistics.median(sparse_g)
+                if dense_g and sparse_g else None,
                 "dense_gmacs": macs["dense"] / 1e9,
                 "dense_gmacs_check": dense_macs / 1e9,
                 "sparse_gmacs": macs["actual"] / 1e9,
@@ -185,8 +213,10 @@ def bench_model_size(
                 "cache_bytes_per_step": cache_bytes,
             }
             results.append(row)
-            log.info("%s %dpx %.0f%%: sparse %.1f ms (%.2fx), MACs %.2fx, blocks %s", name, size, 100 * f,
-                     1e3 * sparse_s, row["speedup"], row["macs_ratio"], row["block_sizes"])
+            log.info("%s %dpx %.0f%%: sparse %.1f ms (%.2fx; graph %s), MACs %.2fx, blocks %s", name, size, 100 * f,
+                     1e3 * sparse_s, row["speedup"],
+                     f"{row['sparse_graph_ms']:.1f} ms {row['speedup_graph']:.2f}x" if row["speedup_graph"] else "-",
+                     row["macs_ratio"], row["block_sizes"])
         remove_sparse(unet)
         # 4. profile: per-layer-type times, dense and sparse (synchronised timers; slower than the runs above)
         if args.profile and (not args.profile_sizes or size in args.profile_sizes):
@@ -277,16 +307,22 @@ def markdown(doc: dict[str, Any]) -> str:
         "Edit region: a centred rectangle of exactly round(f·h·w) latent pixels. Dense = the original UNet "
         "(no engine). MACs counted analytically per op from shapes (convs, linears, attention matmuls).",
         "",
-        "| model | size | edit | dense ms/step | sparse ms/step | speedup | dense GMACs | sparse GMACs | MACs ratio "
-        "| block sizes (per map) | cache MB/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | edit | dense ms/step | sparse ms/step | speedup | graphed dense / sparse ms | graphed "
+        "speedup | dense GMACs | sparse GMACs | MACs ratio | block sizes (per map) | cache MB/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["results"]["runs"]:
         blocks = "; ".join(f"{k}: {','.join(v)}" for k, v in r["block_sizes"].items())
+        graphed = "–"
+        graphed_speedup = "–"
+        if r.get("speedup_graph"):
+            graphed = f"{r['dense_graph_ms']:.1f} / {r['sparse_graph_ms']:.1f}"
+            graphed_speedup = f"**{r['speedup_graph']:.2f}×**"
         lines.append(
             f"| {r['model']} | {r['size']} | {100 * r['edit_fraction']:.0f}% | {r['dense_ms']:.1f} | "
-            f"{r['sparse_ms']:.1f} | **{r['speedup']:.2f}×** | {r['dense_gmacs']:.1f} | {r['sparse_gmacs']:.1f} | "
-            f"{r['macs_ratio']:.2f}× | {blocks} | {r['cache_bytes_per_step'] / 2**20:.0f} |"
+            f"{r['sparse_ms']:.1f} | **{r['speedup']:.2f}×** | {graphed} | {graphed_speedup} | "
+            f"{r['dense_gmacs']:.1f} | {r['sparse_gmacs']:.1f} | {r['macs_ratio']:.2f}× | {blocks} | "
+            f"{r['cache_bytes_per_step'] / 2**20:.0f} |"
         )
     prof = doc["results"].get("profile", {})
     if prof:
@@ -323,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dense-fraction", type=float, default=SparseConfig().dense_fraction)
     ap.add_argument("--cache-budget", type=int, default=None, help="bytes of accelerator memory for the cache")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                    help="on cuda, also time dense and sparse steps captured in CUDA graphs (default on)")
     ap.add_argument("--profile-fractions", nargs="+", type=float, default=[0.05])
     ap.add_argument("--profile-sizes", nargs="+", type=int, default=None, help="profile only these sizes")
     ap.add_argument("--overhead-reps", type=int, default=1,
@@ -344,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     args.batch = args.batch or (2 if device.type == "cuda" else 1)
+    args.cuda_graphs = args.cuda_graphs and device.type == "cuda"
     args.reps = args.reps or (10 if device.type == "cuda" else 2)
     if args.threads:
         torch.set_num_threads(args.threads)
