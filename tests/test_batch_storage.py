@@ -1,0 +1,49 @@
+"""pipelines.storage: local paths and s3:// URIs, settings from the config or the AWS environment variables."""
+
+from __future__ import annotations
+
+import pyarrow.fs as pafs
+import pytest
+
+from pipelines import storage
+from pipelines.storage import StorageConfig
+
+
+def test_local_paths_resolve_to_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fs, path = storage.resolve("data/x.parquet")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "data" / "x.parquet")
+    assert storage.resolve(f"file://{tmp_path}/y")[1] == str(tmp_path / "y")
+    assert not storage.is_remote("data/x") and storage.is_remote("s3://b/k") and storage.is_s3("s3://b/k")
+
+
+def test_list_files_skips_hidden_parts_and_other_suffixes(tmp_path):
+    for rel in ("a.parquet", "sub/b.parquet", "_runs/c.parquet", ".tmp/d.parquet", "sub/_e.parquet", "f.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    fs, path = storage.resolve(str(tmp_path))
+    assert storage.list_files(fs, path) == [f"{path}/a.parquet", f"{path}/sub/b.parquet"]
+    assert storage.list_files(fs, f"{path}/a.parquet") == [f"{path}/a.parquet"]
+    assert storage.list_files(fs, f"{path}/missing") == []
+    storage.write_bytes(fs, f"{path}/new/dir/z.json", b"{}")
+    assert storage.read_bytes(fs, f"{path}/new/dir/z.json") == b"{}"
+
+
+def test_s3_settings_from_environment_and_config(monkeypatch):
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    fs, path = storage.resolve("s3://bucket/a/b/")
+    assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/a/b"
+    assert fs.region == "eu-west-1"
+    assert storage.display(fs, path) == "s3://bucket/a/b"
+    cfg_fs, _ = storage.resolve("s3://bucket/k", StorageConfig(region="us-west-2"))
+    assert cfg_fs.region == "us-west-2"  # the config wins over the environment
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(ValueError, match="set both storage.access_key_id and storage.secret_access_key"):
+        storage.s3_filesystem()
+    with pytest.raises(ValueError, match="has no bucket"):
+        storage.resolve("s3:///key")

@@ -1,0 +1,95 @@
+"""``instdiff report``: HTML page, contact sheet and summary of a batch output (built here without a model)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from instdiff.imageio import decode_image, decode_mask
+from pipelines import schema as S
+from pipelines.batch import finalize_row
+from pipelines.cli import main
+from pipelines.make_dataset import shapes_table
+from pipelines.report import TILE, latest_rows, make_report, summarize
+
+
+def _output_rows(inputs: pa.Table, run_id: str) -> list[dict]:
+    """Output rows as the job would write them: the edit inverts the image inside the ground-truth mask."""
+    rows = []
+    for r in inputs.to_pylist():
+        src = decode_image(r[S.IMAGE])[0]
+        gt = decode_mask(r[S.MASK])
+        edited = np.where(gt[..., None], 255 - src, src).astype(np.uint8)
+        h, w = gt.shape
+        row = {**r, S.STATUS: S.STATUS_OK, S.ERROR: None, S.NOTES: None, S.HEIGHT: h, S.WIDTH: w,
+               S.RGB: src.tobytes(), S.EDITED_RGB: edited.tobytes(), S.GENERATE: False,
+               S.PRED_BITS: np.packbits(gt).tobytes(), S.GT_BITS: np.packbits(gt).tobytes(),
+               S.METHOD: "instdiffedit", S.MODEL: "tiny", S.SEED: 1, S.UNET_CALLS: 4.0, S.LATENCY_S: 0.5,
+               S.BATCH_ROWS: 2}
+        rows.append(finalize_row(row, run_id))
+    return rows
+
+
+@pytest.fixture()
+def output(tmp_path):
+    inputs = shapes_table(4, size=32)
+    pq.write_table(inputs, tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    (out / "_runs").mkdir(parents=True)
+    (out / "_runs" / "r1.json").write_text(json.dumps({"run_id": "r1", "input": str(tmp_path / "in.parquet"),
+                                                       "fingerprint": {}}))
+    rows = _output_rows(inputs.slice(0, 3), "r2")
+    failed = {**rows[0], S.STATUS: S.STATUS_ERROR, S.ERROR: "RuntimeError: out of memory", S.EDITED: None,
+              S.PRED_MASK: None, S.RUN_ID: "r1"}  # an earlier error row of an id that later succeeded
+    last = {**_output_rows(inputs.slice(3, 1), "r1")[0], S.STATUS: S.STATUS_ERROR,
+            S.ERROR: "cannot decode image", S.EDITED: None, S.PRED_MASK: None, S.IOU: None}
+    pq.write_table(pa.Table.from_pylist([failed, last], schema=S.OUTPUT_SCHEMA), out / "part-r1-a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=S.OUTPUT_SCHEMA), out / "part-r2-a.parquet")
+    return out
+
+
+def test_latest_rows_prefers_ok_then_the_latest_run():
+    rows = [{S.ID: "a", S.STATUS: "error", S.RUN_ID: "r1"}, {S.ID: "b", S.STATUS: "error", S.RUN_ID: "r1"},
+            {S.ID: "a", S.STATUS: "ok", S.RUN_ID: "r0"}, {S.ID: "b", S.STATUS: "error", S.RUN_ID: "r2"}]
+    t = latest_rows(pa.Table.from_pylist(rows))
+    assert t.to_pylist() == [{S.ID: "a", S.STATUS: "ok", S.RUN_ID: "r0"},
+                             {S.ID: "b", S.STATUS: "error", S.RUN_ID: "r2"}]
+
+
+def test_report_page_sheet_and_summary(output):
+    paths = make_report(str(output), limit=2)
+    page = (output / "_report" / "index.html").read_text()
+    assert paths["index.html"] == str(output / "_report" / "index.html")
+    assert page.count("data:image/png;base64,") == 2 * 4  # input, gt mask, pred mask, edited per shown row
+    assert "shapes-0-000000" in page and "shapes-0-000001" in page and "shapes-0-000002" not in page
+    assert "cannot decode image" in page and "out of memory" not in page  # superseded error rows are hidden
+    assert "<td>iou</td>" in page and "C_m: mean pixel change inside" in page
+    sheet = Image.open(io.BytesIO((output / "_report" / "contact_sheet.png").read_bytes()))
+    assert sheet.size[1] >= 2 * TILE
+    summary = json.loads((output / "_report" / "summary.json").read_text())
+    assert (summary["rows"], summary["ok"], summary["error"]) == (4, 3, 1)
+    assert summary["metrics"]["iou"]["mean"] == 1.0 and summary["metrics"]["c_non"]["max"] == 0.0
+    assert summary["metrics"]["c_m"]["min"] > 0.0
+    assert summary["top_errors"] == {"cannot decode image": 1}
+
+
+def test_summarize_handles_outputs_without_ok_rows():
+    t = pa.Table.from_pylist([{f.name: None for f in S.OUTPUT_SCHEMA} | {S.ID: "x", S.STATUS: "error",
+                                                                        S.ERROR: "bad"}], schema=S.OUTPUT_SCHEMA)
+    s = summarize(t)
+    assert s["ok"] == 0 and s["metrics"]["iou"] == {"mean": None, "std": None, "min": None, "max": None, "count": 0}
+
+
+def test_report_command(output, tmp_path, capsys):
+    assert main(["report", str(output), "--out", str(tmp_path / "rep"), "--limit", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["contact_sheet.png"] == str(tmp_path / "rep" / "contact_sheet.png")
+    assert (tmp_path / "rep" / "index.html").read_text().count("<figure>") == 4
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no Parquet files under" in capsys.readouterr().err
