@@ -688,13 +688,21 @@ def run_job(cfg: BatchConfig, run_id: str | None = None) -> JobSummary:
         # 3. the pipeline: read → decode → edit (actors) → encode + metrics → write
         started = connect_ray(cfg)
         check_resources(cfg, local=started or not os.environ.get("RAY_ADDRESS"))
-        ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = cfg.ray.progress_bars
+        previous_v2 = getattr(ctx, "use_datasource_v2", None)
+        if previous_v2 is not None:
+            ctx.use_datasource_v2 = cfg.ray.datasource_v2
         skip = pa.array(sorted(done & input_ids), type=pa.string()) if done else None
         retried = sorted(prior.error_ids & input_ids) if cfg.retry_errors else []
-        ds = build_dataset(cfg, plan, in_fs, skip, run_id, pa.array(retried, type=pa.string()))
-        ds.write_parquet(out_path, filesystem=out_fs, filename_provider=_run_filenames(run_id),
-                         max_rows_per_file=cfg.write.max_rows_per_file, compression=cfg.write.compression,
-                         mode=SaveMode.APPEND)
+        try:
+            ds = build_dataset(cfg, plan, in_fs, skip, run_id, pa.array(retried, type=pa.string()))
+            ds.write_parquet(out_path, filesystem=out_fs, filename_provider=_run_filenames(run_id),
+                             max_rows_per_file=cfg.write.max_rows_per_file, compression=cfg.write.compression,
+                             mode=SaveMode.APPEND)
+        finally:
+            if previous_v2 is not None:
+                ctx.use_datasource_v2 = previous_v2
     seconds = time.perf_counter() - t0
     # 4. summary, read back from this run's files
     summary = summarize_run(out_fs, out_path, run_id, plan.rows, skip_ok, skip_err, seconds)

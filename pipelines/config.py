@@ -14,7 +14,7 @@ Layout (every key optional except ``input`` and ``output``; defaults are the dat
     actors:  {pool_size: 1, num_gpus: 0, num_cpus: 1, batch_size: 8}
     write:   {max_rows_per_file: 1000, compression: zstd}
     storage: {endpoint_url: null, region: null, anonymous: false}       # plus AWS_* environment variables
-    ray:     {num_cpus: null, object_store_memory: null, task_cpus: 1, progress_bars: true}
+    ray:     {num_cpus: null, object_store_memory: null, task_cpus: 1, progress_bars: true, datasource_v2: false}
 
 Unknown keys and wrong values raise :class:`ConfigError` naming the key and what it accepts. Command-line
 flags override the file; ``--set a.b=value`` overrides any key (the value is read as YAML).
@@ -99,6 +99,10 @@ class RayConfig:
     object_store_memory: int | None = None  # bytes; None: Ray's default
     task_cpus: float = 1.0  # CPUs per decode / encode+metrics task
     progress_bars: bool = True
+    # Ray Data's V2 Parquet reader (the Ray 2.60 default) starts a pool of footer-reader actors on every read:
+    # worth it for thousands of files on a big cluster, seconds to a minute of start-up on a small machine.
+    # false reads through the V1 datasource (metadata from the driver); true uses V2.
+    datasource_v2: bool = False
 
 
 @dataclass(frozen=True)
