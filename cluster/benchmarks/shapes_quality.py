@@ -261,6 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     t0 = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = Path(args.md) if args.md else out.with_suffix(".md")
+
+    def write(res: dict[str, Any]) -> None:
+        res["seconds"] = time.perf_counter() - t0
+        out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        md.write_text(markdown(res))
+
     bundle = load_bundle(args.model, device=args.device, dtype=args.dtype)
     steps = args.steps or int(bundle.defaults.get("steps", 50))
     guidance = args.guidance if args.guidance is not None else float(bundle.defaults.get("guidance", 7.5))
@@ -272,16 +281,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "scorer" not in args.skip:
         res["scorer"] = vae_and_scorer(bundle, args.scorer_scenes, args.batch * 4)
         log.info("scorer: %s", res["scorer"])
-    # 2. generation fidelity
-    if "generation" not in args.skip:
-        res["generation"] = generation_fidelity(bundle, args.captions, steps, guidance, args.batch * 4)
-        log.info("generation: %s", res["generation"])
-    # 3. sweep on validation pairs
+        write(res)
+    # 2. sweep on validation pairs
     if args.sweep_pairs:
         val = synthetic.make_edit_pairs(args.sweep_pairs, seed=VALIDATION_PAIR_SEED, size=bundle.resolution)
         res["sweep"] = sweep(bundle, val, base, args.batch, args.sweep_downsample, args.sweep_phi,
                              [PromptMode(m) for m in args.sweep_prompt])
-    # 4. edits on test pairs: paper defaults (φ 0.2, full prompt) at the attention resolution that was best on
+        write(res)
+    # 3. edits on test pairs: paper defaults (φ 0.2, full prompt) at the attention resolution that was best on
     #    the validation pairs (else the model's default); plus the best validation setting when it differs
     if "edits" not in args.skip:
         pairs = synthetic.make_edit_pairs(args.pairs, seed=TEST_PAIR_SEED, size=bundle.resolution)
@@ -296,19 +303,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 configs["instdiffedit_tuned"] = base.with_(
                     method=Method.INSTDIFFEDIT, attention_downsample=best["attention_downsample"],
                     mask=replace(base.mask, phi=best["phi"]), prompt_mode=PromptMode(best["prompt_mode"]))
-        methods = {}
+        methods: dict[str, Any] = {}
+        res["edits"] = {"n_pairs": len(pairs), "pairs_seed": TEST_PAIR_SEED, "methods": methods}
         for name, cfg in configs.items():
             methods[name] = run_edits(bundle, pairs, cfg, args.batch)
             methods[name]["config"] = {"attention_downsample": cfg.attention_downsample, "phi": cfg.mask.phi,
                                        "prompt_mode": PromptMode(cfg.prompt_mode).value}
             log.info("%s: %s", name, {k: v for k, v in methods[name].items() if k != "per_kind"})
-        res["edits"] = {"n_pairs": len(pairs), "pairs_seed": TEST_PAIR_SEED, "methods": methods}
-    res["seconds"] = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=str) + "\n")
-    md = Path(args.md) if args.md else out.with_suffix(".md")
-    md.write_text(markdown(res))
+            write(res)
+    # 4. generation fidelity
+    if "generation" not in args.skip:
+        res["generation"] = generation_fidelity(bundle, args.captions, steps, guidance, args.batch * 4)
+        log.info("generation: %s", res["generation"])
+        write(res)
+    write(res)
     log.info("wrote %s and %s", out, md)
     return 0
 
