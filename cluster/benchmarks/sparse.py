@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import math
 import os
@@ -243,42 +244,65 @@ def bench_model_size(
 def mask_quality(args: argparse.Namespace) -> dict[str, Any]:
     """Does cross-attention control make the difference mask tighter? (FISEdit §"Target Area Capture".)
 
-    For prompt pairs of the shapes world: generate the source prompt, then (a) the difference mask of the edit's
-    first k steps and (b) the "true changed region": where the full dense re-generation with the target prompt
-    (the paper's SDTP baseline, from the same initial latents) differs from the source generation, Σ_c|Δ| of the
-    final latents above its Otsu threshold. Both without and with cross-attention control (the control also
-    applies to the re-generation's first k steps). Reports IoU(mask, changed region) and the mask areas.
+    On shapes-world prompt pairs (a colour or shape change of one object): generate the source prompt, take the
+    difference mask of the edit's first k steps, and compare it at latent resolution with two "true changed
+    regions": (1) ``object``: the pixels of the edited object in the source generation, found by the analytic
+    shapes detector (:mod:`instdiff.scorer`); pairs whose object the model did not draw are skipped;
+    (2) ``regen``: where the full dense re-generation with the target prompt (the paper's SDTP baseline, from the
+    same initial latents; with the control over its first k steps when the control is on) differs from the
+    source generation, Σ_c|Δ| of the final latents above its Otsu threshold. Without and with the control.
     """
-    from instdiff import synthetic
+    import numpy as np
+
+    from instdiff import scorer, synthetic
     from instdiff.masks import iou
     from instdiff.models import load_bundle
-    from instdiff.sparse import FISEditConfig, FISEditSession, latent_difference, otsu_threshold
+    from instdiff.sparse import FISEditConfig, FISEditSession, latent_difference, otsu_threshold, resize_mask
 
     bundle = load_bundle(args.mq_model, device="cpu", dtype="fp32")
-    pairs = synthetic.make_edit_pairs(args.mq_pairs, seed=0, size=bundle.resolution)
-    out: dict[str, Any] = {"model": bundle.name, "pairs": [], "steps": args.mq_steps}
+    pairs = synthetic.make_edit_pairs(args.mq_pairs, seed=0, size=bundle.resolution, kinds=("colour", "object"))
+    out: dict[str, Any] = {"model": bundle.name, "steps": args.mq_steps, "mask_steps": args.mq_mask_steps,
+                           "guidance": args.mq_guidance, "pairs": []}
     for control in (False, True):
-        cfg = FISEditConfig(num_steps=args.mq_steps, mask_steps=args.mq_mask_steps,
+        cfg = FISEditConfig(num_steps=args.mq_steps, guidance_scale=args.mq_guidance, mask_steps=args.mq_mask_steps,
                             mask_from=max(1, args.mq_mask_steps // 2), cross_attention_control=control)
         session = FISEditSession(bundle, cfg)
         for i, pair in enumerate(pairs):
-            _, run = session.generate(pair.source_prompt, seed=i)
+            image, run = session.generate(pair.source_prompt, seed=i)
             res = session.edit(run, pair.target_prompt)
+            mask = res.extras["mask_latent"][:, 0]  # (1, h, w)
+            h, w = mask.shape[-2:]
             _, regen = session.regenerate(run, pair.target_prompt)
             diff = latent_difference(regen, run.latents(cfg.num_steps))  # (1, h, w)
-            truth = diff > otsu_threshold(diff)[:, None, None]
-            mask = res.extras["mask_latent"][:, 0]
-            out["pairs"].append({
+            changed = diff > otsu_threshold(diff)[:, None, None]
+            u8 = ((image[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+            phrase = scorer.parse_phrase(pair.source_phrase)
+            found = [d for d in scorer.find_objects(u8) if d.color == phrase.color and d.kind == phrase.shape]
+            row: dict[str, Any] = {
                 "control": control, "pair": pair.id, "kind": pair.kind, "source": pair.source_prompt,
-                "target": pair.target_prompt, "iou": float(iou(mask, truth)[0]),
-                "mask_area": float(mask.float().mean()), "changed_area": float(truth.float().mean()),
-            })
-            log.info("mask quality control=%s %s: IoU %.3f (mask %.2f, changed %.2f)", control, pair.id,
-                     out["pairs"][-1]["iou"], out["pairs"][-1]["mask_area"], out["pairs"][-1]["changed_area"])
+                "target": pair.target_prompt, "mask_area": float(mask.float().mean()),
+                "iou_regen": float(iou(mask, changed)[0]), "regen_area": float(changed.float().mean()),
+            }
+            if found:
+                obj = torch.from_numpy(np.any([d.mask for d in found], axis=0))[None]
+                obj_lat = resize_mask(obj, (h, w))
+                row.update(iou_object=float(iou(mask, obj_lat)[0]), object_area=float(obj_lat.float().mean()))
+            out["pairs"].append(row)
+            log.info("mask quality control=%s %s (%s): IoU object %s, regen %.3f; mask area %.2f", control, pair.id,
+                     pair.kind, f"{row['iou_object']:.3f}" if "iou_object" in row else "-", row["iou_regen"],
+                     row["mask_area"])
+    # averages over the pairs whose object was found in both settings' source generations (same seeds: same image)
     for control in (False, True):
         rows = [r for r in out["pairs"] if r["control"] == control]
-        out["without_control" if not control else "with_control"] = {
-            k: statistics.mean(r[k] for r in rows) for k in ("iou", "mask_area", "changed_area")
+        with_obj = [r for r in rows if "iou_object" in r]
+        out["with_control" if control else "without_control"] = {
+            "pairs": len(rows),
+            "pairs_with_object": len(with_obj),
+            "iou_object": statistics.mean(r["iou_object"] for r in with_obj) if with_obj else None,
+            "iou_regen": statistics.mean(r["iou_regen"] for r in rows),
+            "mask_area": statistics.mean(r["mask_area"] for r in rows),
+            "object_area": statistics.mean(r["object_area"] for r in with_obj) if with_obj else None,
+            "regen_area": statistics.mean(r["regen_area"] for r in rows),
         }
     return out
 
@@ -367,9 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask-quality", action="store_true",
                     help="instead of timing: IoU of the difference mask with / without cross-attention control")
     ap.add_argument("--mq-model", default="default", help="bundle for --mask-quality (default: embedded or tiny)")
-    ap.add_argument("--mq-pairs", type=int, default=8)
-    ap.add_argument("--mq-steps", type=int, default=20)
-    ap.add_argument("--mq-mask-steps", type=int, default=6)
+    ap.add_argument("--mq-pairs", type=int, default=12)
+    ap.add_argument("--mq-steps", type=int, default=25)
+    ap.add_argument("--mq-mask-steps", type=int, default=5)
+    ap.add_argument("--mq-guidance", type=float, default=5.0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None, help="Markdown table path (default: docs/results/sparse.md for cpu, "
                                                "the JSON path with .md otherwise)")
@@ -399,9 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
     t0 = time.perf_counter()
-    for name in args.models:
-        unet = build_unet(name, device, dtype)
-        for size in args.sizes:
+    params = {k: v for k, v in vars(args).items() if k not in ("out", "md")}
+    params["dtype"] = str(dtype).replace("torch.", "")
+    unets = {name: build_unet(name, device, dtype) for name in args.models}
+    for size in args.sizes:  # all models at one size before the next size: partial results stay comparable
+        for name, unet in unets.items():
             rows, prof = bench_model_size(name, unet, size, args.edit_sizes, args, device, dtype)
             runs.extend(rows)
             if prof:
@@ -409,15 +436,12 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        del unet
-        gc.collect()
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "md")}
-    params["dtype"] = str(dtype).replace("torch.", "")
-    params["wall_s"] = time.perf_counter() - t0
-    params["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    path = write_report(out, params, {"runs": runs, "profile": profiles})
-    import json
-
+            params["wall_s"] = time.perf_counter() - t0
+            params["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+            path = write_report(out, params, {"runs": runs, "profile": profiles})  # written after every run
+            md.parent.mkdir(parents=True, exist_ok=True)
+            md.write_text(markdown(json.loads(path.read_text())))
+    del unets
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(markdown(json.loads(path.read_text())))
     log.info("wrote %s and %s (%.0f s)", path, md, params["wall_s"])
