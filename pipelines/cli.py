@@ -19,6 +19,7 @@ SUBCOMMANDS = (
     "pipelines.report",
     "pipelines.datasets",
     "pipelines.bench",
+    "pipelines.train_cmd",
 )
 
 
@@ -58,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         from instdiff.imageio import ImageInputError
         from instdiff.models import ModelLoadError
 
-        if isinstance(exc, EditInputError | ImageInputError | ModelLoadError | FileNotFoundError):
+        if isinstance(exc, EditInputError | ImageInputError | ModelLoadError | FileNotFoundError) or (
+            type(exc) is ValueError
+        ):
             print(f"instdiff {args.command}: error: {exc}", file=sys.stderr)
             return 2
         raise
