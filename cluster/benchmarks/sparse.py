@@ -10,6 +10,10 @@ Writes JSON (machine, commit, parameters, results) and a Markdown table. Depends
 
     python cluster/benchmarks/sparse.py --device cpu --sizes 256 512 --out docs/results/sparse-cpu.json
     python cluster/benchmarks/sparse.py --device cuda --sizes 512 768 --out docs/results/sparse-gpu.json
+    python cluster/benchmarks/sparse.py --config configs/bench/sparse-gpu.yaml      # the same, from YAML
+    python cluster/benchmarks/sparse.py --mask-quality                             # cross-attention control
+    python cluster/benchmarks/sparse.py --render docs/results/sparse-cpu.json docs/results/sparse-gpu.json \
+        --md docs/results/sparse.md                                                # one page from several runs
 """
 
 from __future__ import annotations
@@ -138,10 +142,10 @@ def bench_model_size(
     profile: dict[str, Any] = {}
     with torch.inference_mode():
         # 1. dense baseline: the original UNet, no engine installed
-        dense_t = time_call(lambda: call(emb_tgt), device, args.reps, args.warmup)
-        dense_s = statistics.median(dense_t)
+        dense_t = time_call(lambda: call(emb_tgt), device, 0 if args.interleave else args.reps, args.warmup)
+        dense_s = statistics.median(dense_t) if dense_t else float("nan")
         dense_g = graph_time(lambda: call(emb_tgt), device, args.reps) if args.cuda_graphs else None
-        log.info("%s %dpx dense %.1f ms (graph %s)", name, size, 1e3 * dense_s,
+        log.info("%s %dpx dense %s ms (graph %s)", name, size, "-" if args.interleave else f"{1e3 * dense_s:.1f}",
                  f"{1e3 * statistics.median(dense_g):.1f} ms" if dense_g else "-")
         # 2. install, record one step of the source run
         cfg = SparseConfig(mode=SparseMode.SPARSE, min_resolution_ratio=args.min_resolution_ratio,
@@ -162,27 +166,47 @@ def bench_model_size(
         if args.overhead_reps:
             engine_dense_s = statistics.median(time_call(dense_engine, device, args.overhead_reps, 0))
         # 3. sparse steps at each edit size
+        masks = {f: rect_mask(h, w, f, rows, device) for f in fractions}
+
+        def sparse_step() -> None:
+            with state.run_step(0, sparse=True):
+                call(emb_tgt)
+
+        sparse_t: dict[float, list[float]] = {f: [] for f in fractions}
+        sparse_g: dict[float, list[float] | None] = {}
+        macs_of: dict[float, dict[str, Any]] = {}
+        plans_of: dict[float, dict[str, Any]] = {}
+        fractions_of: dict[float, dict[str, float]] = {}
         for f in fractions:
-            mask = rect_mask(h, w, f, rows, device)
-            state.set_mask(mask)
-
-            def sparse_step() -> None:
-                with state.run_step(0, sparse=True):
-                    call(emb_tgt)
-
+            state.set_mask(masks[f])
             for _ in range(args.warmup):
                 sparse_step()
-            state.reset_counters()  # MACs: counted over the timed steps
-            sparse_t = time_call(sparse_step, device, args.reps, 0)
-            macs = {k: v / args.reps if isinstance(v, float) and k != "ratio" else v
-                    for k, v in state.macs_summary().items()}
-            sparse_g = graph_time(sparse_step, device, args.reps) if args.cuda_graphs else None
-            sparse_s = statistics.median(sparse_t)
+            state.reset_counters()  # MACs of one step
+            sparse_step()
+            macs_of[f], plans_of[f], fractions_of[f] = state.macs_summary(), state.plans(), state.active_fractions()
+            if not args.interleave:
+                sparse_t[f] = time_call(sparse_step, device, args.reps, 0)
+            sparse_g[f] = graph_time(sparse_step, device, args.reps) if args.cuda_graphs else None
+        if args.interleave:
+            # a loaded shared CPU: alternate dense (original UNet) and sparse steps, keep the fastest of each
+            dense_t = []
+            for _ in range(args.reps):
+                remove_sparse(unet)
+                dense_t += time_call(lambda: call(emb_tgt), device, 1, 0)
+                state = apply_sparse(unet, cfg)
+                state.bind(cache)
+                for f in fractions:
+                    state.set_mask(masks[f])
+                    sparse_t[f] += time_call(sparse_step, device, 1, 0)
+            dense_s = min(dense_t)
+        for f in fractions:
+            mask, macs, sparse_s = masks[f], macs_of[f], _stat(sparse_t[f], args.interleave)
             blocks: dict[str, list[Any]] = {}
-            for key, plan in state.plans().items():
+            for key, plan in plans_of[f].items():
                 res = key.rsplit("@", 1)[1]
                 if plan != "tokens":
                     blocks.setdefault(res, []).append(plan)
+            g = sparse_g[f]
             row = {
                 "model": name,
                 "size": size,
@@ -192,23 +216,21 @@ def bench_model_size(
                 "edit_fraction": f,
                 "mask_pixels": int(mask[0].sum()),
                 "mask_fraction": float(mask[0].float().mean()),
+                "statistic": "min" if args.interleave else "median",
                 "dense_ms": 1e3 * dense_s,
                 "dense_ms_all": [1e3 * v for v in dense_t],
                 "engine_dense_ms": 1e3 * engine_dense_s,
                 "sparse_ms": 1e3 * sparse_s,
-                "sparse_ms_all": [1e3 * v for v in sparse_t],
+                "sparse_ms_all": [1e3 * v for v in sparse_t[f]],
                 "speedup": dense_s / sparse_s,
                 "dense_graph_ms": 1e3 * statistics.median(dense_g) if dense_g else None,
-                "sparse_graph_ms": 1e3 * statistics.median(sparse_g) if sparse_g else None,
-                "speedup_graph": statistics.median(dense_g) / statistics.median(sparse_g)
-                if dense_g and sparse_g else None,
+                "sparse_graph_ms": 1e3 * statistics.median(g) if g else None,
+                "speedup_graph": statistics.median(dense_g) / statistics.median(g) if dense_g and g else None,
                 "dense_gmacs": macs["dense"] / 1e9,
                 "sparse_gmacs": macs["actual"] / 1e9,
                 "macs_ratio": macs["ratio"],
-                "macs_by_category": {
-                    k: {kk: vv / 1e9 / args.reps for kk, vv in v.items()} for k, v in macs["by_category"].items()
-                },
-                "active_fraction": state.active_fractions(),
+                "macs_by_category": {k: {kk: vv / 1e9 for kk, vv in v.items()} for k, v in macs["by_category"].items()},
+                "active_fraction": fractions_of[f],
                 "block_sizes": {res: sorted(set(map(str, v))) for res, v in blocks.items()},
                 "cache_bytes_per_step": cache_bytes,
             }
@@ -307,6 +329,10 @@ def mask_quality(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _stat(times: list[float], fastest: bool) -> float:
+    return min(times) if fastest else statistics.median(times)
+
+
 def _times_ms(state: Any) -> dict[str, float]:
     total = sum(state.step_times)
     times = {k: 1e3 * v for k, v in state.times.items()}
@@ -326,7 +352,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{p.get('load_average')}",
         "",
         f"Device {p['device']}, dtype {p['dtype']}, batch {p['batch']} (rows of one UNet call), "
-        f"{p['reps']} timed reps after {p['warmup']} warm-up (median), random weights, one step at t=500. "
+        f"{p['reps']} timed reps after {p['warmup']} warm-up "
+        f"({'fastest of dense / sparse steps interleaved' if p.get('interleave') else 'median'}), random weights, "
+        "one step at t=500. "
         "Edit region: a centred rectangle of exactly round(f·h·w) latent pixels. Dense = the original UNet "
         "(no engine). MACs counted analytically per op from shapes (convs, linears, attention matmuls).",
         "",
@@ -361,14 +389,69 @@ def markdown(doc: dict[str, Any]) -> str:
     overhead = ", ".join(
         f"{r['model']}@{r['size']} {r['engine_dense_ms']:.1f} ms vs {r['dense_ms']:.1f} ms"
         for r in doc["results"]["runs"]
-        if r["edit_fraction"] == first
+        if r["edit_fraction"] == first and r["engine_dense_ms"] == r["engine_dense_ms"]  # not NaN
     )
-    lines += ["", f"Engine installed but every layer dense (wrapper overhead): {overhead}", ""]
+    if overhead:
+        lines += ["", f"Engine installed but every layer dense (wrapper overhead): {overhead}"]
+    lines.append("")
     return "\n".join(lines)
+
+
+def render(paths: list[str], md: Path) -> Path:
+    """One Markdown page from several result files (timing runs and the mask-quality run)."""
+    parts = ["# FISEdit sparse re-generation: results", "",
+             "Produced by `cluster/benchmarks/sparse.py` (see its docstring); one section per result file.", ""]
+    for p in paths:
+        doc = json.loads(Path(p).read_text())
+        parts.append(f"## `{Path(p).name}`")
+        if "runs" in doc["results"]:
+            parts += markdown(doc).split("\n")[1:]
+        else:
+            parts += mask_quality_markdown(doc).split("\n")[1:]
+        parts.append("")
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text("\n".join(parts))
+    return md
+
+
+def mask_quality_markdown(doc: dict[str, Any]) -> str:
+    r = doc["results"]
+    lines = ["# Difference mask with / without cross-attention control", "",
+             f"Model `{r['model']}`, {r['steps']} DDIM steps, guidance {r['guidance']}, mask from the first "
+             f"{r['mask_steps']} steps; commit `{doc['commit']}`. IoU at latent resolution.", "",
+             "| control | pairs | pairs with object found | IoU vs object | IoU vs re-generation change | mask area | "
+             "object area | re-generation change area |", "|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v: Any) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    for key in ("without_control", "with_control"):
+        a = r[key]
+        lines.append(f"| {key.replace('_', ' ')} | {a['pairs']} | {a['pairs_with_object']} | {fmt(a['iou_object'])} | "
+                     f"{fmt(a['iou_regen'])} | {fmt(a['mask_area'])} | {fmt(a['object_area'])} | "
+                     f"{fmt(a['regen_area'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _config_defaults(argv: list[str] | None) -> dict[str, Any]:
+    """Option values from ``--config FILE.yaml`` (keys are option names, dashes or underscores)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return {}
+    import yaml
+
+    data = yaml.safe_load(Path(known.config).read_text()) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"{known.config}: expected a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=None, help="YAML file of option values (command-line options win)")
+    ap.add_argument("--render", nargs="+", default=None, help="only write --md from these result JSON files")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="fp32 / fp16 / bf16 (default: fp16 on cuda, fp32 on cpu)")
     ap.add_argument("--models", nargs="+", default=["sd15", "sd2"], choices=sorted(MODELS))
@@ -377,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="UNet batch rows (default: 2 = CFG on cuda, 1 on cpu)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                    help="alternate dense and sparse steps and keep the fastest (default on the CPU, a shared "
+                         "machine); otherwise the median of consecutive reps")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--min-resolution-ratio", type=float, default=SparseConfig().min_resolution_ratio)
     ap.add_argument("--dense-fraction", type=float, default=SparseConfig().dense_fraction)
@@ -395,10 +481,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mq-steps", type=int, default=25)
     ap.add_argument("--mq-mask-steps", type=int, default=5)
     ap.add_argument("--mq-guidance", type=float, default=5.0)
+    ap.add_argument("--commit", default=None,
+                    help="commit to record when the working tree has no git metadata (e.g. a copy on a GPU host)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None, help="Markdown table path (default: docs/results/sparse.md for cpu, "
                                                "the JSON path with .md otherwise)")
+    defaults = _config_defaults(argv)
+    unknown = sorted(set(defaults) - {a.dest for a in ap._actions})
+    if unknown:
+        ap.error(f"unknown keys in --config: {', '.join(unknown)}")
+    ap.set_defaults(**defaults)
     args = ap.parse_args(argv)
+    if args.render:
+        path = render(args.render, Path(args.md or ROOT / "docs/results/sparse.md"))
+        print(path)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -407,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     args.batch = args.batch or (2 if device.type == "cuda" else 1)
     args.cuda_graphs = args.cuda_graphs and device.type == "cuda"
+    args.interleave = device.type == "cpu" if args.interleave is None else args.interleave
     args.reps = args.reps or (10 if device.type == "cuda" else 2)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -416,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         params = {k: v for k, v in vars(args).items() if k.startswith("mq_")}
         params["wall_s"] = time.perf_counter() - t0
         path = write_report(args.out or ROOT / "docs/results/sparse-mask-quality.json", params, res)
+        Path(args.md or path.with_suffix(".md")).write_text(mask_quality_markdown(json.loads(path.read_text())))
         log.info("wrote %s: without control %s, with control %s", path, res["without_control"], res["with_control"])
         return 0
     out = Path(args.out or ROOT / f"docs/results/sparse-{device.type}.json")
@@ -438,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             params["wall_s"] = time.perf_counter() - t0
             params["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-            path = write_report(out, params, {"runs": runs, "profile": profiles})  # written after every run
+            extra = {"commit": args.commit} if args.commit else {}
+            path = write_report(out, params, {"runs": runs, "profile": profiles}, **extra)  # after every run
             md.parent.mkdir(parents=True, exist_ok=True)
             md.write_text(markdown(json.loads(path.read_text())))
     del unets

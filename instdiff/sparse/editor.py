@@ -139,7 +139,7 @@ class FISEditSession:
     def _latent_size(self) -> tuple[int, int]:
         size = self.cfg.image_size or self.bundle.resolution
         f = self.bundle.vae_scale_factor
-        if size % (f * 8) and size % f:
+        if size % f:
             raise ValueError(f"image_size {size} is not a multiple of the VAE factor {f}")
         return size // f, size // f
 
@@ -315,7 +315,7 @@ class FISEditSession:
             latents=x,
             mask_latent=lat_mask[:, None],
             changed=changed,
-            dense_steps=start if changed or mask is None else start,
+            dense_steps=start,
             sparse_steps=sparse_steps,
             dense_equivalent_unet_calls=(
                 emb.shape[0] * start + emb.shape[0] * sparse_steps / max(extras["macs"]["ratio"], 1e-12)
