@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -178,8 +179,9 @@ def sweep(bundle: ModelBundle, pairs: Sequence[synthetic.EditPair], base: EditCo
 # ---- report ----------------------------------------------------------------------------------
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                              timeout=10).stdout.strip() or None
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                                timeout=10).stdout.strip()
+        return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
     except (OSError, subprocess.SubprocessError):
         return None
 
