@@ -469,13 +469,15 @@ class PriorOutput:
     error_ids: set[str] = field(default_factory=set)
     files: int = 0
     unreadable: list[str] = field(default_factory=list)
-    fingerprints: dict[str, dict] = field(default_factory=dict)  # run_id → fingerprint
+    fingerprints: dict[str, dict] = field(default_factory=dict)  # run_id → fingerprint, runs that wrote data
 
 
 def scan_output(fs: Any, path: str) -> PriorOutput:
     """Read ids and statuses already written under ``path`` and the settings of earlier runs."""
     prior = PriorOutput()
+    data_runs = set()
     for f in storage.list_files(fs, path):
+        data_runs.add(_run_of(f))
         try:
             t = pq.read_table(f, columns=[S.ID, S.STATUS], filesystem=fs)
         except (pa.ArrowException, OSError) as exc:
@@ -493,10 +495,20 @@ def scan_output(fs: Any, path: str) -> PriorOutput:
             continue
         try:
             manifest = json.loads(storage.read_bytes(fs, f))
-            prior.fingerprints[manifest["run_id"]] = manifest["fingerprint"]
+            if manifest["run_id"] in data_runs:  # a run that failed before writing rows constrains nothing
+                prior.fingerprints[manifest["run_id"]] = manifest["fingerprint"]
         except (OSError, ValueError, KeyError) as exc:
             log.warning("cannot read run manifest %s (%s); ignoring it", f, exc)
     return prior
+
+
+def _run_of(path: str) -> str | None:
+    """The run id in a data file name ``part-<run_id>-...parquet`` (run ids are ``<timestamp>-<hex>``)."""
+    name = path.rsplit("/", 1)[-1]
+    if not name.startswith("part-"):
+        return None
+    parts = name[len("part-"):].split("-")
+    return "-".join(parts[:2]) if len(parts) >= 3 else None
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -742,6 +754,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "masks and metrics. Connects to RAY_ADDRESS when set, else starts a local cluster. "
                     "Re-running with the same output resumes. Input schema:\n" + S.describe_input_schema(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  instdiff batch --config configs/batch/demo.yaml\n"
+               "  instdiff batch --config configs/batch/tiny.yaml --output out/tiny-8 --set method.steps=8\n"
+               "  python -m pipelines.batch --config configs/batch/demo.yaml   # the same as instdiff batch\n"
+               "  ray job submit --address http://HEAD:8265 --working-dir . -- \\\n"
+               "      python -m pipelines.batch --config configs/batch/gpu-s3.yaml\n"
+               "prints one JSON line: run_id, output, input_rows, skipped_ok, skipped_error, written, ok, error,\n"
+               "seconds, rows_per_s, files, top_errors",
     )
     p.add_argument("--config", default=None, help="YAML job config (configs/batch/*.yaml); flags override it")
     p.add_argument("--input", default=None, help="input Parquet file or folder, local or s3://bucket/prefix")

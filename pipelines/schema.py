@@ -132,7 +132,7 @@ OUTPUT_DOC: dict[str, str] = {
     IOU: "IoU of the predicted mask with the ground-truth mask (null without one)",
     C_M: "C_m: mean pixel change inside the ground-truth mask, /255 (InstDiffEdit Eq. II; higher = edited)",
     C_NON: "C_non: mean pixel change outside the ground-truth mask, /255 (Eq. III; lower = preserved)",
-    UNET_CALLS: "UNet evaluations per image (CFG counts 2)",
+    UNET_CALLS: "UNet evaluations per image of the edit (CFG counts 2; a generated source is not counted)",
     LATENCY_S: "wall seconds of the editor call that produced the row (shared by batch_rows rows)",
     BATCH_ROWS: "rows edited together in that call",
     META: "input meta (JSON text)",

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 import torch
 from PIL import Image
@@ -225,3 +226,27 @@ def test_row_seed_depends_on_id_and_base_only():
     assert row_seed(0, "a") == row_seed(0, "a") != row_seed(1, "a")
     assert row_seed(0, "a") != row_seed(0, "b") and 0 <= row_seed(123, "zz") < 2**31
     assert encode_png(np.zeros((2, 2), bool))  # masks encode as 8-bit PNG
+
+
+def test_resume_compares_settings_only_with_runs_that_wrote_rows(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipelines.batch import check_resumable, scan_output
+    from pipelines.config import ConfigError, fingerprint
+
+    cfg = job_config()
+    other = job_config(method={"steps": 7})
+    runs = tmp_path / "_runs"
+    runs.mkdir()
+    for run_id, c in (("20260101T000000-aaaaaa", other), ("20260101T000001-bbbbbb", cfg)):
+        (runs / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, "fingerprint": fingerprint(c)}))
+    row = {f.name: None for f in S.OUTPUT_SCHEMA} | {S.ID: "a", S.STATUS: S.STATUS_OK}
+    pq.write_table(pa.Table.from_pylist([row], schema=S.OUTPUT_SCHEMA),
+                   tmp_path / "part-20260101T000001-bbbbbb-0f0f-000000-0.parquet")
+    prior = scan_output(pafs.LocalFileSystem(), str(tmp_path))
+    assert prior.ok_ids == {"a"} and set(prior.fingerprints) == {"20260101T000001-bbbbbb"}
+    check_resumable(prior, cfg, str(tmp_path))  # the run that failed before writing rows does not count
+    with pytest.raises(ConfigError, match="method.steps: earlier 2, now 7"):
+        check_resumable(prior, other, str(tmp_path))

@@ -9,7 +9,15 @@ Same run, same rows (shapes-world pairs), same editor settings, same per-worker 
   actor; the difference gives the steady-state rate ``(N - n) / (T_N - T_n)`` free of the fixed cost
   (actor processes, imports, model load, read/write set-up), which is reported as well.
 
-Ray overhead per actor = 1 - (steady rows/s / k) / (loop rows/s); scaling = steady(k) / (k · steady(1)).
+The loop is timed right before and right after each k's Ray jobs and averaged, so that a change in the load
+of a shared machine hits both sides alike. Ray overhead per actor = 1 - (steady rows/s / k) / (loop rows/s);
+scaling = steady(k) / (k · steady(1)). (Ray runs its workers at a lower CPU priority (nice) than the loop; on
+a machine shared with other work that shows up as overhead.)
+
+Wall-clock rates need idle cores. CPU time does not: the benchmark also counts the CPU seconds of this process
+and of every process under it (the Ray head, raylet, workers and actors; see :class:`TreeCpu`) per row, for
+the loop and for each Ray job; ``cpu_overhead`` = Ray's steady CPU seconds per row / the loop's - 1 is the
+work Ray adds per row, whatever else the machine is doing.
 
     python cluster/benchmarks/batch.py --model default --rows 24 --steps 20 --out docs/results/batch-default.json
     python cluster/benchmarks/batch.py --model tiny --rows 48 --steps 10 --out docs/results/batch-tiny.json
@@ -58,22 +66,84 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def time_loop(args: argparse.Namespace, input_path: str, work: Path) -> dict[str, Any]:
+class TreeCpu:
+    """CPU seconds (user + system) used by this process and every process under it while the block runs.
+
+    Ray's raylet does not collect the CPU time of workers that exit, so live processes are sampled every
+    ``interval`` seconds and each one's last reading is kept: an exiting process loses at most one interval.
+    The sampler thread's own CPU time is subtracted.
+    """
+
+    def __init__(self, interval: float = 0.5) -> None:
+        import threading
+
+        self.interval = interval
+        self.last: dict[tuple[int, float], float] = {}
+        self.base: dict[tuple[int, float], float] = {}
+        self.own = 0.0
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _snapshot() -> dict[tuple[int, float], float]:
+        import psutil
+
+        me = psutil.Process()
+        out = {}
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                out[(proc.pid, proc.create_time())] = t.user + t.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return out
+
+    def _run(self) -> None:
+        start = time.thread_time()
+        while not self._stop.wait(self.interval):
+            self.last.update(self._snapshot())
+        self.own = time.thread_time() - start
+
+    def __enter__(self) -> TreeCpu:
+        self.base = self._snapshot()
+        self.last = dict(self.base)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.last.update(self._snapshot())
+        self.seconds = sum(v - self.base.get(k, 0.0) for k, v in self.last.items()) - self.own
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process alone (the loop runs here)."""
+    import psutil
+
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+def time_loop(args: argparse.Namespace, input_path: str, work: Path, stage: batch.EditStage | None = None
+              ) -> dict[str, Any]:
     """The single-process baseline (model loaded first, timed apart)."""
     table = pq.read_table(input_path)
     cfg = job_config(args, input_path, str(work / "unused"))
     load_before = _load()
     t0 = time.perf_counter()
-    stage = batch.EditStage(cfg.model, cfg.method, cfg.image, threads=1)
+    stage = stage or batch.EditStage(cfg.model, cfg.method, cfg.image, threads=1)
     load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), own_cpu_seconds()
     out = batch.run_in_process(cfg, table, stage=stage, run_id="loop")
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, own_cpu_seconds() - c0
     ok = sum(1 for s in out["status"].to_pylist() if s == "ok")
     if ok != table.num_rows:
         raise RuntimeError(f"loop: only {ok} of {table.num_rows} rows ok")
     return {"rows": table.num_rows, "seconds": round(seconds, 3), "rows_per_s": round(table.num_rows / seconds, 4),
-            "model_load_s": round(load_s, 3), "load_avg_before": load_before, "load_avg_after": _load()}
+            "cpu_s_per_row": round(cpu / table.num_rows, 4), "model_load_s": round(load_s, 3),
+            "load_avg_before": load_before, "load_avg_after": _load()}
 
 
 def time_ray(args: argparse.Namespace, input_path: str, small_path: str, work: Path, actors: int,
@@ -84,14 +154,17 @@ def time_ray(args: argparse.Namespace, input_path: str, small_path: str, work: P
     for name, path in (("small", small_path), ("full", input_path)):
         cfg = job_config(args, path, str(work / f"ray-{actors}-{name}"), actors, actor_cpus)
         load_before = _load()
-        t0 = time.perf_counter()
-        summary = batch.run_job(cfg)
-        seconds = time.perf_counter() - t0
+        with TreeCpu() as meter:
+            t0 = time.perf_counter()
+            summary = batch.run_job(cfg)
+            seconds = time.perf_counter() - t0
+        cpu = meter.seconds
         if summary.ok != summary.written:
             raise RuntimeError(f"ray {actors} actors ({name}): {summary.error} error rows: {summary.top_errors}")
-        runs[name] = {"rows": summary.written, "seconds": round(seconds, 3), "load_avg_before": load_before,
-                      "load_avg_after": _load()}
+        runs[name] = {"rows": summary.written, "seconds": round(seconds, 3), "cpu_s": round(cpu, 2),
+                      "load_avg_before": load_before, "load_avg_after": _load()}
     small, full = runs["small"], runs["full"]
+    cpu_per_row = (full["cpu_s"] - small["cpu_s"]) / (full["rows"] - small["rows"])
     extra_s = full["seconds"] - small["seconds"]
     # the difference is only meaningful when the extra rows cost clearly more than the fixed cost's jitter
     steady = (full["rows"] - small["rows"]) / extra_s if extra_s > 0.2 * full["seconds"] else None
@@ -99,14 +172,17 @@ def time_ray(args: argparse.Namespace, input_path: str, small_path: str, work: P
     return {"actors": actors, "actor_cpus": actor_cpus, "runs": runs,
             "end_to_end_rows_per_s": round(full["rows"] / full["seconds"], 4),
             "steady_rows_per_s": round(steady, 4) if steady else None,
-            "fixed_cost_s": round(fixed, 2) if fixed is not None else None}
+            "fixed_cost_s": round(fixed, 2) if fixed is not None else None,
+            "steady_cpu_s_per_row": round(cpu_per_row, 4),
+            "fixed_cpu_s": round(full["cpu_s"] - cpu_per_row * full["rows"], 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="default (embedded shapes model, 64 px) or tiny (32 px)")
     p.add_argument("--method", default="instdiffedit")
-    p.add_argument("--rows", type=int, default=24)
+    p.add_argument("--rows", type=int, default=24, help="rows of each full Ray job")
+    p.add_argument("--loop-rows", type=int, default=12, help="rows of each loop timing")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=4)
@@ -126,16 +202,35 @@ def main(argv: list[str] | None = None) -> int:
         table = shapes_table(args.rows, seed=0, size=size)
         input_path, small_path = str(work / "in.parquet"), str(work / "small.parquet")
         pq.write_table(table, input_path)
-        # 1. the plain loop
-        loop = time_loop(args, input_path, work)
-        log.info("loop: %.3f rows/s (%d rows in %.1f s)", loop["rows_per_s"], loop["rows"], loop["seconds"])
-        # 2. the Ray job with each pool size, on the same rows
+        loop_path = str(work / "loop.parquet")
+        pq.write_table(table.slice(0, args.loop_rows), loop_path)
+        cfg = job_config(args, loop_path, str(work / "unused"))
+        t0 = time.perf_counter()
+        stage = batch.EditStage(cfg.model, cfg.method, cfg.image, threads=1)
+        model_load_s = time.perf_counter() - t0
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        niceness = int(ray.get(ray.remote(lambda: os.nice(0)).remote()))  # Ray workers' CPU priority
+        # an unmeasured job first: task workers import their libraries once per cluster, not once per job
+        pq.write_table(table.slice(0, args.batch_size), small_path)
+        batch.run_job(job_config(args, small_path, str(work / "warm-up")))
         results = []
+        loops = []
         try:
             for k in args.actors:
+                # 1. the plain loop, 2. the Ray job with k actors on the same rows, 3. the loop again
+                before = time_loop(args, loop_path, work, stage)
                 pq.write_table(table.slice(0, args.batch_size * k), small_path)
                 r = time_ray(args, input_path, small_path, work, k, args.cpus)
+                after = time_loop(args, loop_path, work, stage)
+                loop = {"rows_per_s": round((before["rows_per_s"] + after["rows_per_s"]) / 2, 4),
+                        "cpu_s_per_row": round((before["cpu_s_per_row"] + after["cpu_s_per_row"]) / 2, 4),
+                        "before": before, "after": after, "model_load_s": round(model_load_s, 3)}
+                loops.append(loop)
+                r["loop_rows_per_s"] = loop["rows_per_s"]
+                r["loop_cpu_s_per_row"] = loop["cpu_s_per_row"]
+                r["cpu_overhead"] = round(r["steady_cpu_s_per_row"] / loop["cpu_s_per_row"] - 1.0, 4)
+                log.info("loop around %d actor(s): %.3f rows/s before, %.3f after", k, before["rows_per_s"],
+                         after["rows_per_s"])
                 steady = r["steady_rows_per_s"]
                 r["ratio_to_loop"] = round(steady / loop["rows_per_s"], 4) if steady else None
                 r["overhead_per_actor"] = round(1.0 - r["ratio_to_loop"] / k, 4) if steady else None
@@ -151,18 +246,21 @@ def main(argv: list[str] | None = None) -> int:
         if k != 1 and 1 in by_k and r["steady_rows_per_s"] and by_k[1]["steady_rows_per_s"]:
             scaling[f"{k}_vs_1"] = round(r["steady_rows_per_s"] / (k * by_k[1]["steady_rows_per_s"]), 4)
     params = {k: v for k, v in vars(args).items() if k != "out"} | {"image_size": size}
-    path = write_report(out, params, {"loop": loop, "ray": results, "scaling_efficiency": scaling})
+    path = write_report(out, params, {"loop": loops, "ray": results, "scaling_efficiency": scaling},
+                        ray_worker_niceness=niceness, loop_niceness=os.nice(0))
 
     def cell(x: float | None, fmt: str) -> str:
         return format(x, fmt) if x is not None else "n/a"
 
-    print(f"{'':16}{'steady rows/s':>14}{'x loop':>8}{'overhead/actor':>16}{'e2e rows/s':>12}{'fixed s':>9}")
-    print(f"{'loop':16}{loop['rows_per_s']:>14.3f}{1.0:>8.2f}{'':>16}{loop['rows_per_s']:>12.3f}"
-          f"{loop['model_load_s']:>9.1f}")
+    print(f"{'':16}{'steady rows/s':>14}{'x loop':>8}{'overhead/actor':>16}{'e2e rows/s':>12}{'fixed s':>9}"
+          f"{'CPU s/row':>11}{'CPU overhead':>14}")
     for r in results:
+        print(f"{'loop (around)':16}{r['loop_rows_per_s']:>14.3f}{1.0:>8.2f}{'':>16}{r['loop_rows_per_s']:>12.3f}"
+              f"{model_load_s:>9.1f}{r['loop_cpu_s_per_row']:>11.3f}")
         print(f"{'ray ' + str(r['actors']) + ' actor(s)':16}{cell(r['steady_rows_per_s'], '.3f'):>14}"
               f"{cell(r['ratio_to_loop'], '.2f'):>8}{cell(r['overhead_per_actor'], '.1%'):>16}"
-              f"{r['end_to_end_rows_per_s']:>12.3f}{cell(r['fixed_cost_s'], '.1f'):>9}")
+              f"{r['end_to_end_rows_per_s']:>12.3f}{cell(r['fixed_cost_s'], '.1f'):>9}"
+              f"{r['steady_cpu_s_per_row']:>11.3f}{r['cpu_overhead']:>14.1%}")
     print(f"scaling efficiency (steady, k actors vs k x 1 actor): {scaling}; wrote {path}")
     return 0
 
