@@ -31,9 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="source prompt describing the input (needed by diffedit; defaults to the target)")
     p.add_argument("--method", default="instdiffedit", choices=["instdiffedit", "sdedit", "diffedit"])
     add_model_args(p)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (paper: 50)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps (default: the model folder's instdiff.json, else the paper's 50)")
     p.add_argument("--strength", type=float, default=0.5, help="noise strength r in (0, 1] (paper: 0.5)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (paper: 7.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance (default: the model folder's instdiff.json, else the paper's 7.5)")
     p.add_argument("--noises", type=int, default=3, help="InstDiffEdit parallel noises n (paper: 3)")
     p.add_argument("--phi", type=float, default=0.2, help="InstDiffEdit binarisation threshold φ (paper: 0.2)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     for note in notes + prepared.notes:
         log.warning("%s", note)
     cfg = EditConfig(
-        method=Method(args.method), steps=args.steps, strength=args.strength, guidance=args.guidance,
+        method=Method(args.method),
+        steps=args.steps if args.steps is not None else int(bundle.defaults.get("steps", 50)),
+        strength=args.strength,
+        guidance=args.guidance if args.guidance is not None else float(bundle.defaults.get("guidance", 7.5)),
         n_noises=args.noises, seed=args.seed, mask=MaskConfig(phi=args.phi),
     )
     source = args.source if args.source is not None else args.target
