@@ -51,6 +51,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 import shlex
 import time
@@ -351,13 +352,19 @@ def execute(cfg: BenchConfig, input_uri: str, only: Sequence[str] | None = None)
             log.info("[%d/%d] %s: %s, %d steps, r=%.2f -> %s", k, len(runs), run.label, bcfg.method.method.value,
                      bcfg.method.steps, bcfg.method.strength, bcfg.output)
             t0 = time.perf_counter()
+            load_before = os.getloadavg()[0]
             if cfg.engine == "ray":
                 started = batch.connect_ray(bcfg) or started
                 summary = batch.run_job(bcfg).to_dict()
             else:
                 summary = _run_in_process(bcfg)
             summary["bench_seconds"] = round(time.perf_counter() - t0, 3)
+            summary["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             facts[run.label] = summary
+            if summary["written"] > 0:  # a resumed run with nothing left keeps the facts of the run that edited
+                fs, path = storage.resolve(_facts_path(cfg, run))
+                storage.write_bytes(fs, path, (json.dumps(summary, indent=2, default=str) + "\n").encode())
             log.info("[%d/%d] %s: %d written (%d ok) in %.1f s", k, len(runs), run.label, summary["written"],
                      summary["ok"], summary["bench_seconds"])
     finally:
@@ -366,6 +373,36 @@ def execute(cfg: BenchConfig, input_uri: str, only: Sequence[str] | None = None)
 
             ray.shutdown()
     return facts
+
+
+def _facts_path(cfg: BenchConfig, run: RunSpec) -> str:
+    """Where the job facts of a run's last editing execution are kept (for ``--aggregate-only``)."""
+    return storage.join(cfg.output, "_bench", f"{run.slug}.json") if storage.is_remote(cfg.output) else str(
+        Path(cfg.output) / "_bench" / f"{run.slug}.json")
+
+
+def load_facts(cfg: BenchConfig) -> dict[str, dict[str, Any]]:
+    """The recorded job facts of every run that has them: the bench's own record, else the latest batch-job
+    summary (``OUTPUT/<run>/_runs/*.summary.json``) that wrote rows."""
+    out = {}
+    for run in cfg.runs:
+        fs, path = storage.resolve(_facts_path(cfg, run))
+        candidates = [path] if storage.exists(fs, path) else []
+        if not candidates:
+            out_fs, out_path = storage.resolve(run_output(cfg, run))
+            summaries = storage.list_files(out_fs, storage.join(out_path, "_runs"), suffix=".summary.json")
+            fs, candidates = out_fs, sorted(summaries, reverse=True)
+        for candidate in candidates:
+            try:
+                doc = json.loads(storage.read_bytes(fs, candidate))
+            except (OSError, ValueError) as exc:
+                log.warning("cannot read %s (%s)", candidate, exc)
+                continue
+            if doc.get("written"):
+                doc.setdefault("bench_seconds", doc.get("seconds"))
+                out[run.label] = doc
+                break
+    return out
 
 
 def _run_in_process(bcfg: BatchConfig) -> dict[str, Any]:
@@ -572,6 +609,7 @@ def aggregate_run(run: RunSpec, output: str, inputs: Inputs, scorers: Scorers, m
         r[S.ID])) for r in ok}
     ids = [r[S.ID] for r in ok if sources.get(r[S.ID]) is not None
            and sources[r[S.ID]].shape == edited[r[S.ID]].shape]
+    clock = {"start": time.perf_counter()}
     if scorers.spec.lpips and ids and scorers.lpips() is not None:
         values = []
         for shape_ids in _group_by_shape(ids, edited):
@@ -579,14 +617,21 @@ def aggregate_run(run: RunSpec, output: str, inputs: Inputs, scorers: Scorers, m
             b = np.stack([edited[i] for i in shape_ids])
             values.extend(scorers.lpips()(a, b).tolist())
         res["lpips"] = _mean(values)
+    clock["lpips"] = time.perf_counter()
     if scorers.spec.fid and len(ids) >= 2:
         _fid_metrics(res, ids, edited, sources, inputs, scorers)
+    clock["fid"] = time.perf_counter()
     if mode == "shapes":
         res["text_score"] = shapes_text_score(edited, inputs, ids)
+    clock["text"] = time.perf_counter()
     clip = scorers.clip() if mode == "clip" or scorers.spec.clip_model else None
     if clip is not None and ids:
         scores = clip.clip_score([edited[i] for i in ids], [inputs.target_prompts[i] for i in ids])
         res["clip_score"] = _mean(scores.tolist())
+    clock["clip"] = time.perf_counter()
+    log.info("scored %s (%d rows): lpips %.1f s, fid %.1f s, text score %.1f s, clip %.1f s", run.label, len(ids),
+             clock["lpips"] - clock["start"], clock["fid"] - clock["lpips"], clock["text"] - clock["fid"],
+             clock["clip"] - clock["text"])
     return res
 
 
@@ -679,6 +724,15 @@ def _na_notes(results: Sequence[Mapping[str, Any]], scorers: Scorers, mode: str,
             notes.append(f"{key.upper()}: {scorers.reasons[key]}.")
     csfid = {r.get("csfid_note") for r in results if r.get("csfid_note")}
     notes.extend(f"CSFID: {n}." for n in sorted(csfid))
+    counted = [f"{r['label']} {r['csfid_classes']}" for r in results if r.get("csfid_classes")]
+    if counted:
+        notes.append("CSFID is the mean over the classes with >= 2 edited and >= 2 input images: "
+                     + ", ".join(counted) + " classes; the rest are skipped.")
+    loads = [x for r in results if r.get("job") for x in r["job"].get("load_avg_1m", [])]
+    if loads:
+        notes.append(f"Time/img was measured on a CPU shared with other work: 1-minute load average "
+                     f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} logical CPUs while the runs ran; "
+                     "compare times within this table only.")
     return notes
 
 
@@ -829,7 +883,7 @@ def render_markdown(cfg: BenchConfig, results: Sequence[Mapping[str, Any]], comm
            f"* shared settings: `{json.dumps(settings, sort_keys=True)}`",
            f"* machine: {machine.get('cpu')} ({machine.get('cpu_count')} logical CPUs, shared), torch "
            f"{machine.get('torch')}; commit `{commit}`; {time.strftime('%Y-%m-%d %H:%M %Z')}"
-           + (f"; the runs took {wall_s / 60:.1f} min" if wall_s else ""), ""]
+           + (f"; the runs took {wall_s / 60:.1f} min in all" if wall_s else ""), ""]
     if plain:
         out += ["## Methods (Table 1 layout)", "", markdown_table(plain, TABLE1), ""]
     for sweep in sweeps:
@@ -875,6 +929,9 @@ def _data_line(cfg: BenchConfig) -> str:
 def aggregate(cfg: BenchConfig, inputs_table: pa.Table, command: str, facts: Mapping[str, Any] | None = None,
               wall_s: float | None = None) -> dict[str, str]:
     """Read every run's output and write the Markdown table, JSON, plots and contact sheet; returns paths."""
+    facts = {**load_facts(cfg), **{k: v for k, v in (facts or {}).items() if v.get("written")}}
+    if wall_s is None and facts:
+        wall_s = sum(f.get("bench_seconds", 0.0) for f in facts.values())
     inputs = Inputs.from_table(inputs_table)
     scorers = Scorers(cfg.metrics)
     mode = text_score_mode(cfg.metrics, inputs)
@@ -882,7 +939,7 @@ def aggregate(cfg: BenchConfig, inputs_table: pa.Table, command: str, facts: Map
     for run in cfg.runs:
         log.info("scoring %s", run.label)
         res = aggregate_run(run, run_output(cfg, run), inputs, scorers, mode)
-        res["job"] = (facts or {}).get(run.label)
+        res["job"] = facts.get(run.label)
         results.append(res)
     if mode == "shapes":
         baseline = shapes_text_score(inputs.images, inputs, inputs.ids)
@@ -939,9 +996,9 @@ def run_bench(cfg: BenchConfig, command: str, only: Sequence[str] | None = None,
     log.info("benchmark %s: %d rows, %d runs, engine %s", cfg.name, table.num_rows, len(cfg.runs), cfg.engine)
     # 2. the runs (each resumes into its own output folder)
     facts = None if aggregate_only else execute(cfg, input_uri, only)
-    wall = None if aggregate_only else time.perf_counter() - t0
-    # 3. aggregate
-    return aggregate(cfg, table, command, facts, wall)
+    log.info("runs done in %.1f min; scoring", (time.perf_counter() - t0) / 60)
+    # 3. aggregate (time: the sum over runs of their last editing execution)
+    return aggregate(cfg, table, command, facts)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -143,6 +143,11 @@ def test_end_to_end_in_process_tiny(tmp_path):
     assert "## Sweep `r` (Table 2 layout)" in sweep_md and "| 1.0 |" in sweep_md
     assert (tmp_path / "runs" / "input.parquet").exists()
     assert doc["params"]["batch_configs"]["SDEdit"]["method"]["name"] == "sdedit"
+    assert by_label["SDEdit"]["job"]["written"] == 4 and len(by_label["SDEdit"]["job"]["load_avg_1m"]) == 2
+    # --aggregate-only re-renders from the outputs and the recorded job facts
+    again = json.loads(open(bench.run_bench(cfg, "x", aggregate_only=True)["json"]).read())
+    assert [r["iou"] for r in again["results"]] == [r["iou"] for r in doc["results"]]
+    assert again["results"][0]["job"] == by_label["SDEdit"]["job"]
 
 
 @pytest.mark.slow
@@ -156,9 +161,11 @@ def test_end_to_end_through_ray(tmp_path, monkeypatch):
     doc = json.loads(open(paths["json"]).read())
     assert doc["results"][0]["ok"] == 4
     assert doc["results"][0]["job"]["written"] == 4
-    # a second run resumes: nothing left to edit, same numbers
+    # a second run resumes: nothing left to edit, same numbers, the job facts of the run that edited
     again = json.loads(open(bench.run_bench(cfg, "x")["json"]).read())
-    assert again["results"][0]["job"]["written"] == 0 and again["results"][0]["iou"] == doc["results"][0]["iou"]
+    assert again["results"][0]["job"]["written"] == 4 and again["results"][0]["iou"] == doc["results"][0]["iou"]
+    summaries = sorted((tmp_path / "runs" / "sdedit" / "_runs").glob("*.summary.json"))
+    assert json.loads(summaries[-1].read_text())["written"] == 0
 
 
 def test_cli_bench_writes_results(tmp_path, capsys):
