@@ -8,7 +8,7 @@ region, following FISEdit §"Sparse Computation":
   layer by the APSC heuristic (§"Adaptive Pixel-Wise Sparse Convolution"); tile size 1 is a pixel-wise gather
   (an im2col matrix product);
 * GroupNorm uses the cached per-(sample, channel) scale and shift of the dense run at the same step
-  (§"Approximate Normalization"), fused with the SiLU that follows;
+  (§"Approximate Normalization"), applied to the gathered tiles together with the SiLU that follows;
 * self-attention takes queries from the active tokens only and keys / values from the whole map, where the
   inactive tokens' keys / values come from the cache; cross-attention uses the new prompt; the feed-forward
   and the norms run on active tokens (§"Approximate Attention", Fig. 4);
