@@ -43,7 +43,6 @@ import json
 import logging
 import posixpath
 import re
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -548,11 +547,6 @@ def read_prompt_pairs(
     return rows_to_table(rows, dataset, problems.finish())
 
 
-def row_seed(seed: int, row_id: str) -> int:
-    """A row's seed: ``seed + crc32(id)`` — independent of row order, batch-mates and workers."""
-    return int(seed) + zlib.crc32(row_id.encode("utf-8"))
-
-
 def generate_sources(
     table: pa.Table,
     bundle: ModelBundle,
@@ -564,12 +558,15 @@ def generate_sources(
     """Fill the null ``image`` cells by generating each row's ``source_prompt`` with ``bundle``.
 
     Text-to-image with :func:`instdiff.editing.generate` (DDIM, classifier-free guidance) at the model's
-    resolution, seeded per row by :func:`row_seed`, so a row's source is the same whatever else is in the
-    table. Rows that already have an image are left alone. ``meta["generated"]`` records model, steps,
-    guidance and seed. Returns a new table (same schema and schema metadata).
+    resolution, seeded per row by the batch job's :func:`pipelines.batch.row_seed`, so a row's source is the
+    same whatever else is in the table, and the same image the job's ``fisedit`` method generates for that row
+    with the same seed, steps and guidance (up to batched float rounding). Rows with an image are left alone.
+    ``meta["generated"]`` records model, steps, guidance and seed. Returns a new table (same schema and
+    schema metadata).
     """
     from instdiff.editing import generate
     from instdiff.imageio import encode_png, from_model_tensor
+    from pipelines.batch import row_seed
 
     images = table.column(schema.IMAGE).to_pylist()
     todo = [i for i, img in enumerate(images) if img is None]
@@ -742,7 +739,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--steps", type=int, default=50, help="--generate: DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="--generate: guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="--generate: base seed (row seed = seed + crc32(id))")
+    p.add_argument("--seed", type=int, default=0, help="--generate: base seed (row seed as in the batch job)")
     p.set_defaults(func=run_import)
 
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pipelines import datasets, schema
+from pipelines.batch import row_seed
 from pipelines.cli import main
 from pipelines.datasets import DatasetError, replace_phrase
 
@@ -157,7 +158,7 @@ def test_prompt_pairs_and_generated_sources(tmp_path):
     img = np.asarray(Image.open(io.BytesIO(filled.column("image")[1].as_py())))
     assert img.shape == (32, 32, 3)
     gen = json.loads(filled.column("meta")[1].as_py())["generated"]
-    assert gen == {"model": "tiny", "steps": 2, "guidance": 3.0, "seed": datasets.row_seed(5, "own-id")}
+    assert gen == {"model": "tiny", "steps": 2, "guidance": 3.0, "seed": row_seed(5, "own-id")}
     # a row's source depends only on its id and the seed, not on the other rows (up to batched float rounding)
     alone = datasets.generate_sources(table.slice(1, 1), bundle, steps=2, guidance=3.0, seed=5)
     single = np.asarray(Image.open(io.BytesIO(alone.column("image")[0].as_py()))).astype(int)
