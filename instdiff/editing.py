@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -28,21 +28,21 @@ from instdiff.models import ModelBundle
 log = logging.getLogger(__name__)
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     INSTDIFFEDIT = "instdiffedit"
     SDEDIT = "sdedit"
     DIFFEDIT = "diffedit"
     FISEDIT = "fisedit"
 
 
-class Inpaint(str, Enum):
+class Inpaint(StrEnum):
     AUTO = "auto"  # the bundle's inpainting UNet when present, latent-blend otherwise
     UNET = "unet"  # require the inpainting UNet
     BLEND = "blend"  # latent-blend inpainting with the base UNet (Blended Latent Diffusion)
     NONE = "none"  # keep the blended-denoising result of the first noise
 
 
-class PromptMode(str, Enum):
+class PromptMode(StrEnum):
     FULL = "full"  # condition on the whole target prompt (paper)
     EDIT_WORDS = "edit_words"  # only the target's words absent from the source (official code's phrase)
 
@@ -184,14 +184,18 @@ class _Counter:
         return self.rows / self.n_images
 
 
-def make_noise(seeds: Sequence[int], n: int, shape: tuple[int, ...], generators: list[torch.Generator] | None = None) -> torch.Tensor:
+def make_noise(
+    seeds: Sequence[int], n: int, shape: tuple[int, ...], generators: list[torch.Generator] | None = None
+) -> torch.Tensor:
     """(B·n, *shape) standard normal noise; image i's n draws come from its own CPU generator, so a row's
     noise depends only on its seed, never on its batch-mates or the device."""
     gens = generators or [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     return torch.cat([torch.randn((n, *shape), generator=g) for g in gens])
 
 
-def to_epsilon(bundle: ModelBundle, scheduler: Any, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def to_epsilon(
+    bundle: ModelBundle, scheduler: Any, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
     """Noise estimate from a model output of any prediction type (epsilon, v_prediction, sample)."""
     kind = bundle.prediction_type
     if kind == "epsilon":
@@ -204,8 +208,16 @@ def to_epsilon(bundle: ModelBundle, scheduler: Any, output: torch.Tensor, x: tor
     raise ValueError(f"unsupported prediction type {kind!r}")
 
 
-def _guided(counter: _Counter, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-            uncond: torch.Tensor, guidance: float, extra: torch.Tensor | None = None) -> torch.Tensor:
+def _guided(
+    counter: _Counter,
+    unet: torch.nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance: float,
+    extra: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Classifier-free guidance with one UNet call on [uncond; cond]; ``extra`` channels are appended."""
     inp = torch.cat([x, x])
     if extra is not None:
@@ -239,8 +251,14 @@ def _pixel_mask(bundle: ModelBundle, mask: torch.Tensor, hw: tuple[int, int]) ->
     return resize_mask(mask.bool(), hw)
 
 
-def _finish(bundle: ModelBundle, images: torch.Tensor, latents: torch.Tensor, mask_lat: torch.Tensor,
-            cfg: EditConfig, clock: _Clock) -> tuple[torch.Tensor, torch.Tensor]:
+def _finish(
+    bundle: ModelBundle,
+    images: torch.Tensor,
+    latents: torch.Tensor,
+    mask_lat: torch.Tensor,
+    cfg: EditConfig,
+    clock: _Clock,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode and, with ``paste_back``, keep the input's pixels outside the mask."""
     with clock.stage("decode"):
         out = bundle.decode_latents(latents)
@@ -251,8 +269,16 @@ def _finish(bundle: ModelBundle, images: torch.Tensor, latents: torch.Tensor, ma
     return out.float().cpu(), mask_px.cpu()
 
 
-def inpaint(bundle: ModelBundle, images: torch.Tensor, x0: torch.Tensor, mask_lat: torch.Tensor,
-            prompts: Sequence[str], cfg: EditConfig, gens: list[torch.Generator], counter: _Counter) -> torch.Tensor:
+def inpaint(
+    bundle: ModelBundle,
+    images: torch.Tensor,
+    x0: torch.Tensor,
+    mask_lat: torch.Tensor,
+    prompts: Sequence[str],
+    cfg: EditConfig,
+    gens: list[torch.Generator],
+    counter: _Counter,
+) -> torch.Tensor:
     """Regenerate the masked region of ``x0`` with ``prompts``; returns latents (B, C, h, w).
 
     With the bundle's inpainting UNet (9 input channels: latents, mask, masked-image latents) this is SD's
@@ -288,8 +314,14 @@ def inpaint(bundle: ModelBundle, images: torch.Tensor, x0: torch.Tensor, mask_la
 
 # ---- InstDiffEdit -----------------------------------------------------------------------------
 @register(Method.INSTDIFFEDIT)
-def instdiffedit(bundle: ModelBundle, images: torch.Tensor, source_prompts: Sequence[str],
-                 target_prompts: Sequence[str], cfg: EditConfig, seeds: Sequence[int]) -> EditResult:
+def instdiffedit(
+    bundle: ModelBundle,
+    images: torch.Tensor,
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    cfg: EditConfig,
+    seeds: Sequence[int],
+) -> EditResult:
     """InstDiffEdit, batched over images; n parallel noises per image share one mask."""
     clock = _Clock(bundle.device)
     b, n = images.shape[0], cfg.n_noises
@@ -309,9 +341,7 @@ def instdiffedit(bundle: ModelBundle, images: torch.Tensor, source_prompts: Sequ
     limit = bundle.tokenizer.model_max_length
     n_tokens = torch.tensor([min(bundle.token_count(p), limit) for p in prompts], device=bundle.device)
     sched, timesteps = _timesteps(bundle, cfg.steps, cfg.strength)
-    factor = cfg.attention_downsample or bundle.defaults.get("attention_downsample") or default_downsample(
-        bundle.unet
-    )
+    factor = cfg.attention_downsample or bundle.defaults.get("attention_downsample") or default_downsample(bundle.unet)
     store = AttentionStore(cond_rows=slice(b * n, 2 * b * n))
     selection = AttentionSelection(downsample=factor)
     # 3. denoise from τ = r·T; every step: instant mask from the recorded maps, then blend (Eq. 5)
@@ -339,7 +369,9 @@ def instdiffedit(bundle: ModelBundle, images: torch.Tensor, source_prompts: Sequ
         if Inpaint(cfg.inpaint) is Inpaint.NONE:
             latents = x.view(b, n, *x.shape[1:])[:, 0]
         else:
-            latents = inpaint(bundle, images.to(bundle.device, bundle.dtype), x0, mask, target_prompts, cfg, gens, counter)
+            latents = inpaint(
+                bundle, images.to(bundle.device, bundle.dtype), x0, mask, target_prompts, cfg, gens, counter
+            )
     out, mask_px = _finish(bundle, images, latents, mask, cfg, clock)
     extras = {"position": position.cpu(), "mask_area_per_step": mask_history, "attention_downsample": factor}
     return EditResult(out, mask_px, clock.done(), counter.per_image, extras)
@@ -347,8 +379,14 @@ def instdiffedit(bundle: ModelBundle, images: torch.Tensor, source_prompts: Sequ
 
 # ---- SDEdit -----------------------------------------------------------------------------------
 @register(Method.SDEDIT)
-def sdedit(bundle: ModelBundle, images: torch.Tensor, source_prompts: Sequence[str],
-           target_prompts: Sequence[str], cfg: EditConfig, seeds: Sequence[int]) -> EditResult:
+def sdedit(
+    bundle: ModelBundle,
+    images: torch.Tensor,
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    cfg: EditConfig,
+    seeds: Sequence[int],
+) -> EditResult:
     """SDEdit: noise the input to strength r and denoise with the target prompt. Mask = whole image."""
     clock = _Clock(bundle.device)
     b = images.shape[0]
@@ -370,8 +408,14 @@ def sdedit(bundle: ModelBundle, images: torch.Tensor, source_prompts: Sequence[s
 
 # ---- DiffEdit ---------------------------------------------------------------------------------
 @register(Method.DIFFEDIT)
-def diffedit(bundle: ModelBundle, images: torch.Tensor, source_prompts: Sequence[str],
-             target_prompts: Sequence[str], cfg: EditConfig, seeds: Sequence[int]) -> EditResult:
+def diffedit(
+    bundle: ModelBundle,
+    images: torch.Tensor,
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    cfg: EditConfig,
+    seeds: Sequence[int],
+) -> EditResult:
     """DiffEdit: mask from |ε(x_t, target) − ε(x_t, source)| over noises, DDIM inversion, masked decoding."""
     clock = _Clock(bundle.device)
     b, nd = images.shape[0], cfg.diffedit_noises
@@ -409,8 +453,9 @@ def diffedit(bundle: ModelBundle, images: torch.Tensor, source_prompts: Sequence
     return EditResult(out_img, mask_px, clock.done(), counter.per_image)
 
 
-def ddim_invert(bundle: ModelBundle, sched: Any, x0: torch.Tensor, emb: torch.Tensor, timesteps: torch.Tensor,
-                counter: _Counter) -> list[torch.Tensor]:
+def ddim_invert(
+    bundle: ModelBundle, sched: Any, x0: torch.Tensor, emb: torch.Tensor, timesteps: torch.Tensor, counter: _Counter
+) -> list[torch.Tensor]:
     """DDIM inversion (η = 0) of x0 up to ``timesteps[0]``; returns latents aligned with the denoising loop:
     ``out[i]`` is the latent at ``timesteps[i]`` and ``out[-1]`` is x0."""
     alphas = sched.alphas_cumprod.to(bundle.device)
@@ -430,8 +475,14 @@ def ddim_invert(bundle: ModelBundle, sched: Any, x0: torch.Tensor, emb: torch.Te
 
 
 # ---- the contract -----------------------------------------------------------------------------
-def edit(bundle: ModelBundle, images: torch.Tensor, source_prompts: Sequence[str], target_prompts: Sequence[str],
-         cfg: EditConfig = EditConfig(), seeds: Sequence[int] | None = None) -> EditResult:
+def edit(
+    bundle: ModelBundle,
+    images: torch.Tensor,
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    cfg: EditConfig = EditConfig(),
+    seeds: Sequence[int] | None = None,
+) -> EditResult:
     """Edit a batch of images with ``cfg.method``. ``seeds`` per image (default: ``cfg.seed`` for all)."""
     check_images(bundle, images)
     b = images.shape[0]
@@ -451,14 +502,21 @@ def edit(bundle: ModelBundle, images: torch.Tensor, source_prompts: Sequence[str
     try:
         fn = EDITORS[method]
     except KeyError:
-        raise EditInputError(f"unknown method {cfg.method!r}; accepted: {', '.join(m.value for m in EDITORS)}") from None
+        raise EditInputError(
+            f"unknown method {cfg.method!r}; accepted: {', '.join(m.value for m in EDITORS)}"
+        ) from None
     with torch.inference_mode():
         return fn(bundle, images.to(bundle.device, bundle.dtype), source_prompts, target_prompts, cfg, seeds)
 
 
 @torch.inference_mode()
-def generate(bundle: ModelBundle, prompts: Sequence[str], steps: int = 50, guidance: float = 7.5,
-             seeds: Sequence[int] | None = None) -> torch.Tensor:
+def generate(
+    bundle: ModelBundle,
+    prompts: Sequence[str],
+    steps: int = 50,
+    guidance: float = 7.5,
+    seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Text-to-image with DDIM and CFG; images (B, 3, H, W) in [-1, 1] (used for prompt-pair datasets)."""
     check_prompts(bundle, prompts, "generation")
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ class ImageInputError(ValueError):
     """An image or mask that cannot be used; the message says what was wrong and what is accepted."""
 
 
-class SizePolicy(str, Enum):
+class SizePolicy(StrEnum):
     RESIZE = "resize"  # resize to the nearest multiple (aspect kept within one step)
     PAD = "pad"  # pad right/bottom by edge replication; outputs are cropped back by callers
     REFUSE = "refuse"  # raise
@@ -160,7 +160,9 @@ def decode_mask(data: bytes | str | Path, size: tuple[int, int] | None = None) -
         img = Image.open(io.BytesIO(raw))
         img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageInputError(f"cannot decode mask ({type(exc).__name__}); accepted: a PNG mask, non-zero = edit") from None
+        raise ImageInputError(
+            f"cannot decode mask ({type(exc).__name__}); accepted: a PNG mask, non-zero = edit"
+        ) from None
     if img.mode in ("RGBA", "LA"):
         arr = np.asarray(img.getchannel("A")) > 127
     else:

@@ -1,4 +1,7 @@
-"""Mask math as pure tensor functions: InstDiffEdit (Eq. 6–9), DiffEdit, FISEdit, resizing, IoU.
+"""Mask math as pure tensor functions: InstDiffEdit (Eq. 6–9), DiffEdit, resizing, IoU.
+
+FISEdit's latent-difference mask (Otsu, opening, dilation, per-resolution pooling) lives with its engine in
+:mod:`instdiff.sparse.mask`.
 
 Shapes: attention maps are (B, T, h, w) — one map per token — already averaged over heads, layers and
 parallel noises. ``n_tokens`` (B,) counts the prompt's tokens including the start and end tokens, so
@@ -9,13 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 
 
-class Refinement(str, Enum):
+class Refinement(StrEnum):
     """How the position vector P turns token maps into one map."""
 
     WEIGHTED = "weighted"  # paper Eq. 9: A_ref = Σ_i P_i · A_i
@@ -205,59 +208,6 @@ def diffedit_mask(
         diff = gaussian_blur(diff, blur_size, blur_size / 3)
     soft = minmax(diff)
     return soft > threshold, soft
-
-
-def otsu_threshold(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
-    """Otsu's threshold per map of (B, h, w) or (B, 1, h, w) values → (B,)."""
-    flat = x.flatten(1).float()
-    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
-    out = torch.empty(flat.shape[0], device=x.device)
-    for i in range(flat.shape[0]):
-        if hi[i] - lo[i] < 1e-12:
-            out[i] = hi[i]
-            continue
-        hist = torch.histc(flat[i], bins=bins, min=float(lo[i]), max=float(hi[i]))
-        p = hist / hist.sum()
-        centers = lo[i] + (torch.arange(bins, device=x.device) + 0.5) * (hi[i] - lo[i]) / bins
-        w0 = p.cumsum(0)
-        mu = (p * centers).cumsum(0)
-        mu_t = mu[-1]
-        w1 = 1 - w0
-        between = (mu_t * w0 - mu) ** 2 / (w0 * w1).clamp_min(1e-12)
-        between[w1 <= 1e-12] = -1
-        k = int(between.argmax())
-        out[i] = lo[i] + (k + 1) * (hi[i] - lo[i]) / bins
-    return out
-
-
-def latent_difference_map(latents: list[torch.Tensor], cached: list[torch.Tensor]) -> torch.Tensor:
-    """FISEdit difference map: Σ_steps minmax(Σ_channels |x_t − x̂_t|); lists of (B, C, H, W) → (B, H, W)."""
-    total = None
-    for x, ref in zip(latents, cached, strict=True):
-        d = minmax((x.float() - ref.float()).abs().sum(dim=1))
-        total = d if total is None else total + d
-    if total is None:
-        raise ValueError("latent_difference_map needs at least one step")
-    return total
-
-
-def open_mask(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Morphological opening (erode then dilate) of a (B, 1, H, W) bool mask with a square element."""
-    return dilate(erode(mask, size), size)
-
-
-def dilate(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Dilate a (B, 1, H, W) bool mask with a size×size square (size odd)."""
-    if size <= 1:
-        return mask
-    return F.max_pool2d(mask.float(), size, stride=1, padding=size // 2) > 0.5
-
-
-def erode(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Erode a (B, 1, H, W) bool mask with a size×size square (size odd); the border counts as inside."""
-    if size <= 1:
-        return mask
-    return ~dilate(~mask, size)
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:

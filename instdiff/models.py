@@ -142,8 +142,14 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -298,7 +304,9 @@ def load_pretrained(
     path = Path(spec).expanduser()
     is_local = path.exists()
     if _looks_local(spec) and not is_local:
-        raise ModelLoadError(f"model path {spec!r} does not exist; give a diffusers folder, a hub id, 'tiny' or 'default'")
+        raise ModelLoadError(
+            f"model path {spec!r} does not exist; give a diffusers folder, a hub id, 'tiny' or 'default'"
+        )
     if is_local and not (path / "model_index.json").exists():
         if (path / "unet").is_dir() or (path / "config.json").exists():
             raise ModelLoadError(
@@ -330,7 +338,7 @@ def load_pretrained(
             inpaint_unet = UNet2DConditionModel.from_pretrained(isrc, subfolder="unet", **ikw)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         hint = " (offline: only local folders, 'tiny' and 'default' work)" if not is_local else ""
         raise ModelLoadError(f"could not load model {spec!r}{hint}: {exc}") from None
     if inpaint_unet is not None and inpaint_unet.config.in_channels != 4 + 1 + vae.config.latent_channels:
