@@ -474,6 +474,35 @@ def ddim_invert(
     return trail[::-1]
 
 
+# ---- FISEdit ----------------------------------------------------------------------------------
+@register(Method.FISEDIT)
+def fisedit(
+    bundle: ModelBundle,
+    images: torch.Tensor,
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    cfg: EditConfig,
+    seeds: Sequence[int],
+) -> EditResult:
+    """FISEdit for prompt pairs: generate each source prompt with its per-step cache, then re-generate sparsely
+    with the target prompt (``instdiff.sparse``). FISEdit edits its own generations, so ``images`` only fix the
+    output size; they should be ``generate(bundle, source_prompts, cfg.steps, cfg.guidance, seeds)``, which draws
+    the same initial noise per seed as the session and so equals ``extras["source_images"]``.
+    """
+    from instdiff.sparse import FISEditConfig, fisedit_edit_pairs
+
+    # the difference mask comes from steps 5-10 of 50 in the paper: keep those fractions at other step counts
+    mask_steps = max(1, round(cfg.steps * 0.2))
+    fcfg = FISEditConfig(
+        num_steps=cfg.steps,
+        guidance_scale=cfg.guidance,
+        image_size=int(images.shape[-1]),
+        mask_steps=mask_steps,
+        mask_from=max(1, min(mask_steps, round(cfg.steps * 0.1))),
+    )
+    return fisedit_edit_pairs(bundle, source_prompts, target_prompts, fcfg, list(seeds))
+
+
 # ---- the contract -----------------------------------------------------------------------------
 def edit(
     bundle: ModelBundle,
@@ -497,8 +526,6 @@ def edit(
     seeds = list(seeds) if seeds is not None else [cfg.seed] * b
     if len(seeds) != b:
         raise EditInputError(f"got {len(seeds)} seeds for {b} images")
-    if method not in EDITORS and method is Method.FISEDIT:
-        import instdiff.sparse  # noqa: F401  registers the FISEdit editor
     try:
         fn = EDITORS[method]
     except KeyError:

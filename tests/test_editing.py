@@ -160,3 +160,12 @@ def test_bad_inputs_are_refused_clearly(bundle, pairs, caplog):
     r = edit(bundle, images[:1], src[:1], [long_prompt], cfg)
     assert r.images.shape[0] == 1
     assert any("truncated" in rec.message for rec in caplog.records)
+
+
+def test_fisedit_through_the_contract_matches_generated_sources(bundle):
+    src, tgt = ["a red circle on a gray background"], ["a blue circle on a gray background"]
+    sources = generate(bundle, src, steps=4, guidance=7.5, seeds=[3])
+    r = edit(bundle, sources, src, tgt, EditConfig(method=Method.FISEDIT, steps=4), seeds=[3])
+    assert r.images.shape == sources.shape and r.masks.shape == (1, 1, 32, 32)
+    torch.testing.assert_close(r.extras["source_images"].float().cpu(), sources, atol=1e-4, rtol=0)
+    assert r.unet_calls > 0
