@@ -138,9 +138,10 @@ class BenchConfig:
     engine: str = "ray"
     metrics: MetricSpec = field(default_factory=MetricSpec)
     sheet: SheetSpec = field(default_factory=SheetSpec)
+    notes: tuple[str, ...] = ()  # printed under "Notes" in the Markdown (e.g. where settings differ from the paper)
 
 
-_TOP_KEYS = ("name", "output", "results", "engine", "data", "base", "runs", "sweeps", "metrics", "sheet")
+_TOP_KEYS = ("name", "output", "results", "engine", "data", "base", "runs", "sweeps", "metrics", "sheet", "notes")
 
 
 def slugify(text: str) -> str:
@@ -249,10 +250,13 @@ def parse_bench_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | N
     dupes = sorted({s for s in slugs if slugs.count(s) > 1})
     if dupes:
         raise ConfigError(f"runs: labels must be distinct (as file names); repeated: {', '.join(dupes)}")
+    notes = data.get("notes") or []
+    if isinstance(notes, str) or not all(isinstance(n, str) for n in notes):
+        raise ConfigError("notes: expected a list of strings")
     cfg = BenchConfig(name=name, output=str(data.get("output") or f"out/bench/{slugify(name)}"),
                       results=str(data.get("results") or f"docs/results/bench-{slugify(name)}"),
                       data=data_spec, base=dict(base), runs=tuple(runs), engine=engine, metrics=metrics,
-                      sheet=sheet)
+                      sheet=sheet, notes=tuple(notes))
     for run in cfg.runs:  # fail before anything runs
         try:
             batch_config(cfg, run, "input.parquet")
@@ -958,7 +962,7 @@ def aggregate(cfg: BenchConfig, inputs_table: pa.Table, command: str, facts: Map
         results, col["lpips"], text_col, files["lpips_vs_text"], f"{cfg.name}: {text_col.header} vs LPIPS") \
         else None
     plots["contact"] = files["contact"] if contact_sheet(cfg, results, inputs, files["contact"]) else None
-    notes = _na_notes(results, scorers, mode, inputs)
+    notes = list(cfg.notes) + _na_notes(results, scorers, mode, inputs)
     if baseline is not None:
         notes.append(f"Text score of the unedited inputs (scorer false-positive baseline): {baseline * 100:.1f} %.")
     from cluster.benchmarks.common import git_commit, machine_info, write_report

@@ -66,6 +66,7 @@ def test_config_expands_sweeps_and_merges_settings(tmp_path):
         ({"sweeps": [{"name": "s", "grid": {"method.strength": []}}]}, "non-empty lists"),
         ({"metrics": {"text_score": "bleu"}}, "metrics.text_score"),
         ({"engine": "spark"}, "engine"),
+        ({"notes": "one string"}, "notes: expected a list"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, change, message):
@@ -93,7 +94,8 @@ def _fake_output(path, pairs, edited, pred, latency=0.8, batch_rows=4, unet=20.0
 
 
 def test_aggregate_exact_values_on_constructed_outputs(tmp_path):
-    cfg = bench.parse_bench_config(_config(tmp_path, sweeps=[], metrics={"lpips": False, "fid": False}))
+    cfg = bench.parse_bench_config(_config(tmp_path, sweeps=[], metrics={"lpips": False, "fid": False},
+                                           notes=["2 steps (paper: 50)"]))
     table = shapes_table(4, seed=3, size=32)
     pairs = make_edit_pairs(4, seed=3, size=32)
     # "SDEdit": perfect edits (the ground-truth targets) with perfect masks
@@ -118,6 +120,7 @@ def test_aggregate_exact_values_on_constructed_outputs(tmp_path):
     assert "| SDEdit | 0.200 | 20 | 100.0 |" in md
     assert "| InstDiffEdit | 0.100 | 7 | 0.0 | 0.0 | 0.0 | n/a |" in md and "| 3 / 4 |" in md
     assert "CLIPScore: n/a: no CLIP model given" in md and "FID, CSFID: not computed" in md
+    assert "* 2 steps (paper: 50)" in md
     for key in ("iou_vs_time", "cm_vs_cnon", "contact"):
         assert open(paths[key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
