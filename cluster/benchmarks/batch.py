@@ -71,7 +71,9 @@ class TreeCpu:
 
     Ray's raylet does not collect the CPU time of workers that exit, so live processes are sampled every
     ``interval`` seconds and each one's last reading is kept: an exiting process loses at most one interval.
-    The sampler thread's own CPU time is subtracted.
+    The sampler thread's own CPU time is subtracted. ``by_kind`` splits the total into the editing actors,
+    the other Ray workers (read/decode/encode/write tasks, Ray Data's helpers), Ray's system processes
+    (raylet, GCS, agents) and this driver process.
     """
 
     def __init__(self, interval: float = 0.5) -> None:
@@ -80,13 +82,25 @@ class TreeCpu:
         self.interval = interval
         self.last: dict[tuple[int, float], float] = {}
         self.base: dict[tuple[int, float], float] = {}
+        self.kind: dict[tuple[int, float], str] = {}
         self.own = 0.0
         self.seconds = 0.0
+        self.by_kind: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _snapshot() -> dict[tuple[int, float], float]:
+    def _kind(proc: Any, me: Any) -> str:
+        if proc.pid == me.pid:
+            return "driver"
+        title = " ".join(proc.cmdline()[:1])
+        if "EditStage" in title:
+            return "edit_actors"
+        if title.startswith("ray::") or "default_worker.py" in " ".join(proc.cmdline()):
+            return "other_workers"
+        return "ray_system"
+
+    def _snapshot(self) -> dict[tuple[int, float], float]:
         import psutil
 
         me = psutil.Process()
@@ -94,7 +108,11 @@ class TreeCpu:
         for proc in [me, *me.children(recursive=True)]:
             try:
                 t = proc.cpu_times()
-                out[(proc.pid, proc.create_time())] = t.user + t.system
+                key = (proc.pid, proc.create_time())
+                out[key] = t.user + t.system
+                kind = self._kind(proc, me)
+                if self.kind.get(key) != "edit_actors":  # a worker that became an editing actor stays one
+                    self.kind[key] = kind
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         return out
@@ -115,7 +133,12 @@ class TreeCpu:
         self._stop.set()
         self._thread.join()
         self.last.update(self._snapshot())
-        self.seconds = sum(v - self.base.get(k, 0.0) for k, v in self.last.items()) - self.own
+        self.by_kind = {}
+        for key, value in self.last.items():
+            kind = self.kind.get(key, "ray_system")
+            self.by_kind[kind] = self.by_kind.get(kind, 0.0) + value - self.base.get(key, 0.0)
+        self.by_kind["driver"] = self.by_kind.get("driver", 0.0) - self.own
+        self.seconds = sum(self.by_kind.values())
 
 
 def own_cpu_seconds() -> float:
@@ -162,9 +185,14 @@ def time_ray(args: argparse.Namespace, input_path: str, small_path: str, work: P
         if summary.ok != summary.written:
             raise RuntimeError(f"ray {actors} actors ({name}): {summary.error} error rows: {summary.top_errors}")
         runs[name] = {"rows": summary.written, "seconds": round(seconds, 3), "cpu_s": round(cpu, 2),
+                      "cpu_s_by_kind": {k: round(v, 2) for k, v in sorted(meter.by_kind.items())},
                       "load_avg_before": load_before, "load_avg_after": _load()}
     small, full = runs["small"], runs["full"]
-    cpu_per_row = (full["cpu_s"] - small["cpu_s"]) / (full["rows"] - small["rows"])
+    extra_rows = full["rows"] - small["rows"]
+    cpu_per_row = (full["cpu_s"] - small["cpu_s"]) / extra_rows
+    kinds = set(small["cpu_s_by_kind"]) | set(full["cpu_s_by_kind"])
+    cpu_per_row_by_kind = {k: round((full["cpu_s_by_kind"].get(k, 0.0) - small["cpu_s_by_kind"].get(k, 0.0))
+                                    / extra_rows, 4) for k in sorted(kinds)}
     extra_s = full["seconds"] - small["seconds"]
     # the difference is only meaningful when the extra rows cost clearly more than the fixed cost's jitter
     steady = (full["rows"] - small["rows"]) / extra_s if extra_s > 0.2 * full["seconds"] else None
@@ -174,6 +202,7 @@ def time_ray(args: argparse.Namespace, input_path: str, small_path: str, work: P
             "steady_rows_per_s": round(steady, 4) if steady else None,
             "fixed_cost_s": round(fixed, 2) if fixed is not None else None,
             "steady_cpu_s_per_row": round(cpu_per_row, 4),
+            "steady_cpu_s_per_row_by_kind": cpu_per_row_by_kind,
             "fixed_cpu_s": round(full["cpu_s"] - cpu_per_row * full["rows"], 2)}
 
 
@@ -261,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{cell(r['ratio_to_loop'], '.2f'):>8}{cell(r['overhead_per_actor'], '.1%'):>16}"
               f"{r['end_to_end_rows_per_s']:>12.3f}{cell(r['fixed_cost_s'], '.1f'):>9}"
               f"{r['steady_cpu_s_per_row']:>11.3f}{r['cpu_overhead']:>14.1%}")
+    for r in results:
+        print(f"ray {r['actors']} actor(s), steady CPU s/row by process: {r['steady_cpu_s_per_row_by_kind']}")
     print(f"scaling efficiency (steady, k actors vs k x 1 actor): {scaling}; wrote {path}")
     return 0
 
