@@ -10,7 +10,7 @@ DEMO_N ?= 64
 DEMO_DATA := data/shapes-$(DEMO_N).parquet
 DEMO_OUT ?= out/demo
 
-.PHONY: setup test test-slow demo lint clean bench-editors
+.PHONY: setup test test-slow demo lint clean bench-editors bench-batch
 
 setup: $(STAMP)
 
@@ -39,6 +39,9 @@ demo: setup $(DEMO_DATA)
 
 bench-editors: setup
 	$(BIN)/python cluster/benchmarks/editors.py --out docs/results/editors.json
+
+bench-batch: setup
+	$(BIN)/python cluster/benchmarks/batch.py --model default --rows 32 --loop-rows 8 --steps 20 --batch-size 4 --cpus 2
 
 clean:
 	rm -rf out .pytest_cache
