@@ -9,13 +9,19 @@ import torch
 from instdiff.models import load_bundle
 from instdiff.training import (
     MASK_KINDS,
+    LossLog,
     TrainConfig,
     TrainConfigError,
     UNetConfig,
     _merge_losses,
+    _token_ids,
     build_models,
+    encode_dataset,
     random_inpaint_masks,
+    render_training_data,
     train_shapes,
+    train_unet,
+    train_vae,
     widen_to_inpaint,
 )
 
@@ -75,6 +81,26 @@ def test_merge_losses_shifts_the_continued_run():
     assert resumed == {"unet": 10}
 
 
+def test_training_loops_reduce_the_loss_on_a_micro_config():
+    cfg = TrainConfig.from_yaml(CONFIGS / "micro.yaml")
+    torch.manual_seed(0)
+    tokenizer, text_encoder, vae, unet, scheduler = build_models(cfg)
+    data = render_training_data(16, size=cfg.image_size, workers=1)
+    dev = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    losses = LossLog(every=4)
+    train_vae(vae, data, dataclasses.replace(cfg.vae, steps=12, lr=3e-3), dev, False, losses, gen)
+    mean, std = encode_dataset(vae, data.images, dev)
+    ids = _token_ids(tokenizer, data.captions)
+    unet_cfg = dataclasses.replace(cfg.unet, steps=16, lr=2e-3, batch_size=16)
+    train_unet(text_encoder, unet, (mean, std), ids, _token_ids(tokenizer, [""]), scheduler.alphas_cumprod, unet_cfg,
+               dev, False, losses, gen)
+    for stage in ("vae", "unet"):
+        first, last = losses.first_last(stage)
+        assert last < first, (stage, losses.stages[stage])
+
+
+@pytest.mark.slow
 def test_micro_training_run_learns_and_saves_a_loadable_model(tmp_path):
     cfg = TrainConfig.from_yaml(CONFIGS / "micro.yaml")
     cfg = dataclasses.replace(
