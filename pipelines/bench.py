@@ -700,7 +700,8 @@ TABLE1 = (
                                                         "edit region by the attribute scorer (instdiff.scorer)"),
     Column("clip_score", "CLIPScore ↑", 1.0, 3, "CLIPScore(edited, target prompt)"),
 )
-TABLE2 = tuple(c for c in TABLE1 if c.key in ("iou", "c_m", "c_non", "ratio", "text_score", "time_per_image_s"))
+TABLE2 = tuple(c for c in TABLE1 if c.key in ("iou", "c_m", "c_non", "ratio", "text_score", "time_per_image_s",
+                                             "unet_calls"))
 
 
 def _cell(res: Mapping[str, Any], col: Column) -> str:
@@ -784,14 +785,14 @@ def trade_off_plot(results: Sequence[Mapping[str, Any]], x: Column, y: Column, p
         groups: dict[Any, list[Mapping[str, Any]]] = {}
         for r in members:
             groups.setdefault(r["params"].get(line_key) if line_key else sweep, []).append(r)
-        for value, rs in groups.items():
+        for line, (value, rs) in enumerate(groups.items()):
             rs = sorted(rs, key=lambda r: r["params"][along])
             name = f"{SHORT_NAMES.get(line_key, line_key)}={value}" if line_key else sweep
             color = palette[(len(plain) + n_lines) % 10]
             n_lines += 1
             ax.plot([r[x.key] * x.scale for r in rs], [r[y.key] * y.scale for r in rs], marker="o", label=name,
                     color=color)
-            for r in rs:
+            for r in rs if line == 0 else ():  # the swept value on the first line only, to keep it legible
                 ax.annotate(f"{SHORT_NAMES.get(along, along)}={r['params'][along]}",
                             (r[x.key] * x.scale, r[y.key] * y.scale), textcoords="offset points", xytext=(4, -10),
                             fontsize=7, color="#555")
@@ -806,6 +807,13 @@ def trade_off_plot(results: Sequence[Mapping[str, Any]], x: Column, y: Column, p
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def _latin1(text: str) -> str:
+    """Text PIL's built-in bitmap font can draw (Greek letters spelled out, other symbols replaced)."""
+    for a, b in (("φ", "phi"), ("γ", "gamma"), ("→", "->"), ("↑", "^"), ("↓", "v"), ("×", "x")):
+        text = text.replace(a, b)
+    return text.encode("latin-1", "replace").decode("latin-1")
 
 
 def contact_sheet(cfg: BenchConfig, results: Sequence[Mapping[str, Any]], inputs: Inputs, path: str) -> bool:
@@ -836,12 +844,12 @@ def contact_sheet(cfg: BenchConfig, results: Sequence[Mapping[str, Any]], inputs
     sheet = Image.new("RGB", (width, header_h + len(ids) * (TILE + pad)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for k, name in enumerate(columns):
-        draw.multiline_text((label_w + k * (TILE + pad) + 2, 2), name[:44], fill=(0, 0, 0))
+        draw.multiline_text((label_w + k * (TILE + pad) + 2, 2), _latin1(name)[:44], fill=(0, 0, 0))
     for n, rid in enumerate(ids):
         y = header_h + n * (TILE + pad)
         meta = inputs.meta.get(rid, {})
         edit = meta.get("target_phrase") or meta.get("target_class") or inputs.target_prompts.get(rid, "")
-        draw.multiline_text((4, y + 4), f"{rid[:30]}\n-> {str(edit)[:28]}", fill=(0, 0, 0))
+        draw.multiline_text((4, y + 4), _latin1(f"{rid[:30]}\n-> {str(edit)[:28]}"), fill=(0, 0, 0))
         src = inputs.images.get(rid)
         gt = inputs.masks.get(rid)
         tiles = [tile(encode_png(src) if src is not None else None),
@@ -881,7 +889,7 @@ def render_markdown(cfg: BenchConfig, results: Sequence[Mapping[str, Any]], comm
     sweeps = list(dict.fromkeys(r["sweep"] for r in results if r.get("sweep")))
     name = Path(cfg.results).name
     out = [f"# Benchmark `{cfg.name}`", "",
-           f"Made with: `{command}`", "",
+           _made_with(command), "",
            f"* model: {_model_line(results, cfg)}",
            f"* rows: {results[0]['rows'] if results else 0} ({_data_line(cfg)}); engine: {cfg.engine}",
            f"* shared settings: `{json.dumps(settings, sort_keys=True)}`",
@@ -919,6 +927,15 @@ def render_markdown(cfg: BenchConfig, results: Sequence[Mapping[str, Any]], comm
         out += ["", "## Errors", ""] + [f"* {v} × {k}" for k, v in errors.items()]
     out += ["", f"Raw numbers: [{name}.json]({name}.json).", ""]
     return "\n".join(out)
+
+
+def _made_with(command: str) -> str:
+    """The command that made the runs (a ``--aggregate-only`` re-render is said as such)."""
+    flag = " --aggregate-only"
+    if flag in command:
+        return (f"Made with: `{command.replace(flag, '')}` (tables and figures re-rendered from its outputs "
+                f"with `{flag.strip()}`)")
+    return f"Made with: `{command}`"
 
 
 def _data_line(cfg: BenchConfig) -> str:

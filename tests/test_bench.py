@@ -148,7 +148,10 @@ def test_end_to_end_in_process_tiny(tmp_path):
     assert doc["params"]["batch_configs"]["SDEdit"]["method"]["name"] == "sdedit"
     assert by_label["SDEdit"]["job"]["written"] == 4 and len(by_label["SDEdit"]["job"]["load_avg_1m"]) == 2
     # --aggregate-only re-renders from the outputs and the recorded job facts
-    again = json.loads(open(bench.run_bench(cfg, "x", aggregate_only=True)["json"]).read())
+    paths = bench.run_bench(cfg, "instdiff bench --config t.yaml --aggregate-only", aggregate_only=True)
+    again = json.loads(open(paths["json"]).read())
+    assert "Made with: `instdiff bench --config t.yaml` (tables and figures re-rendered" in open(
+        paths["markdown"]).read()
     assert [r["iou"] for r in again["results"]] == [r["iou"] for r in doc["results"]]
     assert again["results"][0]["job"] == by_label["SDEdit"]["job"]
 
