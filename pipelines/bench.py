@@ -8,7 +8,7 @@ stopped. Then the outputs are aggregated into, under the ``results`` prefix (e.g
 * ``PREFIX.md`` — a Markdown table shaped like the paper's Table 1 (time per image, UNet calls, IoU, C_m,
   C_non, C_m/C_non, LPIPS, FID, CSFID, text score, CLIPScore), one table per sweep shaped like Table 2
   (e.g. r × φ), the command that made them, the model, the machine and what every column means;
-* ``PREFIX.json`` — the same numbers (``cluster.benchmarks.common.write_report``: machine, commit, time);
+* ``PREFIX.json`` — the same numbers (``pipelines.runinfo.write_report``: machine, commit, time);
 * ``PREFIX-iou-vs-time.png``, ``PREFIX-cm-vs-cnon.png``, ``PREFIX-lpips-vs-text.png`` — trade-off plots
   (Figure 5); sweeps are drawn as lines;
 * ``PREFIX-contact.png`` — input, ground-truth mask, then predicted mask and edit for each shown run.
@@ -982,7 +982,7 @@ def aggregate(cfg: BenchConfig, inputs_table: pa.Table, command: str, facts: Map
     notes = list(cfg.notes) + _na_notes(results, scorers, mode, inputs)
     if baseline is not None:
         notes.append(f"Text score of the unedited inputs (scorer false-positive baseline): {baseline * 100:.1f} %.")
-    from cluster.benchmarks.common import git_commit, machine_info, write_report
+    from pipelines.runinfo import git_commit, machine_info, write_report
 
     machine = machine_info()
     commit = git_commit()
