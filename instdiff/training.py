@@ -43,6 +43,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from instdiff import synthetic
+from instdiff.grounding import grounding_loss, install_grounding, region_fractions, token_targets
 from instdiff.models import (
     BASE_WORDS,
     MAX_TOKENS,
@@ -116,6 +117,10 @@ class UNetConfig:
     ema_decay: float = 0.999
     snr_gamma: float | None = 5.0
     max_seconds: float | None = None
+    # TokenCompose-style token grounding loss (instdiff.grounding); 0 = off (the shipped runs 1-2 had it off).
+    # text_lr 0 freezes the text encoder (keeps the inpainting UNet's conditioning valid when continuing).
+    grounding_weight: float = 0.0
+    grounding_downsample: tuple[int, ...] = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -400,20 +405,20 @@ class LossLog:
 
     every: int
     stages: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    _acc: torch.Tensor | float = 0.0  # summed on the loss's device: no host sync between log lines
-    _n: int = 0
+    # per stage: running sum on the loss's device (no host sync between log lines) and its count
+    _acc: dict[str, tuple[torch.Tensor | float, int]] = field(default_factory=dict)
 
     def add(self, stage: str, step: int, loss: torch.Tensor) -> None:
-        self._acc = self._acc + loss.detach().float()
-        self._n += 1
-        if self._n >= self.every:
+        acc, n = self._acc.get(stage, (0.0, 0))
+        self._acc[stage] = (acc + loss.detach().float(), n + 1)
+        if n + 1 >= self.every:
             self.flush(stage, step)
             log.info("%s step %d loss %.5f", stage, step, self.stages[stage][-1][1])
 
     def flush(self, stage: str, step: int) -> None:
-        if self._n:
-            self.stages.setdefault(stage, []).append((step, float(self._acc) / self._n))
-        self._acc, self._n = 0.0, 0
+        acc, n = self._acc.pop(stage, (0.0, 0))
+        if n:
+            self.stages.setdefault(stage, []).append((step, float(acc) / n))
 
     def first_last(self, stage: str) -> tuple[float, float]:
         values = [v for _, v in self.stages.get(stage, [])]
@@ -571,44 +576,65 @@ def _token_ids(tokenizer: CLIPTokenizer, captions: Sequence[str]) -> torch.Tenso
 
 def train_unet(text_encoder: CLIPTextModel, unet: UNet2DConditionModel, latents: tuple[torch.Tensor, torch.Tensor],
                ids: torch.Tensor, empty_ids: torch.Tensor, alphas: torch.Tensor, cfg: UNetConfig,
-               device: torch.device, amp: bool, losses: LossLog, gen: torch.Generator) -> int:
-    """Stage 2: text encoder + UNet with the ε loss, caption dropout and EMA. Returns steps done."""
+               device: torch.device, amp: bool, losses: LossLog, gen: torch.Generator,
+               grounding: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
+    """Stage 2: text encoder + UNet with the ε loss, caption dropout and EMA. Returns steps done.
+
+    ``grounding`` = (region fractions (N, V, S, S), token targets (N, T)) turns on the token grounding loss
+    (:mod:`instdiff.grounding`) with weight ``cfg.grounding_weight``; its value is logged as stage "ground".
+    ``cfg.text_lr == 0`` keeps the text encoder frozen.
+    """
     mean, std = latents
-    text_encoder.train().requires_grad_(True)
+    train_text = cfg.text_lr > 0
+    text_encoder.train(train_text).requires_grad_(train_text)
     unet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(
-        [{"params": list(unet.parameters()), "lr": cfg.lr},
-         {"params": list(text_encoder.parameters()), "lr": cfg.text_lr}],
-        weight_decay=1e-2,
-        fused=device.type == "cuda",
-    )
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
+    groups = [{"params": list(unet.parameters()), "lr": cfg.lr}]
+    if train_text:
+        groups.append({"params": list(text_encoder.parameters()), "lr": cfg.text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps))
-    ema = Ema(list(unet.parameters()) + list(text_encoder.parameters()), cfg.ema_decay)
+    ema = Ema(params, cfg.ema_decay)
+    ground = grounding is not None and cfg.grounding_weight > 0
+    recorders, previous = install_grounding(unet, cfg.grounding_downsample) if ground else ({}, None)
     n = mean.shape[0]
     done = 0
-    for step in _steps(cfg.steps, cfg.max_seconds, device):
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen, device=device)
-        z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen, device=device)
-        tok = ids[idx]
-        drop = torch.rand(cfg.batch_size, generator=gen, device=device) < cfg.caption_dropout
-        tok = torch.where(drop[:, None], empty_ids.expand_as(tok), tok)
-        t = torch.randint(0, alphas.shape[0], (cfg.batch_size,), generator=gen, device=device)
-        noise = torch.randn(z0.shape, generator=gen, device=device)
-        zt = _add_noise(alphas, z0, noise, t)
-        with _autocast(device, amp):
-            emb = text_encoder(tok)[0]
-            pred = unet(zt, t, encoder_hidden_states=emb).sample.float()
-        per = ((pred - noise) ** 2).flatten(1).mean(dim=1)
-        loss = (per * _snr_weights(alphas, t, cfg.snr_gamma)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
-        losses.add("unet", step, per.mean())
-        done = step + 1
+    try:
+        for step in _steps(cfg.steps, cfg.max_seconds, device):
+            idx = torch.randint(0, n, (cfg.batch_size,), generator=gen, device=device)
+            z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen, device=device)
+            tok = ids[idx]
+            drop = torch.rand(cfg.batch_size, generator=gen, device=device) < cfg.caption_dropout
+            tok = torch.where(drop[:, None], empty_ids.expand_as(tok), tok)
+            t = torch.randint(0, alphas.shape[0], (cfg.batch_size,), generator=gen, device=device)
+            noise = torch.randn(z0.shape, generator=gen, device=device)
+            zt = _add_noise(alphas, z0, noise, t)
+            with _autocast(device, amp):
+                with torch.set_grad_enabled(train_text):
+                    emb = text_encoder(tok)[0]
+                pred = unet(zt, t, encoder_hidden_states=emb).sample.float()
+            per = ((pred - noise) ** 2).flatten(1).mean(dim=1)
+            loss = (per * _snr_weights(alphas, t, cfg.snr_gamma)).mean()
+            if ground:
+                regions, targets = grounding
+                tgt = torch.where(drop[:, None], torch.full_like(targets[idx], -1), targets[idx])
+                g = grounding_loss(recorders, regions[idx].float(), tgt)
+                loss = loss + cfg.grounding_weight * g
+                losses.add("ground", step, g.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            ema.update()
+            losses.add("unet", step, per.mean())
+            done = step + 1
+    finally:
+        if previous is not None:
+            unet.set_attn_processor(previous)
     losses.flush("unet", done)
+    if ground:
+        losses.flush("ground", done)
     ema.copy_to()
     text_encoder.eval().requires_grad_(False)
     unet.eval().requires_grad_(False)
@@ -819,8 +845,13 @@ def train_shapes(config: TrainConfig | str | Path, out_dir: str | Path, device: 
     with _stage_timer("unet", times, dev):
         unet_steps = 0
         if cfg.unet.steps:
+            grounding = None
+            if cfg.unet.grounding_weight > 0:
+                side = cfg.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+                grounding = (region_fractions(data.labels, side).to(dev, torch.float16),
+                             token_targets(tokenizer, ids.cpu()).to(dev))
             unet_steps = train_unet(text_encoder, unet, latents, ids, empty_ids, alphas, cfg.unet, dev, amp, losses,
-                                    gen)
+                                    gen, grounding)
 
     # 4. inpainting UNet: from the base UNet with conv_in widened to latents + mask + masked-image latents
     #    (or the earlier run's inpainting UNet, continued)
