@@ -821,8 +821,7 @@ def contact_sheet(cfg: BenchConfig, results: Sequence[Mapping[str, Any]], inputs
     from PIL import Image, ImageDraw
 
     from instdiff.imageio import encode_png
-    from pipelines.report import TILE
-    from pipelines.report import _tile as tile
+    from pipelines.report import TILE, tile
 
     shown_labels = cfg.sheet.runs or tuple(r.label for r in cfg.runs if r.sweep is None) or tuple(
         r.label for r in cfg.runs[:4])

@@ -117,11 +117,11 @@ def read_inputs(input_uri: str, ids: list[str], storage_cfg: storage.StorageConf
     return out
 
 
-def _tile(data: bytes | None, mask: bool = False) -> np.ndarray:
+def tile(data: bytes | None, mask: bool = False) -> np.ndarray:
     """A TILE×TILE RGB tile of an encoded image (nearest-neighbour, letterboxed); gray when missing."""
     from PIL import Image
 
-    tile = Image.new("RGB", (TILE, TILE), (200, 200, 200))
+    canvas = Image.new("RGB", (TILE, TILE), (200, 200, 200))
     if data is not None:
         try:
             img = Image.open(io.BytesIO(data))
@@ -129,10 +129,10 @@ def _tile(data: bytes | None, mask: bool = False) -> np.ndarray:
             scale = TILE / max(img.size)
             size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
             img = img.resize(size, Image.Resampling.NEAREST)
-            tile.paste(img, ((TILE - size[0]) // 2, (TILE - size[1]) // 2))
+            canvas.paste(img, ((TILE - size[0]) // 2, (TILE - size[1]) // 2))
         except Exception as exc:  # noqa: BLE001 - a broken picture must not break the page
             log.warning("cannot render an image (%s)", exc)
-    return np.asarray(tile)
+    return np.asarray(canvas)
 
 
 def _panels(row: dict[str, Any], inp: dict[str, Any]) -> list[bytes | None]:
@@ -158,7 +158,7 @@ def contact_sheet(rows: list[dict[str, Any]], inputs: dict[str, dict]) -> bytes:
                  f"area {row.get(S.MASK_AREA) or 0:.2f}"]
         draw.multiline_text((4, y + 4), "\n".join(lines), fill=(0, 0, 0))
         for k, data in enumerate(_panels(row, inputs.get(row[S.ID], {}))):
-            sheet.paste(Image.fromarray(_tile(data, mask=k in (1, 2))), (label_w + k * (TILE + pad), y))
+            sheet.paste(Image.fromarray(tile(data, mask=k in (1, 2))), (label_w + k * (TILE + pad), y))
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     return buf.getvalue()
