@@ -402,16 +402,21 @@ def render(paths: list[str], md: Path) -> Path:
     parts = ["# FISEdit sparse re-generation: results", "",
              "Produced by `cluster/benchmarks/sparse.py` (see its docstring); one section per result file.", "",
              "## Summary at 5% edit size (the paper: 3.4× U-Net calls/s on an A100, SD 2 at 768 px, CFG batch)", "",
-             "| file | device | model | size | speedup | graphed speedup | MACs ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "`min res` is the engine's `min_resolution_ratio`: feature maps smaller than this fraction of the latent "
+             "side stay dense (0.5, the default: SD's 16×16 and 8×8 maps at 512 px; 0: every map sparse). Timing "
+             "uses random weights; what sparse low-resolution maps cost in image quality was not measured on trained "
+             "SD weights (none are reachable here), so the `min res 0` rows are speed figures only.", "",
+             "| file | device | model | size | min res | speedup | graphed speedup | MACs ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     docs = [(p, json.loads(Path(p).read_text())) for p in paths]
     for p, doc in docs:
         for r in doc["results"].get("runs", []):
             if abs(r["edit_fraction"] - 0.05) < 1e-9:
                 g = f"{r['speedup_graph']:.2f}×" if r.get("speedup_graph") else "–"
                 dev = doc["machine"].get("gpu") or doc["machine"].get("cpu")
-                parts.append(f"| {Path(p).name} | {dev} | {r['model']} | {r['size']} | {r['speedup']:.2f}× | {g} | "
-                             f"{r['macs_ratio']:.2f}× |")
+                ratio = doc["params"].get("min_resolution_ratio", "?")
+                parts.append(f"| {Path(p).name} | {dev} | {r['model']} | {r['size']} | {ratio} | {r['speedup']:.2f}× | "
+                             f"{g} | {r['macs_ratio']:.2f}× |")
     parts.append("")
     for p, doc in docs:
         parts.append(f"## `{Path(p).name}`")
