@@ -110,8 +110,9 @@ def localisation(bundle: ModelBundle, n_scenes: int, timesteps: Sequence[int]) -
             words_mask = (idx >= 1) & (idx < n_tok[:, None] - 1)
             per_layer[name] = {
                 "map": f"{side}x{side}",
-                "auc_shape_word": float(np.mean(auc["shape"])), "auc_colour_word": float(np.mean(auc["colour"])),
-                "auc_start_token": float(np.mean(auc["start"])), "objects": len(auc["shape"]),
+                **{f"auc_{key}": float(np.mean(auc[k])) if auc[k] else None
+                   for key, k in (("shape_word", "shape"), ("colour_word", "colour"), ("start_token", "start"))},
+                "objects": len(auc["shape"]),
                 "mass_start": float(mass[:, 0].mean()), "mass_words": float((mass * words_mask).sum(1).mean()),
                 "mass_end_and_padding": float((mass * (idx >= n_tok[:, None] - 1)).sum(1).mean()),
             }
@@ -191,8 +192,9 @@ def markdown(doc: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|"]
         for t, layers in res["localisation"].items():
             for name, r in layers.items():
-                lines.append(f"| {t} | {name} | {r['map']} | {r['auc_shape_word']:.3f} | {r['auc_colour_word']:.3f} | "
-                             f"{r['auc_start_token']:.3f} | {r['mass_start']:.2f} / {r['mass_words']:.2f} / "
+                aucs = " | ".join("–" if r[k] is None else f"{r[k]:.3f}"
+                                  for k in ("auc_shape_word", "auc_colour_word", "auc_start_token"))
+                lines.append(f"| {t} | {name} | {r['map']} | {aucs} | {r['mass_start']:.2f} / {r['mass_words']:.2f} / "
                              f"{r['mass_end_and_padding']:.2f} |")
         pm = res["pair_masks"]
         lines += ["", f"### First-step masks on {pm['n_pairs']} validation pairs (t = {pm['timestep']}, "

@@ -93,9 +93,10 @@ def vae_and_scorer(bundle: ModelBundle, n_scenes: int, batch: int) -> dict[str, 
     }
 
 
-def generation_fidelity(bundle: ModelBundle, n: int, steps: int, guidance: float, batch: int) -> dict[str, Any]:
+def generation_fidelity(bundle: ModelBundle, n: int, steps: int, guidance: float, batch: int,
+                        seed: int = GENERATION_SCENE_SEED) -> dict[str, Any]:
     """Share of generated images (held-out captions) in which every captioned object is found."""
-    scenes = synthetic.make_scenes(n, seed=GENERATION_SCENE_SEED, size=bundle.resolution)
+    scenes = synthetic.make_scenes(n, seed=seed, size=bundle.resolution)
     all_found = bg_ok = 0
     per_object = []
     t0 = time.perf_counter()
@@ -110,7 +111,7 @@ def generation_fidelity(bundle: ModelBundle, n: int, steps: int, guidance: float
             bg_ok += int(estimate_background(img).color == scenes[i].background)
     return {
         "n": n,
-        "scenes_seed": GENERATION_SCENE_SEED,
+        "scenes_seed": seed,
         "steps": steps,
         "guidance": guidance,
         "all_objects_found": all_found / n,
@@ -215,6 +216,14 @@ def markdown(res: dict[str, Any]) -> str:
                   f"object found in **{g['all_objects_found']:.3f}** of the images (goal ≥ {g['goal']}); "
                   f"{g['objects_found']:.3f} of all objects; background colour right in "
                   f"{g['background_colour_correct']:.3f}.", ""]
+    if "guidance_sweep" in res:
+        lines += ["## Generation fidelity over guidance (validation captions, seed 10001)", "",
+                  "| guidance | every object found | objects found | background colour right |",
+                  "| --- | --- | --- | --- |"]
+        for g in res["guidance_sweep"]:
+            lines.append(f"| {g['guidance']} | {g['all_objects_found']:.3f} | {g['objects_found']:.3f} | "
+                         f"{g['background_colour_correct']:.3f} |")
+        lines.append("")
     if "sweep" in res:
         lines += ["## InstDiffEdit mask sweep (validation pairs, seed 10001)", "",
                   "| attention downsample | φ | prompt | IoU |", "| --- | --- | --- | --- |"]
@@ -255,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sweep-downsample", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--sweep-phi", type=float, nargs="+", default=[0.2, 0.3, 0.4])
     ap.add_argument("--sweep-prompt", nargs="+", default=["full", "edit_words"])
+    ap.add_argument("--guidance-sweep", type=float, nargs="*", default=[],
+                    help="also measure generation fidelity at these guidance scales on validation captions")
+    ap.add_argument("--guidance-sweep-captions", type=int, default=128)
     ap.add_argument("--methods", nargs="+", default=["instdiffedit", "diffedit", "sdedit"])
     ap.add_argument("--skip", nargs="*", default=[], choices=["scorer", "generation", "edits"])
     ap.add_argument("--out", default="docs/results/shapes_quality.json")
@@ -284,7 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["scorer"] = vae_and_scorer(bundle, args.scorer_scenes, args.batch * 4)
         log.info("scorer: %s", res["scorer"])
         write(res)
-    # 2. sweep on validation pairs
+    # 2. sweeps on validation data: guidance for generation, then mask settings
+    if args.guidance_sweep:
+        res["guidance_sweep"] = [generation_fidelity(bundle, args.guidance_sweep_captions, steps, g, args.batch * 4,
+                                                     seed=VALIDATION_PAIR_SEED) for g in args.guidance_sweep]
+        write(res)
     if args.sweep_pairs:
         val = synthetic.make_edit_pairs(args.sweep_pairs, seed=VALIDATION_PAIR_SEED, size=bundle.resolution)
         res["sweep"] = sweep(bundle, val, base, args.batch, args.sweep_downsample, args.sweep_phi,
