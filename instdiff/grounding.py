@@ -24,7 +24,7 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTokenizer
 
 from instdiff import synthetic
-from instdiff.attention import cross_attention_paths, layer_downsample
+from instdiff.attention import RecordingAttnProcessor, cross_attention_paths, layer_downsample
 
 NOT_GROUNDED = -1
 BACKGROUND = 0
@@ -67,24 +67,36 @@ def region_fractions(labels: torch.Tensor, size: int, n_values: int = 4) -> torc
     return F.adaptive_avg_pool2d(onehot, size)
 
 
-class GroundingAttnProcessor:
-    """Cross-attention with an explicit softmax that keeps its head-averaged probabilities (with their
-    graph) in ``self.probs`` for the grounding loss; the output is the same attention as SDPA's."""
+class _KeepProbs:
+    """A store for :class:`~instdiff.attention.RecordingAttnProcessor` that keeps the last head-averaged
+    probabilities of every row with their graph (the recording store detaches and sums them)."""
+
+    cond_rows = slice(None)
 
     def __init__(self) -> None:
         self.probs: torch.Tensor | None = None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        b = hidden_states.shape[0]
-        q = attn.to_q(hidden_states)
-        k = attn.to_k(encoder_hidden_states)
-        v = attn.to_v(encoder_hidden_states)
-        d = k.shape[-1] // attn.heads
-        q, k, v = (x.view(b, -1, attn.heads, d).transpose(1, 2) for x in (q, k, v))
-        probs = ((q @ k.transpose(-1, -2)) * d**-0.5).softmax(dim=-1)  # (B, heads, HW, T)
-        self.probs = probs.mean(dim=1)
-        out = (probs @ v).transpose(1, 2).reshape(b, -1, attn.heads * d)
-        return attn.to_out[1](attn.to_out[0](out))
+    def wants(self) -> bool:
+        return True
+
+    def add(self, probs: torch.Tensor, hw: tuple[int, int]) -> None:
+        self.probs = probs  # (B, HW, T)
+
+
+class GroundingAttnProcessor(RecordingAttnProcessor):
+    """The recording processor (same attention as SDPA) with a store that keeps the probabilities, with their
+    graph, in ``self.probs`` for the grounding loss."""
+
+    def __init__(self) -> None:
+        super().__init__(_KeepProbs())
+
+    @property
+    def probs(self) -> torch.Tensor | None:
+        return self.store.probs
+
+    @probs.setter
+    def probs(self, value: torch.Tensor | None) -> None:
+        self.store.probs = value
 
 
 def install_grounding(unet: UNet2DConditionModel, downsample: Sequence[int]) -> tuple[dict, dict]:
