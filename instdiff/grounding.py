@@ -127,7 +127,8 @@ def grounding_loss(recorders: dict[str, GroundingAttnProcessor], regions: torch.
     losses = []
     for rec in recorders.values():
         probs = rec.probs  # (B, HW, T)
-        assert probs is not None, "UNet forward did not reach a grounding recorder"
+        if probs is None:
+            raise RuntimeError("grounding_loss called before a UNet forward reached the grounding recorders")
         side = int(round(probs.shape[1] ** 0.5))
         reg = regions if regions.shape[-1] == side else F.adaptive_avg_pool2d(regions, side)
         reg = reg.flatten(2)  # (B, V, HW)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray cluster and one moto S3 server per test session (started on first use)."""
+"""Shared fixtures: one local Ray cluster and one moto S3 server per test session (started on first use), and
+fresh micro-config models for the training tests."""
 
 from __future__ import annotations
 
@@ -66,3 +67,17 @@ def s3_server() -> Iterator[S3Server]:
     yield info
     mp.undo()
     server.stop()
+
+
+@pytest.fixture
+def micro_training():  # type: ignore[no-untyped-def]
+    """Fresh models of ``configs/train/micro.yaml`` (seed 0) and 16 rendered scenes: ``(cfg, models, data)``."""
+    from pathlib import Path
+
+    import torch
+
+    from instdiff.training import TrainConfig, build_models, render_training_data
+
+    cfg = TrainConfig.from_yaml(Path(__file__).parent.parent / "configs" / "train" / "micro.yaml")
+    torch.manual_seed(0)
+    return cfg, build_models(cfg), render_training_data(16, size=cfg.image_size, workers=1)

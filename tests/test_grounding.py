@@ -23,7 +23,6 @@ from instdiff.training import (
     _token_ids,
     build_models,
     encode_dataset,
-    render_training_data,
     train_unet,
 )
 
@@ -108,11 +107,8 @@ def test_recorders_keep_the_unet_output_and_are_removed(micro):
         install_grounding(unet, (16,))
 
 
-def test_grounded_micro_training_lowers_the_loss_and_keeps_the_text_encoder():
-    cfg = TrainConfig.from_yaml(CONFIGS / "micro.yaml")
-    torch.manual_seed(0)
-    tokenizer, text_encoder, vae, unet, scheduler = build_models(cfg)
-    data = render_training_data(16, size=cfg.image_size, workers=1)
+def test_grounded_micro_training_lowers_the_loss_and_keeps_the_text_encoder(micro_training):
+    cfg, (tokenizer, text_encoder, vae, unet, scheduler), data = micro_training
     dev = torch.device("cpu")
     mean, std = encode_dataset(vae, data.images, dev)
     ids = _token_ids(tokenizer, data.captions)

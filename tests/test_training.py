@@ -18,7 +18,6 @@ from instdiff.training import (
     build_models,
     encode_dataset,
     random_inpaint_masks,
-    render_training_data,
     train_shapes,
     train_unet,
     train_vae,
@@ -81,11 +80,8 @@ def test_merge_losses_shifts_the_continued_run():
     assert resumed == {"unet": 10}
 
 
-def test_training_loops_reduce_the_loss_on_a_micro_config():
-    cfg = TrainConfig.from_yaml(CONFIGS / "micro.yaml")
-    torch.manual_seed(0)
-    tokenizer, text_encoder, vae, unet, scheduler = build_models(cfg)
-    data = render_training_data(16, size=cfg.image_size, workers=1)
+def test_training_loops_reduce_the_loss_on_a_micro_config(micro_training):
+    cfg, (tokenizer, text_encoder, vae, unet, scheduler), data = micro_training
     dev = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     losses = LossLog(every=4)
