@@ -220,6 +220,15 @@ class TrainConfig:
             self.inpaint.mask_mix
         ) <= 0:
             raise TrainConfigError(f"inpaint.mask_mix needs {len(MASK_KINDS)} non-negative weights for {MASK_KINDS}")
+        if self.unet.grounding_weight < 0:
+            raise TrainConfigError(f"unet.grounding_weight must be >= 0 (0 = off), got {self.unet.grounding_weight}")
+        if self.unet.grounding_weight > 0 and (
+            not self.unet.grounding_downsample or any(f < 1 for f in self.unet.grounding_downsample)
+        ):
+            raise TrainConfigError(
+                f"unet.grounding_downsample needs positive downsample factors of cross-attention layers (1 = the "
+                f"latent's size, 2 = half), got {list(self.unet.grounding_downsample)}"
+            )
         for name, stage in (("vae", self.vae), ("unet", self.unet), ("inpaint", self.inpaint)):
             if stage.steps < 0 or stage.batch_size < 1:
                 raise TrainConfigError(f"{name}.steps must be >= 0 and {name}.batch_size positive")

@@ -20,6 +20,7 @@ from instdiff.grounding import (
 from instdiff.training import (
     LossLog,
     TrainConfig,
+    TrainConfigError,
     _token_ids,
     build_models,
     encode_dataset,
@@ -123,3 +124,10 @@ def test_grounded_micro_training_lowers_the_loss_and_keeps_the_text_encoder(micr
     assert last < first, losses.stages["ground"]
     assert all(torch.equal(a, b) for a, b in zip(text_before, text_encoder.parameters(), strict=True))
     assert not any(isinstance(p, GroundingAttnProcessor) for p in unet.attn_processors.values())
+
+
+def test_bad_grounding_settings_are_refused():
+    with pytest.raises(TrainConfigError, match="grounding_weight must be >= 0"):
+        TrainConfig.from_dict({"unet": {"grounding_weight": -0.1}}).validate()
+    with pytest.raises(TrainConfigError, match="grounding_downsample needs positive"):
+        TrainConfig.from_dict({"unet": {"grounding_weight": 0.1, "grounding_downsample": []}}).validate()

@@ -3,7 +3,8 @@
     python -m cluster.benchmarks.attention_probe --models default out/shapes-grounding \
         --out docs/results/attention_probe.json
 
-For each model, on held-out *validation* data (seed 10001; the test pairs, seed 10000, are not touched):
+Runs on the CPU (fp32; the embedded model takes about half a minute). For each model, on held-out
+*validation* data (seed 10001; the test pairs, seed 10000, are not touched):
 
 1. per cross-attention layer, at timesteps 200 / 500 / 800: the AUC with which the map of an object's shape
    word, colour word and of the start token separates the object's pixels from the rest (0.5 = chance),
