@@ -174,28 +174,39 @@ BASE_WORDS = (
 def build_word_tokenizer(words: Iterable[str], model_max_length: int = MAX_TOKENS) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose merges make every word in ``words`` one token.
 
-    The merges are learned offline with the ``tokenizers`` BPE trainer on the word list itself; every
-    lowercase letter, digit and common punctuation mark is in the alphabet (also as a word-final piece), so
-    any lowercase ASCII text tokenizes without unknown tokens.
+    The merges are learned offline by byte-pair encoding on the word list itself (each word once): the most
+    frequent adjacent pair is merged first, ties go to the lexicographically smallest pair, so the same
+    words always give the same ids (the ``tokenizers`` trainer breaks ties in hash order, which changed the
+    ids from one process to the next). Every lowercase letter, digit and common punctuation mark is in the
+    vocabulary, also as a word-final piece, so any lowercase ASCII text tokenizes without unknown tokens.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    alphabet = list(string.ascii_lowercase + string.digits + ".,!?'-:;()")
-    corpus = sorted({w.lower() for w in words} | set(alphabet))
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000,
-        min_frequency=1,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        end_of_word_suffix="</w>",
-        initial_alphabet=alphabet,
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus, trainer)
-    state = json.loads(bpe.to_str())
-    vocab = state["model"]["vocab"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["model"]["merges"]]
+    alphabet = string.ascii_lowercase + string.digits + ".,!?'-:;()"
+    vocab: dict[str, int] = {}
+    for token in ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]:
+        vocab.setdefault(token, len(vocab))
+    corpus = [[*w[:-1], w[-1] + "</w>"] for w in sorted({w.lower() for w in words if w})]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for pieces in corpus:
+            for pair in zip(pieces, pieces[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        for k, pieces in enumerate(corpus):
+            merged: list[str] = []
+            i = 0
+            while i < len(pieces):
+                if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
+                    merged.append(pieces[i] + pieces[i + 1])
+                    i += 2
+                else:
+                    merged.append(pieces[i])
+                    i += 1
+            corpus[k] = merged
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
