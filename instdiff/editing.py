@@ -15,78 +15,18 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from typing import Any
 
 import torch
 
 from instdiff.attention import AttentionSelection, AttentionStore, capture_attention, default_downsample
-from instdiff.masks import MaskConfig, diffedit_mask, instdiffedit_mask, resize_mask, steps_for_strength
+from instdiff.config import EditConfig, Inpaint, Method, PromptMode
+from instdiff.errors import EditInputError
+from instdiff.masks import diffedit_mask, instdiffedit_mask, resize_mask, steps_for_strength
 from instdiff.models import ModelBundle
+from instdiff.types import EditResult
 
 log = logging.getLogger(__name__)
-
-
-class Method(StrEnum):
-    INSTDIFFEDIT = "instdiffedit"
-    SDEDIT = "sdedit"
-    DIFFEDIT = "diffedit"
-    FISEDIT = "fisedit"
-
-
-class Inpaint(StrEnum):
-    AUTO = "auto"  # the bundle's inpainting UNet when present, latent-blend otherwise
-    UNET = "unet"  # require the inpainting UNet
-    BLEND = "blend"  # latent-blend inpainting with the base UNet (Blended Latent Diffusion)
-    NONE = "none"  # keep the blended-denoising result of the first noise
-
-
-class PromptMode(StrEnum):
-    FULL = "full"  # condition on the whole target prompt (paper)
-    EDIT_WORDS = "edit_words"  # only the target's words absent from the source (official code's phrase)
-
-
-class EditInputError(ValueError):
-    """Input an editor cannot take; the message says what was wrong and what is accepted."""
-
-
-@dataclass(frozen=True)
-class EditConfig:
-    """All editor options; defaults are InstDiffEdit's paper settings (SD 1.4, 50 DDIM steps)."""
-
-    method: Method = Method.INSTDIFFEDIT
-    steps: int = 50
-    strength: float = 0.5
-    guidance: float = 7.5
-    seed: int = 0
-    # InstDiffEdit
-    n_noises: int = 3
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    attention_downsample: int | None = None  # None: the bundle's 16×16-class layers
-    prompt_mode: PromptMode = PromptMode.FULL
-    inpaint: Inpaint = Inpaint.AUTO
-    inpaint_steps: int | None = None  # None: same as ``steps``
-    inpaint_strength: float = 1.0
-    paste_back: bool = True  # composite the input back outside the final mask, in pixel space
-    # DiffEdit
-    diffedit_noises: int = 10
-    diffedit_mask_strength: float = 0.5
-    diffedit_threshold: float = 0.5
-
-    def with_(self, **kw: Any) -> EditConfig:
-        return replace(self, **kw)
-
-
-@dataclass
-class EditResult:
-    """What every editor returns."""
-
-    images: torch.Tensor  # (B, 3, H, W) float in [-1, 1]
-    masks: torch.Tensor  # (B, 1, H, W) bool at image resolution
-    timings: dict[str, float]  # seconds per stage, plus "total"
-    unet_calls: float  # UNet evaluations per image: one batch row = one evaluation, CFG counts 2
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 EditorFn = Callable[[ModelBundle, torch.Tensor, Sequence[str], Sequence[str], EditConfig, Sequence[int]], EditResult]
@@ -521,7 +461,7 @@ def edit(
         )
     check_prompts(bundle, target_prompts, "target")
     method = Method(cfg.method)
-    if method in (Method.DIFFEDIT,):
+    if cfg.needs_source_prompt:
         check_prompts(bundle, source_prompts, "source")
     seeds = list(seeds) if seeds is not None else [cfg.seed] * b
     if len(seeds) != b:

@@ -11,27 +11,16 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from instdiff.config import DEFAULT_MAX_PIXELS, SizePolicy
+from instdiff.errors import ImageInputError
+
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_PIXELS = 4096 * 4096
-
-
-class ImageInputError(ValueError):
-    """An image or mask that cannot be used; the message says what was wrong and what is accepted."""
-
-
-class SizePolicy(StrEnum):
-    RESIZE = "resize"  # resize to the nearest multiple (aspect kept within one step)
-    PAD = "pad"  # pad right/bottom by edge replication; outputs are cropped back by callers
-    REFUSE = "refuse"  # raise
-
 
 @dataclass
 class Prepared:

@@ -11,42 +11,11 @@ word tokens are ``1 .. n_tokens - 2``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 
-
-class Refinement(StrEnum):
-    """How the position vector P turns token maps into one map."""
-
-    WEIGHTED = "weighted"  # paper Eq. 9: A_ref = Σ_i P_i · A_i
-    OFFICIAL = "official"  # official code: norm(mean(+1 maps)) − norm(mean(−1 maps)), clamped at 0
-
-
-@dataclass(frozen=True)
-class MaskConfig:
-    """InstDiffEdit mask options. Defaults follow the paper; the official code's variants are options.
-
-    ``invert_start``: official code inverts the start-token map before the cosine of Eq. 6.
-    ``merge_bpe``: merge BPE pieces of one word into a word map (mean) before Eq. 6–8.
-    ``running_mean``: average maps over the steps so far (official code) instead of the current step.
-    ``smooth_size``/``smooth_sigma``/``smooth_iters``: Gaussian kernel; ``smooth_resolution`` is the grid
-    it runs on (``None`` = latent grid; the official code uses 5×5 twice at 64×64).
-    """
-
-    gamma1: float = 0.9
-    gamma2: float = 0.6
-    phi: float = 0.2
-    refinement: Refinement = Refinement.WEIGHTED
-    invert_start: bool = False
-    merge_bpe: bool = False
-    running_mean: bool = False
-    smooth_size: int = 5
-    smooth_sigma: float = 1.0
-    smooth_iters: int = 1
-    smooth_resolution: int | None = None
+from instdiff.config import MaskConfig, Refinement
 
 
 def minmax(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -22,6 +22,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from instdiff.errors import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
@@ -29,10 +31,6 @@ EMBEDDED_MODEL_DIR = ASSETS / "shapes"
 DEFAULT_MODEL = "default"
 MAX_TOKENS = 77
 DEFAULTS_FILE = "instdiff.json"
-
-
-class ModelLoadError(RuntimeError):
-    """A model spec could not be turned into a bundle; the message says why and what is accepted."""
 
 
 @dataclass

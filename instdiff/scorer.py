@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from instdiff import synthetic
+from instdiff.errors import PhraseError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ _HALF_H = {"circle": 1.0, "square": 1.0, "diamond": 1.25, "triangle": 1.3 * 0.75
            "star": 1.3 * (1 + np.cos(np.deg2rad(36))) / 2, "cross": 1.15}
 _BOX_OFFSET = {"circle": 0.0, "square": 0.0, "diamond": 0.0, "triangle": -0.325,
                "star": 1.3 * (np.cos(np.deg2rad(36)) - 1) / 2, "cross": 0.0}
-
-
-class PhraseError(ValueError):
-    """A phrase the scorer cannot read; the message says what is accepted."""
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from instdiff import synthetic
+from instdiff.errors import TrainConfigError
 from instdiff.grounding import grounding_loss, install_grounding, region_fractions, token_targets
 from instdiff.models import (
     BASE_WORDS,
@@ -62,10 +63,6 @@ LOSS_PLOT = "loss.png"
 SAMPLE_GRID = "samples.png"
 SCENES_PER_CHUNK = 250
 HELD_OUT_SEED = 10_000  # first seed of held-out scenes; training chunks must stay below it
-
-
-class TrainConfigError(ValueError):
-    """A training config that cannot be used; the message says what was wrong and what is accepted."""
 
 
 # ---- configuration ---------------------------------------------------------------------------

@@ -51,6 +51,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from instdiff.config import Method
+from instdiff.errors import InstdiffError
 from pipelines import schema as S
 from pipelines import storage
 from pipelines.config import (
@@ -70,7 +72,8 @@ if TYPE_CHECKING:  # torch/diffusers are imported where used: decode/finalize wo
 
 log = logging.getLogger("instdiff.batch")
 
-GENERATING_METHODS = ("fisedit",)  # methods that accept prompt-only rows (no input image): generate, then edit
+# methods that accept prompt-only rows (no input image): generate, then edit
+GENERATING_METHODS = tuple(m.value for m in Method if m.generates_source)
 RUNS_DIR = "_runs"
 
 # columns between the stages (see pipelines.schema for the names)
@@ -106,23 +109,13 @@ EDITED_SCHEMA = pa.schema(
 )
 
 
-class RowError(ValueError):
+class RowError(InstdiffError, ValueError):
     """Why one row cannot be edited; becomes the row's ``error``."""
 
 
 def row_seed(base: int, row_id: str) -> int:
     """Seed of one row: depends only on the job seed and the id (not on batch-mates, order or actor)."""
     return (int(base) + zlib.crc32(row_id.encode("utf-8"))) % 2**31
-
-
-def needs_source_prompt(cfg: EditConfig) -> bool:
-    """Whether ``cfg``'s method reads the source prompt (so an empty one is an error)."""
-    from instdiff.editing import Method, PromptMode
-
-    method = Method(cfg.method)
-    if method in (Method.DIFFEDIT, Method.FISEDIT):
-        return True
-    return method is Method.INSTDIFFEDIT and PromptMode(cfg.prompt_mode) is PromptMode.EDIT_WORDS
 
 
 def _reason(exc: BaseException) -> str:
@@ -166,9 +159,7 @@ class DecodeOptions:
 
     @classmethod
     def from_config(cls, cfg: BatchConfig) -> DecodeOptions:
-        from instdiff.editing import Method
-
-        return cls(method=Method(cfg.method.method).value, needs_source=needs_source_prompt(cfg.method),
+        return cls(method=cfg.method.method.value, needs_source=cfg.method.needs_source_prompt,
                    max_pixels=cfg.image.max_pixels, min_side=cfg.image.min_side, alpha=cfg.image.alpha.value)
 
 

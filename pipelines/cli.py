@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from instdiff.errors import InstdiffError
+
 # subcommand modules, each with register(subparsers) that sets ``func`` on its parser
 SUBCOMMANDS = (
     "pipelines.edit_cmd",
@@ -23,8 +25,8 @@ SUBCOMMANDS = (
 )
 
 
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+class CliError(InstdiffError):
+    """A command-line usage problem (flags that do not fit together); printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except CliError as exc:
+    except InstdiffError as exc:
         print(f"instdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

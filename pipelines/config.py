@@ -24,27 +24,28 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from enum import Enum, StrEnum
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import yaml
-
+from instdiff.config import (
+    DEFAULT_MAX_PIXELS,
+    EditConfig,
+    Method,
+    SizePolicy,
+    coerce,
+    from_mapping,
+    load_yaml,
+    parse_assignment,  # noqa: F401 - re-exported: pipelines' --set parsing
+    to_plain,
+)
+from instdiff.config import apply_override as _apply_override
+from instdiff.errors import ConfigError
 from pipelines.storage import StorageConfig
 
-if TYPE_CHECKING:  # imported lazily: Ray workers unpickling these configs must not pay for torch/diffusers
-    from instdiff.editing import EditConfig
-
-DEFAULT_MAX_PIXELS = 4096 * 4096  # instdiff.imageio.DEFAULT_MAX_PIXELS (a test keeps them equal)
-SIZE_POLICIES = ("resize", "pad", "refuse")  # instdiff.imageio.SizePolicy values
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and the accepted values."""
+SIZE_POLICIES = tuple(p.value for p in SizePolicy)
 
 
 class AlphaPolicy(StrEnum):
@@ -112,7 +113,7 @@ class BatchConfig:
     input: str
     output: str
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: EditConfig = field(default_factory=lambda: _editing().EditConfig())
+    method: EditConfig = field(default_factory=EditConfig)
     seed: int = 0
     image: ImageConfig = field(default_factory=ImageConfig)
     actors: ActorConfig = field(default_factory=ActorConfig)
@@ -126,109 +127,14 @@ class BatchConfig:
         return dataclasses.replace(self, **kw)
 
 
-def _editing() -> Any:
-    import instdiff.editing
-
-    return instdiff.editing
-
-
-def _type_namespace() -> dict[str, Any]:
-    """Names the string annotations of the config dataclasses refer to (resolved when parsing)."""
-    editing = _editing()
-    from instdiff.masks import MaskConfig, Refinement
-
-    return {"EditConfig": editing.EditConfig, "Method": editing.Method, "MaskConfig": MaskConfig,
-            "Refinement": Refinement, "Inpaint": editing.Inpaint, "PromptMode": editing.PromptMode}
-
-
 # keys of the method section that are not EditConfig fields, or are set elsewhere
 _METHOD_NAME_KEY = "name"
 _METHOD_EXCLUDED = ("method", "seed")
 _PARQUET_CODECS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
-
-
-# ---- generic dataclass parsing ----------------------------------------------------------------------------------
-def _accepted_keys(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type) and issubclass(tp, Enum):
-        return "one of " + ", ".join(repr(m.value) for m in tp)
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    """Check/convert one YAML value to the annotated type ``tp``; errors name ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(f"{key}: must not be null; accepted: {' or '.join(_type_name(o) for o in options)}")
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        accepted = " or ".join(_type_name(o) for o in options)
-        raise ConfigError(f"{key}: got {value!r}; accepted: {accepted}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping with keys {', '.join(_accepted_keys(tp))}; got {value!r}")
-        return _build(tp, value, key)
-    if isinstance(tp, type) and issubclass(tp, Enum):
-        try:
-            return tp(value)
-        except ValueError:
-            raise ConfigError(
-                f"{key}: {value!r} is not accepted; accepted: {', '.join(m.value for m in tp)}"
-            ) from None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false; got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer; got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number; got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string; got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp!r}")
-
-
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls, localns=_type_namespace())
-    names = _accepted_keys(cls)
-    where = f"{prefix}." if prefix else ""
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise ConfigError(
-            f"{where}{unknown[0]}: unknown key; accepted keys{' in ' + prefix if prefix else ''}: {', '.join(names)}"
-        )
-    kwargs = {}
-    for f in fields(cls):
-        if f.name in data:
-            kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where}{f.name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}{f.name}: required key is missing")
-    return cls(**kwargs)
+_SHORTHANDS = {"method": _METHOD_NAME_KEY}  # ``method: diffedit`` means ``method: {name: diffedit}``
 
 
 def _parse_method(data: Any, seed: int) -> EditConfig:
-    EditConfig, Method = _editing().EditConfig, _editing().Method  # noqa: N806 - classes
     if data is None:
         return EditConfig(seed=seed)
     if isinstance(data, str):
@@ -236,15 +142,13 @@ def _parse_method(data: Any, seed: int) -> EditConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(f"method: expected a mapping (name: instdiffedit, steps: ...); got {data!r}")
     data = dict(data)
-    accepted = [_METHOD_NAME_KEY] + [k for k in _accepted_keys(EditConfig) if k not in _METHOD_EXCLUDED]
+    accepted = [_METHOD_NAME_KEY] + [f.name for f in dataclasses.fields(EditConfig) if f.name not in _METHOD_EXCLUDED]
     for key in data:
         if key not in accepted:
             hint = " (the seed is the top-level key 'seed')" if key == "seed" else ""
             raise ConfigError(f"method.{key}: unknown key{hint}; accepted keys in method: {', '.join(accepted)}")
-    name = data.pop(_METHOD_NAME_KEY, Method.INSTDIFFEDIT.value)
-    method = _coerce(Method, name, "method.name")
-    cfg = _build(EditConfig, data, "method")
-    return cfg.with_(method=method, seed=seed)
+    method = coerce(Method, data.pop(_METHOD_NAME_KEY, Method.INSTDIFFEDIT.value), "method.name")
+    return from_mapping(EditConfig, {**data, "method": method, "seed": seed}, "method")
 
 
 def _check_values(cfg: BatchConfig) -> None:
@@ -264,9 +168,6 @@ def _check_values(cfg: BatchConfig) -> None:
         (cfg.image.min_side >= 1, f"image.min_side: must be >= 1; got {cfg.image.min_side}"),
         (cfg.image.size_policy in SIZE_POLICIES,
          f"image.size_policy: {cfg.image.size_policy!r} is not accepted; accepted: {', '.join(SIZE_POLICIES)}"),
-        (cfg.method.steps >= 1, f"method.steps: must be >= 1; got {cfg.method.steps}"),
-        (0.0 < cfg.method.strength <= 1.0, f"method.strength: must be in (0, 1]; got {cfg.method.strength}"),
-        (cfg.method.n_noises >= 1, f"method.n_noises: must be >= 1; got {cfg.method.n_noises}"),
         (cfg.seed >= 0, f"seed: must be >= 0; got {cfg.seed}"),
     ]
     size = cfg.image.size
@@ -280,88 +181,57 @@ def _check_values(cfg: BatchConfig) -> None:
 
 
 def parse_config(data: Mapping[str, Any]) -> BatchConfig:
-    """Turn a mapping (parsed YAML) into a validated :class:`BatchConfig`."""
+    """Turn a mapping (parsed YAML) into a validated :class:`BatchConfig`.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type or a value out of range (the message names the key).
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(f"a batch config must be a mapping of keys; got {type(data).__name__}")
     data = dict(data)
-    seed = _coerce(int, data.get("seed", 0), "seed")
+    seed = coerce(int, data.get("seed", 0), "seed")
     method = _parse_method(data.pop("method", None), seed)
-    cfg = _build(BatchConfig, data, "")
+    cfg = from_mapping(BatchConfig, data, "", exclude=("method",))
     cfg = cfg.with_(method=method)
     _check_values(cfg)
     return cfg
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``data[a][b] = value`` for ``dotted = "a.b"`` (creating sections as needed)."""
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = {}
-            node[part] = child
-        elif isinstance(child, str) and part == "method":
-            child = {_METHOD_NAME_KEY: child}
-            node[part] = child
-        elif not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {part!r} is not a section (it is {child!r})")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """``"method.steps=4"`` → ``("method.steps", 4)``; the value is read as YAML (so 4 → int, null → None)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. method.steps=4")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"--set {text!r}: the key is empty")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: cannot read the value ({exc})") from None
-    return key, value
+    """Set ``data[a][b] = value`` for ``dotted = "a.b"`` (creating sections; ``method: NAME`` becomes a section)."""
+    _apply_override(data, dotted, value, _SHORTHANDS)
 
 
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> BatchConfig:
-    """Read a YAML file (``None``: start from defaults) and apply dotted-key ``overrides`` on top."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: a batch config must be a mapping of keys; got {type(loaded).__name__}")
-        data = copy.deepcopy(loaded or {})
+    """Read a YAML file (``None``: start from defaults) and apply dotted-key ``overrides`` on top.
+
+    Raises:
+        InputNotFoundError: ``path`` does not exist.
+        ConfigError: invalid YAML, keys or values.
+    """
+    data = copy.deepcopy(load_yaml(path, "batch config")) if path is not None else {}
     for key, value in (overrides or {}).items():
         apply_override(data, key, value)
     return parse_config(data)
 
 
 def to_dict(obj: Any) -> Any:
-    """A dataclass config as plain YAML/JSON-able data (enums by value); secrets are masked."""
+    """A config as plain YAML/JSON-able data (enums by value); secrets are masked; an :class:`EditConfig` is
+    written as the ``method`` section (``name`` instead of ``method``, no ``seed``)."""
+    if isinstance(obj, EditConfig):
+        out = to_plain(obj)
+        out[_METHOD_NAME_KEY] = out.pop("method")
+        out.pop("seed")
+        return out
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {}
-        for f in fields(obj):
+        for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if f.name in ("access_key_id", "secret_access_key", "session_token") and value:
                 value = "***"
             out[f.name] = to_dict(value)
-        if isinstance(obj, _editing().EditConfig):
-            out[_METHOD_NAME_KEY] = out.pop("method")
-            out.pop("seed")
         return out
-    if isinstance(obj, Enum):
-        return obj.value
-    if isinstance(obj, list | tuple):
-        return [to_dict(v) for v in obj]
-    return obj
+    return to_plain(obj)
 
 
 def fingerprint(cfg: BatchConfig) -> dict[str, Any]:

@@ -56,6 +56,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
+from instdiff.errors import InstdiffError
 from pipelines import schema, storage
 from pipelines.storage import StorageConfig
 
@@ -78,7 +79,7 @@ _LEADING_ARTICLE_RE = re.compile(r"^(a|an|the)\s+", re.IGNORECASE)
 FORMATS = ("editing-mask", "flexit", "prompt-pairs", "listing")
 
 
-class DatasetError(ValueError):
+class DatasetError(InstdiffError, ValueError):
     """A dataset that cannot be read as asked; the message lists every bad row (or what is accepted)."""
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from instdiff.errors import InstdiffError
+
 # ---- input columns --------------------------------------------------------------------------------------------
 ID = "id"
 IMAGE = "image"
@@ -142,7 +144,7 @@ OUTPUT_DOC: dict[str, str] = {
 METRIC_COLUMNS = (MASK_AREA, CHANGE_OUTSIDE_PRED, IOU, C_M, C_NON, UNET_CALLS, LATENCY_S)
 
 
-class SchemaError(ValueError):
+class SchemaError(InstdiffError, ValueError):
     """An input table that does not match :data:`INPUT_SCHEMA`; the message lists every problem."""
 
 

@@ -42,3 +42,28 @@ def test_importing_instdiff_loads_no_infrastructure():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"instdiff imports pulled in: {out.stdout.strip()}"
+
+
+def test_leaf_modules_import_nothing_heavy():
+    """``instdiff.config``, ``errors`` and ``types`` are leaves: no torch, no diffusers, no other project module."""
+    code = (
+        "import sys\n"
+        "import instdiff.config, instdiff.errors, instdiff.types\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'numpy'))\n"
+        "project = sorted(m for m in sys.modules if m.startswith(('instdiff.', 'pipelines', 'cluster')))\n"
+        "print(','.join(heavy)); print(','.join(project))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    heavy, project = out.stdout.splitlines()
+    assert heavy == "", f"leaf modules pulled in {heavy}"
+    assert project == "instdiff.config,instdiff.errors,instdiff.types"
+
+
+def test_every_project_error_derives_from_the_base():
+    import inspect
+
+    from instdiff import errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, Exception)]
+    assert len(classes) >= 8
+    assert all(issubclass(c, errors.InstdiffError) for c in classes)

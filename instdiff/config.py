@@ -1,0 +1,428 @@
+"""Typed configuration at the bottom of the project: choices, editor settings, and the one YAML → dataclass parser.
+
+Torch-free on purpose (a leaf module): the batch job's configs are unpickled on Ray workers that never load
+torch, and every other module may import this one without a cycle.
+
+* enums: :class:`Method` (which owns the rule "needs a source prompt"), :class:`Inpaint`, :class:`PromptMode`,
+  :class:`Refinement`, :class:`SizePolicy`;
+* :class:`MaskConfig` (InstDiffEdit Eq. 6–9 and the official code's variants) and :class:`EditConfig` (all
+  editor options), validated in ``__post_init__``: a bad value raises :class:`~instdiff.errors.ConfigError`
+  naming the field and the accepted values;
+* :func:`from_mapping` turns a parsed YAML mapping into a frozen dataclass, checking every key and type
+  (training, batch and bench configs all use it), with :func:`load_yaml`, :func:`apply_override`,
+  :func:`parse_assignment` and :func:`to_plain` around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any
+
+from instdiff.errors import ConfigError, InputNotFoundError
+
+DEFAULT_MAX_PIXELS = 4096 * 4096  # decoded images larger than this are refused (decompression bombs)
+
+
+# ---- choices ---------------------------------------------------------------------------------------------------
+class Method(StrEnum):
+    """An editor. Every one is called through the same contract (``instdiff.editors.edit``)."""
+
+    INSTDIFFEDIT = "instdiffedit"
+    SDEDIT = "sdedit"
+    DIFFEDIT = "diffedit"
+    FISEDIT = "fisedit"
+
+    def needs_source_prompt(self, prompt_mode: PromptMode | str = "full") -> bool:
+        """Whether the method reads the source prompt, so an empty one is an error.
+
+        DiffEdit contrasts the source and target prompts (its mask and its inversion); FISEdit generates the
+        source prompt's image before editing it; InstDiffEdit reads it only in ``edit_words`` prompt mode (the
+        target's words that are not in the source). SDEdit never reads it.
+        """
+        if self in (Method.DIFFEDIT, Method.FISEDIT):
+            return True
+        return self is Method.INSTDIFFEDIT and PromptMode(prompt_mode) is PromptMode.EDIT_WORDS
+
+    @property
+    def generates_source(self) -> bool:
+        """Whether the method edits its own generation of the source prompt, so a row needs no input image."""
+        return self is Method.FISEDIT
+
+
+class Inpaint(StrEnum):
+    """InstDiffEdit's final step (paper §3.3: inpaint the input inside the last mask)."""
+
+    AUTO = "auto"  # the bundle's inpainting UNet when present, latent-blend otherwise
+    UNET = "unet"  # require the inpainting UNet
+    BLEND = "blend"  # latent-blend inpainting with the base UNet (Blended Latent Diffusion)
+    NONE = "none"  # keep the blended-denoising result of the first noise
+
+
+class PromptMode(StrEnum):
+    """What InstDiffEdit conditions on."""
+
+    FULL = "full"  # the whole target prompt (paper)
+    EDIT_WORDS = "edit_words"  # only the target's words absent from the source (official code's phrase)
+
+
+class Refinement(StrEnum):
+    """How the position vector P turns token maps into one map."""
+
+    WEIGHTED = "weighted"  # paper Eq. 9: A_ref = Σ_i P_i · A_i
+    OFFICIAL = "official"  # official code: norm(mean(+1 maps)) − norm(mean(−1 maps)), clamped at 0
+
+
+class SizePolicy(StrEnum):
+    """What to do with image sides that are not multiples of the model's step (VAE factor × UNet downsampling)."""
+
+    RESIZE = "resize"  # resize to the nearest multiple (aspect kept within one step)
+    PAD = "pad"  # pad right/bottom by edge replication; outputs are cropped back by callers
+    REFUSE = "refuse"  # raise ImageInputError
+
+
+def _enum(cls: type[Enum], value: Any, key: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        raise ConfigError(f"{key}: {value!r} is not accepted; accepted: {', '.join(m.value for m in cls)}") from None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ---- editor settings -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaskConfig:
+    """InstDiffEdit mask options. Defaults follow the paper (§3.2, Eq. 6–9); the official code's variants
+    (xiaotianqing/InstDiffEdit) are options.
+
+    ``gamma1`` / ``gamma2``: the thresholds of Eq. 8 on cosine similarities (+1 above γ1, −1 below γ2).
+    ``phi``: the binarisation threshold of Eq. 9 on the min-max normalised map, in [0, 1].
+    ``refinement``: Eq. 9's weighted sum or the official code's difference of normalised means.
+    ``invert_start``: official code inverts the start-token map before the cosine of Eq. 6.
+    ``merge_bpe``: merge BPE pieces of one word into a word map (their mean) before Eq. 6–8.
+    ``running_mean``: average maps over the steps so far (official code) instead of the current step.
+    ``smooth_size`` (odd, px) / ``smooth_sigma`` (px) / ``smooth_iters``: the Gaussian smoothing;
+    ``smooth_resolution`` is the square grid it runs on (``None`` = the latent grid; the official code uses
+    5×5 twice at 64×64).
+
+    Raises:
+        ConfigError: a value outside the ranges above.
+    """
+
+    gamma1: float = 0.9
+    gamma2: float = 0.6
+    phi: float = 0.2
+    refinement: Refinement = Refinement.WEIGHTED
+    invert_start: bool = False
+    merge_bpe: bool = False
+    running_mean: bool = False
+    smooth_size: int = 5
+    smooth_sigma: float = 1.0
+    smooth_iters: int = 1
+    smooth_resolution: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "refinement", _enum(Refinement, self.refinement, "refinement"))
+        _check(-1.0 <= self.gamma2 <= self.gamma1 <= 1.0,
+               f"gamma1, gamma2: need -1 <= gamma2 <= gamma1 <= 1 (cosine thresholds); got {self.gamma1}, "
+               f"{self.gamma2}")
+        _check(0.0 <= self.phi <= 1.0, f"phi: must be in [0, 1]; got {self.phi}")
+        _check(self.smooth_size >= 1 and self.smooth_size % 2 == 1,
+               f"smooth_size: must be an odd number >= 1; got {self.smooth_size}")
+        _check(self.smooth_sigma > 0, f"smooth_sigma: must be > 0; got {self.smooth_sigma}")
+        _check(self.smooth_iters >= 0, f"smooth_iters: must be >= 0; got {self.smooth_iters}")
+        _check(self.smooth_resolution is None or self.smooth_resolution >= 1,
+               f"smooth_resolution: must be null or >= 1; got {self.smooth_resolution}")
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """All editor options; defaults are InstDiffEdit's paper settings (SD 1.4, 50 DDIM steps, r = 0.5, n = 3).
+
+    ``steps``: DDIM steps of the full schedule; ``strength``: noise strength r in (0, 1], so ⌈r·steps⌉ steps
+    run (τ = r·T). ``guidance``: classifier-free guidance scale. ``seed``: default per-image seed.
+    InstDiffEdit: ``n_noises`` parallel noises per image, ``mask``, ``attention_downsample`` (UNet layers whose
+    feature map is the latent's size / this factor; ``None`` = the bundle's 16×16-class layers),
+    ``prompt_mode``, ``inpaint`` / ``inpaint_steps`` (``None`` = ``steps``) / ``inpaint_strength`` for the final
+    step, ``paste_back`` (composite the input back outside the final mask, in pixel space).
+    DiffEdit: ``diffedit_noises`` noises for the mask, ``diffedit_mask_strength`` (their noise level) and
+    ``diffedit_threshold`` on the min-max normalised difference.
+
+    Raises:
+        ConfigError: a value outside its range (the message names the field and what is accepted).
+    """
+
+    method: Method = Method.INSTDIFFEDIT
+    steps: int = 50
+    strength: float = 0.5
+    guidance: float = 7.5
+    seed: int = 0
+    # InstDiffEdit
+    n_noises: int = 3
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    attention_downsample: int | None = None
+    prompt_mode: PromptMode = PromptMode.FULL
+    inpaint: Inpaint = Inpaint.AUTO
+    inpaint_steps: int | None = None
+    inpaint_strength: float = 1.0
+    paste_back: bool = True
+    # DiffEdit
+    diffedit_noises: int = 10
+    diffedit_mask_strength: float = 0.5
+    diffedit_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name, cls in (("method", Method), ("prompt_mode", PromptMode), ("inpaint", Inpaint)):
+            object.__setattr__(self, name, _enum(cls, getattr(self, name), name))
+        _check(isinstance(self.mask, MaskConfig), f"mask: expected a MaskConfig; got {self.mask!r}")
+        _check(self.steps >= 1, f"steps: must be >= 1; got {self.steps}")
+        _check(0.0 < self.strength <= 1.0, f"strength: must be in (0, 1]; got {self.strength}")
+        _check(math.isfinite(self.guidance), f"guidance: must be a finite number; got {self.guidance}")
+        _check(self.n_noises >= 1, f"n_noises: must be >= 1; got {self.n_noises}")
+        _check(self.attention_downsample is None or self.attention_downsample >= 1,
+               f"attention_downsample: must be null or >= 1; got {self.attention_downsample}")
+        _check(self.inpaint_steps is None or self.inpaint_steps >= 1,
+               f"inpaint_steps: must be null or >= 1; got {self.inpaint_steps}")
+        _check(0.0 < self.inpaint_strength <= 1.0, f"inpaint_strength: must be in (0, 1]; got {self.inpaint_strength}")
+        _check(self.diffedit_noises >= 1, f"diffedit_noises: must be >= 1; got {self.diffedit_noises}")
+        _check(0.0 < self.diffedit_mask_strength <= 1.0,
+               f"diffedit_mask_strength: must be in (0, 1]; got {self.diffedit_mask_strength}")
+        _check(0.0 <= self.diffedit_threshold <= 1.0,
+               f"diffedit_threshold: must be in [0, 1]; got {self.diffedit_threshold}")
+
+    @property
+    def needs_source_prompt(self) -> bool:
+        """Whether this configuration reads the source prompt (see :meth:`Method.needs_source_prompt`)."""
+        return self.method.needs_source_prompt(self.prompt_mode)
+
+    def with_(self, **kw: Any) -> EditConfig:
+        """A copy with ``kw`` replaced (validated again)."""
+        return replace(self, **kw)
+
+
+# ---- mapping → dataclass ---------------------------------------------------------------------------------------
+def accepted_keys(cls: type) -> list[str]:
+    """The field names of dataclass ``cls``, in declaration order."""
+    return [f.name for f in fields(cls)]
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check and convert one parsed-YAML ``value`` to the annotated type ``tp``.
+
+    Understands ``X | None`` and other unions, nested dataclasses (from mappings), enums (from their values),
+    ``bool``, ``int``, ``float`` (ints accepted), ``str``, ``tuple[T, ...]`` and ``list[T]`` (from sequences),
+    ``dict[str, T]`` and ``Any``.
+
+    Raises:
+        ConfigError: naming ``key``, the value given and what is accepted.
+    """
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{key}: must not be null; accepted: {' or '.join(_type_name(o) for o in options)}")
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(option, value, key)
+            except ConfigError:
+                continue
+        accepted = " or ".join(_type_name(o) for o in options if o is not type(None))
+        raise ConfigError(f"{key}: got {value!r}; accepted: {accepted}")
+    if origin in (tuple, list):
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list; got {value!r}")
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
+        items = [coerce(args[0] if len(args) == 1 else args[i], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping; got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[1] if len(args) == 2 else Any
+        return {str(k): coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping with keys {', '.join(accepted_keys(tp))}; got {value!r}")
+        return from_mapping(tp, value, key)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return _enum(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false; got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer; got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number; got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string; got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def from_mapping(cls: type, data: Mapping[str, Any], where: str = "", exclude: tuple[str, ...] = ()) -> Any:
+    """Build the frozen dataclass ``cls`` from a parsed YAML mapping; missing keys keep their defaults.
+
+    ``where`` is the dotted path of ``data`` in the whole file (for messages); ``exclude`` names fields that
+    may not be given here (set elsewhere). Values are checked with :func:`coerce`; a ``ConfigError`` from
+    the dataclass's own ``__post_init__`` is prefixed with ``where``.
+
+    Raises:
+        ConfigError: an unknown or excluded key (the message lists the accepted ones), a missing required key,
+            a value of the wrong type or out of range.
+    """
+    prefix = f"{where}." if where else ""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys; got {type(data).__name__}")
+    names = [n for n in accepted_keys(cls) if n not in exclude]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key; accepted keys{' in ' + where if where else ''}: {', '.join(names)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in data:
+            kwargs[f.name] = coerce(hints[f.name], data[f.name], f"{prefix}{f.name}")
+        elif f.name not in exclude and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{f.name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if not prefix or str(exc).startswith(prefix):
+            raise
+        raise ConfigError(f"{prefix}{exc}") from None
+
+
+def load_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Read a YAML file whose top level is a mapping (an empty file is ``{}``).
+
+    Raises:
+        InputNotFoundError: the file does not exist.
+        ConfigError: not valid YAML, or its top level is not a mapping.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFoundError(f"{what} file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{p}: a {what} must be a mapping of keys; got {type(data).__name__}")
+    return dict(data)
+
+
+def apply_override(data: dict[str, Any], dotted: str, value: Any, shorthands: Mapping[str, str] | None = None) -> None:
+    """Set ``data[a][b] = value`` for ``dotted = "a.b"``, creating sections as needed.
+
+    ``shorthands`` maps a section that may be written as a plain string to the key that string sets (the
+    batch config's ``method: diffedit`` means ``method: {name: diffedit}``).
+
+    Raises:
+        ConfigError: a part of the path is a value, not a section.
+    """
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+            node[part] = child
+        elif isinstance(child, str) and shorthands and part in shorthands:
+            child = {shorthands[part]: child}
+            node[part] = child
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part!r} is not a section (it is {child!r})")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"method.steps=4"`` → ``("method.steps", 4)``; the value is read as YAML (so 4 → int, null → None).
+
+    Raises:
+        ConfigError: no ``=``, an empty key, or a value that is not valid YAML.
+    """
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. method.steps=4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: cannot read the value ({exc})") from None
+    return key, value
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass config as plain YAML/JSON-able data: enums by value, tuples as lists, nested dataclasses as
+    mappings (the inverse of :func:`from_mapping`)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "EditConfig",
+    "Inpaint",
+    "MaskConfig",
+    "Method",
+    "PromptMode",
+    "Refinement",
+    "SizePolicy",
+    "accepted_keys",
+    "apply_override",
+    "coerce",
+    "from_mapping",
+    "load_yaml",
+    "parse_assignment",
+    "to_plain",
+]
