@@ -26,6 +26,10 @@ class TrainConfigError(ConfigError):
     """A training config (``configs/train/*.yaml``) that the trainer cannot use."""
 
 
+class UsageError(InstdiffError, ValueError):
+    """Command-line flags that are missing, out of range or do not fit together."""
+
+
 class InputNotFoundError(InstdiffError, FileNotFoundError):
     """A file or folder the user named does not exist."""
 
@@ -59,5 +63,6 @@ __all__ = [
     "ModelLoadError",
     "PhraseError",
     "TrainConfigError",
+    "UsageError",
     "WeightsUnavailableError",
 ]

@@ -52,7 +52,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from instdiff.config import Method
-from instdiff.errors import InstdiffError
+from instdiff.errors import InputNotFoundError, InstdiffError
 from pipelines import schema as S
 from pipelines import storage
 from pipelines.config import (
@@ -535,7 +535,7 @@ def plan_input(fs: Any, path: str, display: str) -> InputPlan:
     """List the input files, validate their schema and ids (non-null, unique)."""
     files = storage.list_files(fs, path)
     if not files:
-        raise FileNotFoundError(f"no Parquet files at {display}")
+        raise InputNotFoundError(f"no Parquet files at {display}")
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
     S.validate_input_schema(dataset.schema, source=f"input {display}")
     try:
@@ -737,7 +737,7 @@ def summarize_run(fs: Any, path: str, run_id: str, input_rows: int, skipped_ok: 
 
 # ---- command line ---------------------------------------------------------------------------------------------
 def register(sub: argparse._SubParsersAction) -> None:
-    from pipelines.edit_cmd import add_model_args
+    from pipelines.commands import add_model_args
 
     p = sub.add_parser(
         "batch", help="bulk-edit a Parquet dataset on Ray (local or s3://)",
@@ -800,27 +800,27 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from pipelines.cli import CliError
-
     running = ray.is_initialized()
+    cfg = config_from_args(args)
     try:
-        cfg = config_from_args(args)
-        try:
-            summary = run_job(cfg)
-        finally:
-            if not running and ray.is_initialized():
-                ray.shutdown()
-    except (ConfigError, S.SchemaError) as exc:
-        raise CliError(str(exc)) from None
+        summary = run_job(cfg)
+    finally:
+        if not running and ray.is_initialized():
+            ray.shutdown()
     print(json.dumps(summary.to_dict()))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.batch ARGS`` is ``instdiff batch ARGS``."""
-    from pipelines.cli import main as cli_main
+    from pipelines.commands import configure_logging, run_command
 
-    return cli_main(["batch", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.batch")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["batch", *(sys.argv[1:] if argv is None else argv)])
+    configure_logging(args.verbose)
+    return run_command("instdiff batch", args.func, args)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
+from instdiff.errors import InputNotFoundError
 from pipelines import schema as S
 from pipelines import storage
 from pipelines.config import BatchConfig, ConfigError, apply_override, parse_assignment, parse_config, to_dict
@@ -269,7 +270,7 @@ def load_bench_config(path: str | Path, overrides: Mapping[str, Any] | None = No
     """Read ``configs/bench/*.yaml`` and apply dotted ``overrides`` (e.g. ``{"data.n": 8}``)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        raise InputNotFoundError(f"config file {str(p)!r} does not exist")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
@@ -309,7 +310,7 @@ def build_input(cfg: BenchConfig) -> tuple[str, pa.Table]:
         fs, path = storage.resolve(spec.input)
         files = storage.list_files(fs, path)
         if not files:
-            raise FileNotFoundError(f"data.input: no Parquet files at {storage.display(fs, path)}")
+            raise InputNotFoundError(f"data.input: no Parquet files at {storage.display(fs, path)}")
         table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files], promote_options="default")
         if spec.limit is None and not spec.generate:
             S.validate_input_schema(table.schema, f"data.input {spec.input}")
@@ -1056,16 +1057,11 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.cli import CliError
-
     overrides: dict[str, Any] = dict(parse_assignment(a) for a in args.assignments)
     for key in ("output", "results", "engine"):
         if getattr(args, key):
             overrides[key] = getattr(args, key)
-    try:
-        cfg = load_bench_config(args.config, overrides)
-        paths = run_bench(cfg, command_line(args), args.only, args.aggregate_only)
-    except (ConfigError, S.SchemaError) as exc:
-        raise CliError(str(exc)) from None
+    cfg = load_bench_config(args.config, overrides)
+    paths = run_bench(cfg, command_line(args), args.only, args.aggregate_only)
     print(json.dumps(paths))
     return 0

@@ -1,4 +1,6 @@
-"""The ``instdiff`` command. Each subcommand lives in its own module exposing ``register(subparsers)``.
+"""The ``instdiff`` command. Each subcommand lives in its own module exposing ``register(subparsers)``, which
+adds its parser and sets ``func``; subcommand modules never import this root (shared pieces live in
+:mod:`pipelines.commands`).
 
 The CLI sits in ``pipelines`` (not ``instdiff``) because some subcommands start Ray; the algorithms
 package stays free of infrastructure.
@@ -8,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
-from instdiff.errors import InstdiffError
+from instdiff.errors import UsageError
+from pipelines.commands import configure_logging, run_command
 
 # subcommand modules, each with register(subparsers) that sets ``func`` on its parser
 SUBCOMMANDS = (
@@ -24,9 +26,7 @@ SUBCOMMANDS = (
     "pipelines.train_cmd",
 )
 
-
-class CliError(InstdiffError):
-    """A command-line usage problem (flags that do not fit together); printed as one line, exit code 2."""
+CliError = UsageError  # the name this module exported before instdiff.errors existed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,31 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("urllib3", "filelock", "PIL", "matplotlib", "botocore", "s3fs", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return int(args.func(args) or 0)
-    except InstdiffError as exc:
-        print(f"instdiff {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        from instdiff.editing import EditInputError
-        from instdiff.imageio import ImageInputError
-        from instdiff.models import ModelLoadError
-
-        if isinstance(exc, EditInputError | ImageInputError | ModelLoadError | FileNotFoundError) or (
-            type(exc) is ValueError
-        ):
-            print(f"instdiff {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    """Entry point of ``instdiff``; returns the exit code (2 for any user-facing error, one line on stderr)."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    return run_command(f"instdiff {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

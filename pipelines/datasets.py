@@ -56,7 +56,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
-from instdiff.errors import InstdiffError
+from instdiff.errors import InputNotFoundError, InstdiffError
 from pipelines import schema, storage
 from pipelines.storage import StorageConfig
 
@@ -177,7 +177,7 @@ class _Location:
 def _read(fs: pafs.FileSystem, path: str) -> bytes:
     """Whole file; FileNotFoundError with the path when it does not exist."""
     if not storage.exists(fs, path):
-        raise FileNotFoundError(f"{storage.display(fs, path)} does not exist")
+        raise InputNotFoundError(f"{storage.display(fs, path)} does not exist")
     return storage.read_bytes(fs, path)
 
 
@@ -188,8 +188,8 @@ def _lookup(index: dict[str, str], name: str, what: str, folder: str) -> str:
         if path:
             return path
         if path == "":
-            raise FileNotFoundError(f"{what} {name!r} is ambiguous in {folder} (several files share that name)")
-    raise FileNotFoundError(f"{what} {name!r} not found in {folder}")
+            raise InputNotFoundError(f"{what} {name!r} is ambiguous in {folder} (several files share that name)")
+    raise InputNotFoundError(f"{what} {name!r} not found in {folder}")
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -715,7 +715,7 @@ def write_table(table: pa.Table, out: str, storage_cfg: StorageConfig | None = N
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``instdiff import-dataset FORMAT SRC --out OUT.parquet``."""
-    from pipelines.edit_cmd import add_model_args
+    from pipelines.commands import add_model_args
 
     p = sub.add_parser(
         "import-dataset", help="turn a public editing dataset into an instdiff input Parquet file",
@@ -746,12 +746,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_import(args: argparse.Namespace) -> int:
     """Entry point of ``instdiff import-dataset``; prints a one-line JSON summary."""
-    from pipelines.cli import CliError
-
-    try:
-        return _import(args)
-    except DatasetError as exc:
-        raise CliError(str(exc)) from None
+    return _import(args)
 
 
 def _import(args: argparse.Namespace) -> int:

@@ -7,19 +7,10 @@ import json
 import logging
 from pathlib import Path
 
-log = logging.getLogger("instdiff.edit")
+from instdiff.errors import UsageError
+from pipelines.commands import add_model_args
 
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Model selection flags shared by subcommands that load a model."""
-    p.add_argument("--model", default="default",
-                   help="'default' (embedded shapes model), 'tiny' (random, tests), a diffusers folder or a hub id "
-                        "such as CompVis/stable-diffusion-v1-4")
-    p.add_argument("--inpaint-model", default=None,
-                   help="inpainting checkpoint for the final step, e.g. runwayml/stable-diffusion-inpainting")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps or cpu")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on accelerators, fp32 on CPU), fp32, fp16, bf16")
-    p.add_argument("--local-files-only", action="store_true", help="never contact the hub")
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
-        raise ValueError(f"--out must be a .png file, got {args.out!r}")
+        raise UsageError(f"--out must be a .png file, got {args.out!r}")
     array, notes = imageio.decode_image(args.image)
     bundle = load_bundle(args.model, device=args.device, dtype=args.dtype,
                          local_files_only=args.local_files_only, inpaint=args.inpaint_model)

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from instdiff.errors import UsageError
 from pipelines import schema as S
 from pipelines import storage
 
@@ -69,14 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.cli import CliError
-
     if args.n < 1:
-        raise CliError(f"--n must be at least 1, got {args.n}")
+        raise UsageError(f"--n must be at least 1, got {args.n}")
     if args.size < 16:
-        raise CliError(f"--size must be at least 16 px, got {args.size}")
+        raise UsageError(f"--size must be at least 16 px, got {args.size}")
     if not args.out.endswith(".parquet"):
-        raise CliError(f"--out must end with .parquet, got {args.out!r}")
+        raise UsageError(f"--out must end with .parquet, got {args.out!r}")
     table = shapes_table(args.n, seed=args.seed, size=args.size)
     where = write_table(table, args.out)
     log.info("wrote %d rows (%d px, seed %d) to %s", table.num_rows, args.size, args.seed, where)

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from instdiff.errors import InputNotFoundError, UsageError
 from pipelines import schema as S
 from pipelines import storage
 
@@ -41,7 +42,7 @@ def read_output(output: str, storage_cfg: storage.StorageConfig | None = None) -
     fs, path = storage.resolve(output, storage_cfg)
     files = storage.list_files(fs, path)
     if not files:
-        raise FileNotFoundError(f"no Parquet files under {storage.display(fs, path)}")
+        raise InputNotFoundError(f"no Parquet files under {storage.display(fs, path)}")
     table = pads.dataset(files, filesystem=fs, format="parquet").to_table()
     problems = S.output_schema_problems(table.schema)
     if problems:
@@ -278,14 +279,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.cli import CliError
-
     if args.limit < 1:
-        raise CliError(f"--limit must be at least 1, got {args.limit}")
-    try:
-        paths = make_report(args.output, args.out, args.input, args.limit)
-    except S.SchemaError as exc:
-        raise CliError(str(exc)) from None
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    paths = make_report(args.output, args.out, args.input, args.limit)
     log.info("report: %s (open it in a browser); contact sheet: %s", paths["index.html"], paths["contact_sheet.png"])
     print(json.dumps(paths))
     return 0

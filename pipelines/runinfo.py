@@ -1,59 +1,14 @@
-"""What every benchmark and bench report records next to its numbers: machine, commit, versions, parameters."""
+"""What every benchmark and bench report records next to its numbers: machine, commit, versions, parameters
+(:mod:`instdiff.runinfo` reads the commit and the machine; this module writes the JSON report)."""
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        import diffusers
-
-        info["diffusers"] = diffusers.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from instdiff.runinfo import git_commit, machine_info
 
 
 def write_report(path: str | Path, params: dict[str, Any], results: Any, **extra: Any) -> Path:
@@ -64,3 +19,6 @@ def write_report(path: str | Path, params: dict[str, Any], results: Any, **extra
            "params": params, "results": results, **extra}
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return path
+
+
+__all__ = ["git_commit", "machine_info", "write_report"]

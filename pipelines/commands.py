@@ -1,0 +1,53 @@
+"""What every command-line entry point shares: model flags, logging set-up, and the error rule.
+
+The rule: an :class:`~instdiff.errors.InstdiffError` (a problem with the user's input, config or environment)
+is printed as one line ``PROG: error: MESSAGE`` on stderr with exit code 2; anything else is a bug and keeps
+its traceback. ``instdiff`` (``pipelines.cli``) and ``python -m pipelines.batch`` both run their commands
+through :func:`run_command`; subcommand modules import this module, never the CLI root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from instdiff.errors import InstdiffError
+
+NOISY_LOGGERS = ("urllib3", "filelock", "PIL", "matplotlib", "botocore", "s3fs", "fsspec")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Model selection flags shared by subcommands that load a model (``instdiff.models.load_bundle``)."""
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded shapes model), 'tiny' (random, tests), a diffusers folder or a hub id "
+                        "such as CompVis/stable-diffusion-v1-4")
+    p.add_argument("--inpaint-model", default=None,
+                   help="inpainting checkpoint for the final step, e.g. runwayml/stable-diffusion-inpainting")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps or cpu")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on accelerators, fp32 on CPU), fp32, fp16, bf16")
+    p.add_argument("--local-files-only", action="store_true", help="never contact the hub")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """INFO (DEBUG with ``verbose``) to stderr with time, level and logger name; chatty libraries at WARNING."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_command(prog: str, func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run ``func(args)``; an :class:`InstdiffError` becomes one line on stderr and exit code 2."""
+    try:
+        return int(func(args) or 0)
+    except InstdiffError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["add_model_args", "configure_logging", "run_command"]
