@@ -116,8 +116,21 @@ def fit_to_multiple(
     return prepared
 
 
-def to_model_tensor(arrays: np.ndarray | list[np.ndarray]) -> torch.Tensor:
-    """(H, W, 3) uint8 array(s) → (B, 3, H, W) float tensor in [-1, 1]. All arrays must share a size."""
+def to_model_tensor(arrays: np.ndarray | torch.Tensor | list[np.ndarray]) -> torch.Tensor:
+    """Channel-last uint8 pixels → the models' image tensor (the one uint8 → tensor conversion of the project).
+
+    Args:
+        arrays: one (H, W, 3) uint8 image, a list of them (same size), or a (B, H, W, 3) uint8 array or tensor.
+
+    Returns:
+        (B, 3, H, W) float32 in [-1, 1] (x / 127.5 − 1), on the input tensor's device (CPU for arrays).
+
+    Raises:
+        ImageInputError: images of different sizes in one list.
+    """
+    if isinstance(arrays, torch.Tensor):
+        x = arrays if arrays.ndim == 4 else arrays.unsqueeze(0)
+        return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if isinstance(arrays, np.ndarray) and arrays.ndim == 3:
         arrays = [arrays]
     sizes = {a.shape for a in arrays}
@@ -128,7 +141,14 @@ def to_model_tensor(arrays: np.ndarray | list[np.ndarray]) -> torch.Tensor:
 
 
 def from_model_tensor(x: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
+    """The models' image tensor → channel-last uint8 pixels (the one tensor → uint8 conversion of the project).
+
+    Args:
+        x: (B, 3, H, W) float in [-1, 1] (clamped), any device and dtype.
+
+    Returns:
+        (B, H, W, 3) uint8 NumPy array on the CPU, round((x + 1) · 127.5).
+    """
     arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return arr.permute(0, 2, 3, 1).numpy()
 
