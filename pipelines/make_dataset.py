@@ -14,14 +14,12 @@ import logging
 from collections.abc import Sequence
 
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from instdiff.errors import UsageError
 from pipelines import schema as S
 from pipelines import storage
 
-log = logging.getLogger("instdiff.make_dataset")
+log = logging.getLogger(__name__)
 
 KINDS = ("shapes",)
 
@@ -47,17 +45,6 @@ def shapes_table(n: int, seed: int = 0, size: int = 64, kinds: Sequence[str] | N
     return pa.Table.from_pydict(columns, schema=S.INPUT_SCHEMA)
 
 
-def write_table(table: pa.Table, out: str, storage_cfg: storage.StorageConfig | None = None,
-                row_group_size: int = 64) -> str:
-    """Write ``table`` as one Parquet file (local or s3://); returns where it went."""
-    fs, path = storage.resolve(out, storage_cfg)
-    parent = path.rsplit("/", 1)[0]
-    if parent and isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(parent, recursive=True)
-    pq.write_table(table, path, filesystem=fs, row_group_size=row_group_size, compression="zstd")
-    return storage.display(fs, path)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-dataset", help="write a demo editing set in the batch input schema",
                        description="Write an editing dataset (Parquet, batch input schema) with exact masks.")
@@ -77,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.out.endswith(".parquet"):
         raise UsageError(f"--out must end with .parquet, got {args.out!r}")
     table = shapes_table(args.n, seed=args.seed, size=args.size)
-    where = write_table(table, args.out)
+    where = storage.write_table(table, args.out, row_group_size=64)
     log.info("wrote %d rows (%d px, seed %d) to %s", table.num_rows, args.size, args.seed, where)
     print(json.dumps({"out": where, "rows": table.num_rows, "size": args.size, "seed": args.seed}))
     return 0

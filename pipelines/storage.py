@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from instdiff.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,35 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         fs.create_dir(parent, recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def write_table(table: pa.Table, out: str, storage_cfg: StorageConfig | None = None, row_group_size: int | None = None,
+                compression: str = "zstd") -> str:
+    """Write ``table`` as one Parquet file, local or ``s3://`` (the project's one single-file table writer).
+
+    Args:
+        table: any Arrow table.
+        out: a path or URI ending in ``.parquet``; parent folders are created on local disk.
+        storage_cfg: S3 settings (``None``: the AWS environment variables).
+        row_group_size: rows per row group (``None``: pyarrow's default).
+        compression: a Parquet codec (``zstd``, ``snappy``, ``gzip``, ``none``, …).
+
+    Returns:
+        Where it went, as shown to users (``s3://bucket/key`` or the local path).
+
+    Raises:
+        UsageError: ``out`` does not end in ``.parquet``.
+    """
+    import pyarrow.parquet as pq
+
+    if not out.endswith(".parquet"):
+        raise UsageError(f"the output must be a .parquet file; got {out!r}")
+    fs, path = resolve(out, storage_cfg)
+    parent = posixpath.dirname(path)
+    if parent and isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(parent, recursive=True)
+    pq.write_table(table, path, filesystem=fs, row_group_size=row_group_size, compression=compression)
+    return display(fs, path)
 
 
 def display(fs: pafs.FileSystem, path: str) -> str:

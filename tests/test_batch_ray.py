@@ -20,7 +20,8 @@ from pipelines import schema as S
 from pipelines.batch import run_job
 from pipelines.cli import main
 from pipelines.config import ConfigError, parse_config
-from pipelines.make_dataset import shapes_table, write_table
+from pipelines.make_dataset import shapes_table
+from pipelines.storage import write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = {
