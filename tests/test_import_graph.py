@@ -4,7 +4,9 @@ Every import counts: at module level, inside functions, under ``TYPE_CHECKING`` 
 ``importlib.import_module("...")`` with a constant name, and any string constant that is exactly a project
 module's dotted name (a registry of modules to import by name). A package ``__init__`` that re-exports its submodules
 is an edge from the package to each of them, so a submodule must import its siblings directly, never its own
-package.
+package. Importing ``a.b.c`` from outside package ``a.b`` runs ``a/b/__init__.py`` first, so that is an edge to
+the package ``a.b`` too (the runtime cycle this catches: a module of package X importing a submodule of package
+Y whose ``__init__`` imports, through any chain, that module of X).
 """
 
 from __future__ import annotations
@@ -58,7 +60,19 @@ def imports_of(module: str, path: pathlib.Path, modules: dict[str, pathlib.Path]
             target = _resolve(name, modules)
             if target and target != module:
                 targets.add(target)
+                targets.update(_outer_packages(module, target, modules))
     return targets
+
+
+def _outer_packages(importer: str, target: str, modules: dict[str, pathlib.Path]) -> set[str]:
+    """Packages enclosing ``target`` that do not enclose ``importer``: Python runs their ``__init__`` first."""
+    out = set()
+    parts = target.split(".")
+    for k in range(1, len(parts)):
+        package = ".".join(parts[:k])
+        if package in modules and not (importer == package or importer.startswith(package + ".")):
+            out.add(package)
+    return out
 
 
 def import_graph() -> dict[str, set[str]]:
