@@ -133,16 +133,21 @@ class MaskConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "refinement", _enum(Refinement, self.refinement, "refinement"))
-        _check(-1.0 <= self.gamma2 <= self.gamma1 <= 1.0,
-               f"gamma1, gamma2: need -1 <= gamma2 <= gamma1 <= 1 (cosine thresholds); got {self.gamma1}, "
-               f"{self.gamma2}")
+        _check(
+            -1.0 <= self.gamma2 <= self.gamma1 <= 1.0,
+            f"gamma1, gamma2: need -1 <= gamma2 <= gamma1 <= 1 (cosine thresholds); got {self.gamma1}, {self.gamma2}",
+        )
         _check(0.0 <= self.phi <= 1.0, f"phi: must be in [0, 1]; got {self.phi}")
-        _check(self.smooth_size >= 1 and self.smooth_size % 2 == 1,
-               f"smooth_size: must be an odd number >= 1; got {self.smooth_size}")
+        _check(
+            self.smooth_size >= 1 and self.smooth_size % 2 == 1,
+            f"smooth_size: must be an odd number >= 1; got {self.smooth_size}",
+        )
         _check(self.smooth_sigma > 0, f"smooth_sigma: must be > 0; got {self.smooth_sigma}")
         _check(self.smooth_iters >= 0, f"smooth_iters: must be >= 0; got {self.smooth_iters}")
-        _check(self.smooth_resolution is None or self.smooth_resolution >= 1,
-               f"smooth_resolution: must be null or >= 1; got {self.smooth_resolution}")
+        _check(
+            self.smooth_resolution is None or self.smooth_resolution >= 1,
+            f"smooth_resolution: must be null or >= 1; got {self.smooth_resolution}",
+        )
 
 
 @dataclass(frozen=True)
@@ -189,16 +194,24 @@ class EditConfig:
         _check(0.0 < self.strength <= 1.0, f"strength: must be in (0, 1]; got {self.strength}")
         _check(math.isfinite(self.guidance), f"guidance: must be a finite number; got {self.guidance}")
         _check(self.n_noises >= 1, f"n_noises: must be >= 1; got {self.n_noises}")
-        _check(self.attention_downsample is None or self.attention_downsample >= 1,
-               f"attention_downsample: must be null or >= 1; got {self.attention_downsample}")
-        _check(self.inpaint_steps is None or self.inpaint_steps >= 1,
-               f"inpaint_steps: must be null or >= 1; got {self.inpaint_steps}")
+        _check(
+            self.attention_downsample is None or self.attention_downsample >= 1,
+            f"attention_downsample: must be null or >= 1; got {self.attention_downsample}",
+        )
+        _check(
+            self.inpaint_steps is None or self.inpaint_steps >= 1,
+            f"inpaint_steps: must be null or >= 1; got {self.inpaint_steps}",
+        )
         _check(0.0 < self.inpaint_strength <= 1.0, f"inpaint_strength: must be in (0, 1]; got {self.inpaint_strength}")
         _check(self.diffedit_noises >= 1, f"diffedit_noises: must be >= 1; got {self.diffedit_noises}")
-        _check(0.0 < self.diffedit_mask_strength <= 1.0,
-               f"diffedit_mask_strength: must be in (0, 1]; got {self.diffedit_mask_strength}")
-        _check(0.0 <= self.diffedit_threshold <= 1.0,
-               f"diffedit_threshold: must be in [0, 1]; got {self.diffedit_threshold}")
+        _check(
+            0.0 < self.diffedit_mask_strength <= 1.0,
+            f"diffedit_mask_strength: must be in (0, 1]; got {self.diffedit_mask_strength}",
+        )
+        _check(
+            0.0 <= self.diffedit_threshold <= 1.0,
+            f"diffedit_threshold: must be in [0, 1]; got {self.diffedit_threshold}",
+        )
 
     @property
     def needs_source_prompt(self) -> bool:

@@ -25,24 +25,50 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from instdiff import synthetic
-from instdiff.errors import PhraseError
+from instdiff.errors import ImageInputError, PhraseError
+from instdiff.masks import iou
 
 log = logging.getLogger(__name__)
 
 _STRUCT8 = np.ones((3, 3), dtype=bool)
 # shape constants, in units of ShapeSpec.size: visible area, bbox half-width, bbox half-height and the
 # offset of the bbox centre below the shape centre (see synthetic's geometry table).
-_AREA = {"circle": np.pi, "square": 4.0, "diamond": 2 * 1.25**2, "triangle": 3 * np.sqrt(3) / 4 * 1.3**2,
-         "star": 5 * 1.3 * 0.55 * 1.3 * np.sin(np.deg2rad(36)), "cross": 8 * 1.15 * 0.4 - 4 * 0.4**2}
-_HALF_W = {"circle": 1.0, "square": 1.0, "diamond": 1.25, "triangle": 1.3 * np.sin(np.deg2rad(60)),
-           "star": 1.3 * np.sin(np.deg2rad(72)), "cross": 1.15}
-_HALF_H = {"circle": 1.0, "square": 1.0, "diamond": 1.25, "triangle": 1.3 * 0.75,
-           "star": 1.3 * (1 + np.cos(np.deg2rad(36))) / 2, "cross": 1.15}
-_BOX_OFFSET = {"circle": 0.0, "square": 0.0, "diamond": 0.0, "triangle": -0.325,
-               "star": 1.3 * (np.cos(np.deg2rad(36)) - 1) / 2, "cross": 0.0}
+_AREA = {
+    "circle": np.pi,
+    "square": 4.0,
+    "diamond": 2 * 1.25**2,
+    "triangle": 3 * np.sqrt(3) / 4 * 1.3**2,
+    "star": 5 * 1.3 * 0.55 * 1.3 * np.sin(np.deg2rad(36)),
+    "cross": 8 * 1.15 * 0.4 - 4 * 0.4**2,
+}
+_HALF_W = {
+    "circle": 1.0,
+    "square": 1.0,
+    "diamond": 1.25,
+    "triangle": 1.3 * np.sin(np.deg2rad(60)),
+    "star": 1.3 * np.sin(np.deg2rad(72)),
+    "cross": 1.15,
+}
+_HALF_H = {
+    "circle": 1.0,
+    "square": 1.0,
+    "diamond": 1.25,
+    "triangle": 1.3 * 0.75,
+    "star": 1.3 * (1 + np.cos(np.deg2rad(36))) / 2,
+    "cross": 1.15,
+}
+_BOX_OFFSET = {
+    "circle": 0.0,
+    "square": 0.0,
+    "diamond": 0.0,
+    "triangle": -0.325,
+    "star": 1.3 * (np.cos(np.deg2rad(36)) - 1) / 2,
+    "cross": 0.0,
+}
 
 
 @dataclass(frozen=True)
@@ -100,9 +126,17 @@ _WORD_RE = re.compile(r"[a-z]+")
 
 
 def parse_phrase(phrase: str) -> Phrase:
-    """``"a blue square"`` → Phrase("blue", "square"); ``"a striped gray background"`` → background phrase.
+    """Read a shapes-world phrase: ``"a blue square"`` → ``Phrase("blue", "square")``; ``"a striped gray
+    background"`` → a background phrase.
 
-    Accepts ``[a|an] <colour> <shape>`` and ``[a|an] [striped|dotted|checkered] <colour> background``.
+    Args:
+        phrase: ``[a|an] <colour> <shape>`` or ``[a|an] [striped|dotted|checkered] <colour> background``.
+
+    Returns:
+        The parsed :class:`Phrase`.
+
+    Raises:
+        PhraseError: any other text (the message lists the accepted colours and shapes).
     """
     words = [w for w in _WORD_RE.findall(phrase.lower()) if w not in ("a", "an", "the")]
     if len(words) >= 2 and words[-1] == "background":
@@ -125,9 +159,9 @@ def parse_phrase(phrase: str) -> Phrase:
 def _check_image(image: np.ndarray) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
         shape = getattr(image, "shape", type(image).__name__)
-        raise ValueError(f"expected a square (H, W, 3) uint8 image, got {shape}")
+        raise ImageInputError(f"expected a square (H, W, 3) uint8 image, got {shape}")
     if image.shape[0] < 16:
-        raise ValueError(f"image side must be at least 16 px, got {image.shape[0]}")
+        raise ImageInputError(f"image side must be at least 16 px, got {image.shape[0]}")
     return image.astype(np.float32)
 
 
@@ -144,9 +178,22 @@ def _texture_pattern(texture: str, size: int) -> np.ndarray:
     return (scene.image != base).any(axis=-1)
 
 
-def estimate_background(image: np.ndarray, region: np.ndarray | None = None,
-                        cfg: ScorerConfig = ScorerConfig()) -> BackgroundEstimate:
-    """The background colour and texture of ``image`` (read inside ``region`` when given)."""
+def estimate_background(
+    image: np.ndarray, region: np.ndarray | None = None, cfg: ScorerConfig = ScorerConfig()
+) -> BackgroundEstimate:
+    """The background colour and texture of ``image`` (read inside ``region`` when given).
+
+    Args:
+        image: (H, W, 3) uint8, square, side at least 16 px.
+        region: optional (H, W) bool mask of the pixels to read.
+        cfg: detector thresholds.
+
+    Returns:
+        The :class:`BackgroundEstimate` (colour name, texture name, (H, W) bool mask of background pixels).
+
+    Raises:
+        ImageInputError: an image that is not square (H, W, 3) or smaller than 16 px.
+    """
     img = _check_image(image)
     sel = np.ones(img.shape[:2], dtype=bool) if region is None else np.asarray(region, dtype=bool)
     pix = img[sel]  # (P, 3)
@@ -167,8 +214,11 @@ def estimate_background(image: np.ndarray, region: np.ndarray | None = None,
     area = explained & sel
     texture = "plain"
     if area.sum() and second[area].mean() >= cfg.plain_fraction:
-        agreement = {t: float((_texture_pattern(t, img.shape[0])[area] == second[area]).mean())
-                     for t in synthetic.TEXTURES if t != "plain"}
+        agreement = {
+            t: float((_texture_pattern(t, img.shape[0])[area] == second[area]).mean())
+            for t in synthetic.TEXTURES
+            if t != "plain"
+        }
         texture = max(agreement, key=agreement.__getitem__)
     return BackgroundEstimate(best, texture, explained)
 
@@ -196,22 +246,38 @@ def _starts(kind: str, visible: np.ndarray) -> list[tuple[float, float, float]]:
     return out
 
 
-def fit_shape(visible: np.ndarray, free: np.ndarray, kinds: Sequence[str] = synthetic.SHAPES
-              ) -> tuple[str, float, tuple[float, float, float]]:
-    """Best (kind, score, (cx, cy, size)) for a visible mask; ``free`` pixels may hide the shape."""
+def fit_shape(
+    visible: np.ndarray, free: np.ndarray, kinds: Sequence[str] = synthetic.SHAPES
+) -> tuple[str, float, tuple[float, float, float]]:
+    """The shape that best explains a visible mask; ``free`` pixels may hide part of it (occlusion).
+
+    Args:
+        visible: (H, W) bool, the object's visible pixels.
+        free: (H, W) bool, pixels covered by other objects (not counted against a template).
+        kinds: candidate shape names (:data:`instdiff.synthetic.SHAPES`).
+
+    Returns:
+        ``(kind, score, (cx, cy, size))``: the best shape, its occlusion-aware IoU in [0, 1], and its centre and
+        :class:`~instdiff.synthetic.ShapeSpec` size in pixels.
+    """
     size = visible.shape[0]
     results = []
     for kind in kinds:
-        best = max(((_fit_score(kind, *p, visible, free, size), p) for p in _starts(kind, visible)),
-                   key=lambda r: r[0])
+        best = max(((_fit_score(kind, *p, visible, free, size), p) for p in _starts(kind, visible)), key=lambda r: r[0])
         results.append((kind, *_refine(kind, best, visible, free, size, steps=(2.0,))))
     results.sort(key=lambda r: -r[1])
     finals = [(k, *_refine(k, (sc, p), visible, free, size, steps=(1.0, 0.5))) for k, sc, p in results[:2]]
     return max(finals, key=lambda r: r[1])
 
 
-def _refine(kind: str, start: tuple[float, tuple[float, float, float]], visible: np.ndarray, free: np.ndarray,
-            size: int, steps: Iterable[float]) -> tuple[float, tuple[float, float, float]]:
+def _refine(
+    kind: str,
+    start: tuple[float, tuple[float, float, float]],
+    visible: np.ndarray,
+    free: np.ndarray,
+    size: int,
+    steps: Iterable[float],
+) -> tuple[float, tuple[float, float, float]]:
     """Pattern search over (cx, cy, size) with the given step sizes in pixels."""
     score, p = start
     for step in steps:
@@ -226,15 +292,29 @@ def _refine(kind: str, start: tuple[float, tuple[float, float, float]], visible:
     return score, p
 
 
-def find_objects(image: np.ndarray, cfg: ScorerConfig = ScorerConfig(),
-                 background: BackgroundEstimate | None = None) -> list[Detection]:
-    """All objects in ``image``: one detection per colour component of at least ``min_area`` of the image."""
+def find_objects(
+    image: np.ndarray, cfg: ScorerConfig = ScorerConfig(), background: BackgroundEstimate | None = None
+) -> list[Detection]:
+    """All objects in ``image``: one detection per colour component of at least ``min_area`` of the image.
+
+    Args:
+        image: (H, W, 3) uint8, square, side at least 16 px.
+        cfg: detector thresholds.
+        background: the image's background when already estimated (else estimated here).
+
+    Returns:
+        One :class:`Detection` per object found (colour, fitted shape or ``None``, (H, W) bool mask, fit score).
+
+    Raises:
+        ImageInputError: an image that is not square (H, W, 3) or smaller than 16 px.
+    """
     img = _check_image(image)
     size = img.shape[0]
     bg = background or estimate_background(image, cfg=cfg)
     colors = list(synthetic.allowed_colors(bg.color))
-    refs = np.array([synthetic.COLORS[c] for c in colors] + list(synthetic.background_tones(bg.color)),
-                    dtype=np.float32)
+    refs = np.array(
+        [synthetic.COLORS[c] for c in colors] + list(synthetic.background_tones(bg.color)), dtype=np.float32
+    )
     d = _distances(img, refs)  # (H, W, R)
     nearest = d.argmin(axis=-1)
     ok = d.min(axis=-1) <= cfg.color_tolerance
@@ -260,8 +340,9 @@ def find_objects(image: np.ndarray, cfg: ScorerConfig = ScorerConfig(),
     return _merge_split(detections, cfg, bg, object_px, unexplained)
 
 
-def _merge_split(dets: list[Detection], cfg: ScorerConfig, bg: BackgroundEstimate, object_px: np.ndarray,
-                 unexplained: np.ndarray) -> list[Detection]:
+def _merge_split(
+    dets: list[Detection], cfg: ScorerConfig, bg: BackgroundEstimate, object_px: np.ndarray, unexplained: np.ndarray
+) -> list[Detection]:
     """A colour seen as several components (an object cut in two by an occluder) is refitted as one when the
     union fits better than its best part."""
     by_color: dict[str, list[Detection]] = {}
@@ -281,13 +362,30 @@ def _merge_split(dets: list[Detection], cfg: ScorerConfig, bg: BackgroundEstimat
     return out
 
 
-def phrase_present(image: np.ndarray, phrase: str | Phrase, region: np.ndarray | None = None,
-                   cfg: ScorerConfig = ScorerConfig(), detections: list[Detection] | None = None) -> bool:
+def phrase_present(
+    image: np.ndarray,
+    phrase: str | Phrase,
+    region: np.ndarray | None = None,
+    cfg: ScorerConfig = ScorerConfig(),
+    detections: list[Detection] | None = None,
+) -> bool:
     """Whether ``phrase`` is visible in ``image`` (inside ``region`` when given).
 
     An object phrase needs a detection of that colour and shape with at least ``region_overlap`` of its pixels
     inside the region. A background phrase needs the background read inside the region (outside the detected
     objects) to have that colour, and that texture when the phrase names one.
+
+    Args:
+        image: (H, W, 3) uint8, square, side at least 16 px.
+        phrase: a phrase text (see :func:`parse_phrase`) or a parsed :class:`Phrase`.
+        region: optional (H, W) bool mask; an empty region holds no phrase.
+        cfg: detector thresholds.
+
+    Returns:
+        True when the phrase is seen.
+
+    Raises:
+        PhraseError: an unreadable phrase. ImageInputError: a wrong image shape.
     """
     p = parse_phrase(phrase) if isinstance(phrase, str) else phrase
     if p.is_background:
@@ -308,9 +406,19 @@ def phrase_present(image: np.ndarray, phrase: str | Phrase, region: np.ndarray |
     return False
 
 
-def objects_found(image: np.ndarray, objects: Sequence[synthetic.ShapeSpec], cfg: ScorerConfig = ScorerConfig()
-                  ) -> bool:
-    """Whether every object (colour and shape) of ``objects`` is detected in ``image``."""
+def objects_found(
+    image: np.ndarray, objects: Sequence[synthetic.ShapeSpec], cfg: ScorerConfig = ScorerConfig()
+) -> bool:
+    """Whether every object (colour and shape) of ``objects`` is detected in ``image``.
+
+    Args:
+        image: (H, W, 3) uint8, square, side at least 16 px.
+        objects: the shapes that should be there.
+        cfg: detector thresholds.
+
+    Returns:
+        True when each object's (colour, shape) is among the detections.
+    """
     dets = find_objects(image, cfg)
     found = {(d.color, d.kind) for d in dets}
     return all((o.color, o.kind) in found for o in objects)
@@ -318,26 +426,42 @@ def objects_found(image: np.ndarray, objects: Sequence[synthetic.ShapeSpec], cfg
 
 def match_objects(scene: synthetic.Scene, detections: Sequence[Detection], min_iou: float = 0.5) -> list[bool]:
     """Per ground-truth object of ``scene``: is there a detection of its colour and shape whose mask has IoU
-    ≥ ``min_iou`` with the object's visible mask?"""
+    ≥ ``min_iou`` with the object's visible mask?
+
+    Args:
+        scene: the rendered scene (its ``objects`` and visible ``masks``, (H, W) bool each).
+        detections: what :func:`find_objects` found in an image of the scene.
+        min_iou: the IoU (:func:`instdiff.masks.iou`) a detection needs, in [0, 1].
+
+    Returns:
+        One bool per object of the scene, in its order.
+    """
     out = []
     for obj, m in zip(scene.objects, scene.masks, strict=True):
-        ok = False
-        for d in detections:
-            if d.color == obj.color and d.kind == obj.kind:
-                inter = np.count_nonzero(d.mask & m)
-                union = np.count_nonzero(d.mask | m)
-                ok = ok or inter / max(1, union) >= min_iou
+        gt = torch.from_numpy(np.asarray(m, dtype=bool))[None]
+        ok = any(
+            float(iou(torch.from_numpy(np.asarray(d.mask, dtype=bool))[None], gt)[0]) >= min_iou
+            for d in detections
+            if d.color == obj.color and d.kind == obj.kind
+        )
         out.append(ok)
     return out
 
 
-def scorer_accuracy(scenes: Sequence[synthetic.Scene], images: Sequence[np.ndarray] | None = None,
-                    cfg: ScorerConfig = ScorerConfig()) -> dict[str, float]:
-    """Accuracy on rendered scenes (or on ``images`` of them, e.g. VAE reconstructions).
+def scorer_accuracy(
+    scenes: Sequence[synthetic.Scene], images: Sequence[np.ndarray] | None = None, cfg: ScorerConfig = ScorerConfig()
+) -> dict[str, float]:
+    """Accuracy of the scorer on rendered scenes (or on ``images`` of them, e.g. VAE reconstructions).
 
-    ``object_accuracy``: share of ground-truth objects detected with the right colour, shape and location
-    (mask IoU ≥ 0.5). ``background_accuracy``/``texture_accuracy``: share of scenes whose background colour /
-    texture is read correctly. ``spurious_per_scene``: detections matching no object.
+    Args:
+        scenes: ground-truth scenes.
+        images: optional (H, W, 3) uint8 images to score instead of the scenes' own renderings.
+        cfg: detector thresholds.
+
+    Returns:
+        ``object_accuracy`` (share of ground-truth objects detected with the right colour, shape and location,
+        mask IoU ≥ 0.5), ``background_accuracy`` / ``texture_accuracy`` (share of scenes whose background colour /
+        texture is read correctly), ``spurious_per_scene`` (detections matching no object), and the counts.
     """
     hit = total = bg_ok = tex_ok = spurious = 0
     for i, scene in enumerate(scenes):
@@ -352,5 +476,11 @@ def scorer_accuracy(scenes: Sequence[synthetic.Scene], images: Sequence[np.ndarr
         gt = {(o.color, o.kind) for o in scene.objects}
         spurious += sum(1 for d in dets if (d.color, d.kind) not in gt)
     n = max(1, len(scenes))
-    return {"objects": total, "scenes": len(scenes), "object_accuracy": float(hit) / max(1, total),
-            "background_accuracy": bg_ok / n, "texture_accuracy": tex_ok / n, "spurious_per_scene": spurious / n}
+    return {
+        "objects": total,
+        "scenes": len(scenes),
+        "object_accuracy": float(hit) / max(1, total),
+        "background_accuracy": bg_ok / n,
+        "texture_accuracy": tex_ok / n,
+        "spurious_per_scene": spurious / n,
+    }

@@ -20,11 +20,17 @@ NOISY_LOGGERS = ("urllib3", "filelock", "PIL", "matplotlib", "botocore", "s3fs",
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Model selection flags shared by subcommands that load a model (``instdiff.models.load_bundle``)."""
-    p.add_argument("--model", default="default",
-                   help="'default' (embedded shapes model), 'tiny' (random, tests), a diffusers folder or a hub id "
-                        "such as CompVis/stable-diffusion-v1-4")
-    p.add_argument("--inpaint-model", default=None,
-                   help="inpainting checkpoint for the final step, e.g. runwayml/stable-diffusion-inpainting")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default' (embedded shapes model), 'tiny' (random, tests), a diffusers folder or a hub id "
+        "such as CompVis/stable-diffusion-v1-4",
+    )
+    p.add_argument(
+        "--inpaint-model",
+        default=None,
+        help="inpainting checkpoint for the final step, e.g. runwayml/stable-diffusion-inpainting",
+    )
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps or cpu")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on accelerators, fp32 on CPU), fp32, fp16, bf16")
     p.add_argument("--local-files-only", action="store_true", help="never contact the hub")

@@ -15,8 +15,14 @@ def write_report(path: str | Path, params: dict[str, Any], results: Any, **extra
     """Write ``{"machine", "commit", "created", "params", "results", ...}`` as JSON; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": machine_info(), "commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "params": params, "results": results, **extra}
+    doc = {
+        "machine": machine_info(),
+        "commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "params": params,
+        "results": results,
+        **extra,
+    }
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return path
 
