@@ -138,17 +138,13 @@ def test_iou_hand_cases() -> None:
     np.testing.assert_allclose(M.iou(pred, gt).numpy(), [0.0, 1.0, 1.0 / 3.0, 1.0, 0.0])
     # float (B,1,H,W) masks give the same result
     np.testing.assert_allclose(M.iou(pred[:, None].float(), gt[:, None].float()).numpy(), M.iou(pred, gt).numpy())
-    assert M.iou(pred, gt).dtype == torch.float64
+    assert M.iou(pred, gt).dtype == torch.float32  # masks.iou: the one IoU of the project
     with pytest.raises(ImageInputError):
         M.iou(pred, gt[:, :4])
 
 
 def test_iou_agrees_with_masks_iou() -> None:
-    """metrics.iou and masks.iou give the same ratio and the same empty-vs-empty value (1.0).
-
-    They differ in dtype: metrics.iou computes in float64, masks.iou in float32, so the values agree to
-    float32 precision only.
-    """
+    """metrics.iou is masks.iou on converted inputs: the same values, 1.0 for empty vs empty; numpy input too."""
     gen = torch.Generator().manual_seed(0)
     pred = torch.rand(16, 12, 10, generator=gen) > 0.6
     gt = torch.rand(16, 12, 10, generator=gen) > 0.5
@@ -158,8 +154,8 @@ def test_iou_agrees_with_masks_iou() -> None:
     ours = M.iou(pred, gt)
     theirs = masks.iou(pred, gt)
     assert ours[0] == theirs[0] == 1.0 and ours[1] == theirs[1] == 0.0 and ours[2] == theirs[2] == 1.0
-    torch.testing.assert_close(ours, theirs.double(), rtol=1e-7, atol=0.0)
-    assert ours.dtype == torch.float64 and theirs.dtype == torch.float32
+    assert torch.equal(ours, theirs) and ours.dtype == torch.float32
+    assert torch.equal(M.iou(pred.numpy(), gt.numpy().astype(np.uint8)), theirs)
 
 
 def test_change_metrics_identical_images() -> None:
