@@ -109,8 +109,10 @@ def test_editing_mask_bad_rows_error_lists_all_or_skip_counts(editing_mask_root)
 
 def test_flexit_finds_images_in_synset_folders_and_reads_csv(tmp_path):
     root = tmp_path / "flexit"
-    for synset, name, seed in [("n02088364", "ILSVRC2012_val_00000001.JPEG", 1),
-                               ("n02088094", "ILSVRC2012_val_00000002.JPEG", 2)]:
+    for synset, name, seed in [
+        ("n02088364", "ILSVRC2012_val_00000001.JPEG", 1),
+        ("n02088094", "ILSVRC2012_val_00000002.JPEG", 2),
+    ]:
         (root / "val" / synset).mkdir(parents=True)
         (root / "val" / synset / name).write_bytes(_jpeg(_image(seed)))
     (root / "ImageNet_list.txt").write_text(
@@ -120,14 +122,18 @@ def test_flexit_finds_images_in_synset_folders_and_reads_csv(tmp_path):
     )
     table = datasets.read_flexit(str(root))
     rows = table.to_pylist()
-    assert [r["id"] for r in rows] == ["ILSVRC2012_val_00000001", "ILSVRC2012_val_00000002",
-                                       "ILSVRC2012_val_00000001-2"]
+    assert [r["id"] for r in rows] == [
+        "ILSVRC2012_val_00000001",
+        "ILSVRC2012_val_00000002",
+        "ILSVRC2012_val_00000001-2",
+    ]
     assert rows[0]["target_prompt"] == "a photo of an Afghan hound" and rows[0]["mask"] is None
     assert json.loads(rows[2]["meta"])["target_class"] == "basset"
     assert rows[1]["dataset"] == "imagenet-flexit"
     # the same pairs as a CSV with a header and a class-only prompt template
-    (root / "pairs.csv").write_text("image,source,target\nILSVRC2012_val_00000002,Afghan hound,beagle\n"
-                                    "ILSVRC2012_val_00000404.JPEG,beagle,basset\n")
+    (root / "pairs.csv").write_text(
+        "image,source,target\nILSVRC2012_val_00000002,Afghan hound,beagle\nILSVRC2012_val_00000404.JPEG,beagle,basset\n"
+    )
     with pytest.raises(DatasetError, match="line 3: image 'ILSVRC2012_val_00000404.JPEG' not found"):
         datasets.read_flexit(str(root), pairs_file="pairs.csv")
     table = datasets.read_flexit(str(root), pairs_file="pairs.csv", class_template="{name}", on_bad_row="skip")
@@ -139,8 +145,12 @@ def test_prompt_pairs_and_generated_sources(tmp_path):
 
     path = tmp_path / "ip2p.jsonl"
     lines = [
-        {"input": "a red circle on a gray background", "edit": "make it blue",
-         "output": "a blue circle on a gray background", "url": "http://x/1"},
+        {
+            "input": "a red circle on a gray background",
+            "edit": "make it blue",
+            "output": "a blue circle on a gray background",
+            "url": "http://x/1",
+        },
         {"id": "own-id", "input": "a green square", "edit": "turn it into a star", "output": "a green star"},
         {"input": "a cat", "edit": "no output"},
     ]
@@ -197,8 +207,12 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server._server.server_address  # bound port (0 = any free port)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -220,10 +234,22 @@ def test_listing_jsonl_on_s3_and_cli_import_to_s3(s3_server, tmp_path, capsys):
     s3.put_object(Bucket="data", Key="set/img/x.png", Body=_png(_image(4, (16, 16))))
     s3.put_object(Bucket="data", Key="other/y.png", Body=_png(_image(5, (16, 16))))
     s3.put_object(Bucket="data", Key="set/img/x_mask.png", Body=_png(_mask((16, 16), (0, 0, 8, 16))))
-    rows = [{"image_path": "img/x.png", "source_prompt": "a red circle", "target_prompt": "a blue circle",
-             "mask_path": "img/x_mask.png", "id": "x"},
-            {"image_path": "s3://data/other/y.png", "source_prompt": "a cat", "target_prompt": "a dog", "id": "y",
-             "dataset": "mine"}]
+    rows = [
+        {
+            "image_path": "img/x.png",
+            "source_prompt": "a red circle",
+            "target_prompt": "a blue circle",
+            "mask_path": "img/x_mask.png",
+            "id": "x",
+        },
+        {
+            "image_path": "s3://data/other/y.png",
+            "source_prompt": "a cat",
+            "target_prompt": "a dog",
+            "id": "y",
+            "dataset": "mine",
+        },
+    ]
     s3.put_object(Bucket="data", Key="set/list.jsonl", Body="\n".join(json.dumps(r) for r in rows).encode())
     table = datasets.read_listing("s3://data/set/list.jsonl")
     assert table.column("id").to_pylist() == ["x", "y"]
@@ -232,8 +258,14 @@ def test_listing_jsonl_on_s3_and_cli_import_to_s3(s3_server, tmp_path, capsys):
     rc = main(["import-dataset", "listing", "s3://data/set/list.jsonl", "--out", "s3://data/out/in.parquet"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary == {"format": "listing", "rows": 2, "skipped": 0, "out": "s3://data/out/in.parquet",
-                       "with_image": 2, "with_mask": 1}
+    assert summary == {
+        "format": "listing",
+        "rows": 2,
+        "skipped": 0,
+        "out": "s3://data/out/in.parquet",
+        "with_image": 2,
+        "with_mask": 1,
+    }
     body = s3.get_object(Bucket="data", Key="out/in.parquet")["Body"].read()
     back = pq.read_table(io.BytesIO(body))
     schema.validate_input_schema(back.schema)
@@ -249,6 +281,13 @@ def test_cli_import_editing_mask_local_and_error_line(editing_mask_root, tmp_pat
     assert rc == 2
     err = capsys.readouterr().err
     assert "line 3: image '7' not found" in err
+
+
+def test_cli_import_refuses_a_non_parquet_out_before_reading(tmp_path, capsys):
+    rc = main(["import-dataset", "listing", str(tmp_path / "absent.csv"), "--out", str(tmp_path / "x.csv")])
+    assert rc == 2
+    assert "--out must end with .parquet, got" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_replace_phrase_keeps_grammar():
