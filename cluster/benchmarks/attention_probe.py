@@ -38,21 +38,40 @@ from instdiff.masks import MaskConfig, instdiffedit_mask, iou, steps_for_strengt
 from instdiff.models import ModelBundle, load_bundle
 from pipelines.runinfo import write_report
 
-log = logging.getLogger("attention_probe")
+log = logging.getLogger(__name__)
 VALIDATION_SEED = 10_001
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def short(path: str) -> str:
-    """``down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor`` → ``down_blocks.0.a0``."""
+    """A short label for a cross-attention layer's module path.
+
+    Args:
+        path: e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor``.
+
+    Returns:
+        e.g. ``down_blocks.0.a0`` (block, block index, attention index; ``mid_block.a0`` for the middle block).
+    """
     parts = path.split(".")
     return f"{parts[0]}.{parts[1]}.a{parts[3]}" if parts[0] != "mid_block" else "mid_block.a0"
 
 
 @torch.no_grad()
-def layer_maps(bundle: ModelBundle, latents: torch.Tensor, prompts: Sequence[str], t: int, n_noises: int,
-               seed: int = 0) -> dict[str, torch.Tensor]:
-    """Head-averaged cross-attention maps of every layer, (B, T, h, w), mean over ``n_noises`` noises."""
+def layer_maps(
+    bundle: ModelBundle, latents: torch.Tensor, prompts: Sequence[str], t: int, n_noises: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Head-averaged cross-attention maps of every layer at one timestep, mean over ``n_noises`` noises.
+
+    Args:
+        latents: (B, C, h, w) clean latents of the images.
+        prompts: B prompts the UNet is conditioned on.
+        t: the timestep the latents are noised to (one UNet call).
+        n_noises: noises per image (seeds ``seed + i``, :func:`instdiff.editing.make_noise`).
+        seed: first noise seed.
+
+    Returns:
+        Short layer label (:func:`short`) → (B, T, h', w') float maps at that layer's resolution.
+    """
     b = latents.shape[0]
     noise = make_noise([seed + i for i in range(b)], n_noises, tuple(latents.shape[1:]))
     sched = bundle.fresh_scheduler()
@@ -62,8 +81,9 @@ def layer_maps(bundle: ModelBundle, latents: torch.Tensor, prompts: Sequence[str
     stores = {p: AttentionStore() for p in cross_attention_paths(bundle.unet)}
     with contextlib.ExitStack() as stack:
         for path, store in stores.items():  # one recorder and store per layer, nested
-            stack.enter_context(capture_attention(bundle.unet, store, AttentionSelection(downsample=None,
-                                                                                          paths=(path,))))
+            stack.enter_context(
+                capture_attention(bundle.unet, store, AttentionSelection(downsample=None, paths=(path,)))
+            )
         bundle.unet(x, tt, encoder_hidden_states=emb)
     out = {}
     for path, store in stores.items():
@@ -78,6 +98,17 @@ def _auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 
 def localisation(bundle: ModelBundle, n_scenes: int, timesteps: Sequence[int]) -> dict[str, Any]:
+    """How well each layer's word maps separate an object's pixels from the rest (figure 1 of the module doc).
+
+    Args:
+        bundle: the model.
+        n_scenes: validation scenes (seed 10001).
+        timesteps: timesteps to probe.
+
+    Returns:
+        ``{str(t): {layer: {"map", "auc_shape_word", "auc_colour_word", "auc_start_token", "objects",
+        "mass_start", "mass_words", "mass_end_and_padding"}}}``; AUCs are means over objects (None without any).
+    """
     scenes = synthetic.make_scenes(n_scenes, seed=VALIDATION_SEED, size=bundle.resolution)
     images = torch.stack([synthetic.scene_to_tensor(s) for s in scenes])
     latents = bundle.encode_images(images)
@@ -111,10 +142,13 @@ def localisation(bundle: ModelBundle, n_scenes: int, timesteps: Sequence[int]) -
             words_mask = (idx >= 1) & (idx < n_tok[:, None] - 1)
             per_layer[name] = {
                 "map": f"{side}x{side}",
-                **{f"auc_{key}": float(np.mean(auc[k])) if auc[k] else None
-                   for key, k in (("shape_word", "shape"), ("colour_word", "colour"), ("start_token", "start"))},
+                **{
+                    f"auc_{key}": float(np.mean(auc[k])) if auc[k] else None
+                    for key, k in (("shape_word", "shape"), ("colour_word", "colour"), ("start_token", "start"))
+                },
                 "objects": len(auc["shape"]),
-                "mass_start": float(mass[:, 0].mean()), "mass_words": float((mass * words_mask).sum(1).mean()),
+                "mass_start": float(mass[:, 0].mean()),
+                "mass_words": float((mass * words_mask).sum(1).mean()),
                 "mass_end_and_padding": float((mass * (idx >= n_tok[:, None] - 1)).sum(1).mean()),
             }
         out[str(t)] = per_layer
@@ -137,8 +171,23 @@ def _combine(maps: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tenso
     return torch.stack([F.interpolate(maps[n], size=(side, side), mode="bilinear") for n in names]).mean(0)
 
 
-def pair_masks(bundle: ModelBundle, n_pairs: int, phis: Sequence[float], strength: float = 0.5,
-               steps: int = 50, n_noises: int = 3) -> dict[str, Any]:
+def pair_masks(
+    bundle: ModelBundle, n_pairs: int, phis: Sequence[float], strength: float = 0.5, steps: int = 50, n_noises: int = 3
+) -> dict[str, Any]:
+    """First-step InstDiffEdit masks and oracle masks per layer set vs the exact edit masks (figure 2).
+
+    Args:
+        bundle: the model.
+        n_pairs: validation edit pairs (seed 10001).
+        phis: thresholds of the oracle masks.
+        strength: noise strength r; the maps are taken at the edit's first timestep.
+        steps: DDIM steps the strength applies to.
+        n_noises: noises averaged per image.
+
+    Returns:
+        ``{"n_pairs", "timestep", "n_noises", "sets": {label: {"layers", "paper", "oracle": {str(phi): ...}}}}``;
+        each score holds the mean ``iou``, ``per_kind`` IoU and ``mask_area``.
+    """
     pairs = synthetic.make_edit_pairs(n_pairs, seed=VALIDATION_SEED, size=bundle.resolution)
     images = torch.stack([synthetic.scene_to_tensor(p.source) for p in pairs])
     latents = bundle.encode_images(images)
@@ -161,61 +210,109 @@ def pair_masks(bundle: ModelBundle, n_pairs: int, phis: Sequence[float], strengt
             on = words.index("on") if "on" in words[:last] else 0
             hits = [j for j in range(on + 1, last) if words[j] in phrase]
         else:  # the colour + shape pair of the edited object
-            hits = next(([j, j + 1] for j in range(1, last - 1) if words[j:j + 2] == phrase), [])
+            hits = next(([j, j + 1] for j in range(1, last - 1) if words[j : j + 2] == phrase), [])
         oracle[i, hits] = 1.0
 
     def score(mask: torch.Tensor) -> dict[str, Any]:
         up = F.interpolate(mask.float(), size=gt.shape[-2:], mode="nearest") > 0.5
         r = iou(up, gt)
-        per = {k: float(r[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in synthetic.EDIT_KINDS
-               if k in kinds}
+        per = {
+            k: float(r[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in synthetic.EDIT_KINDS if k in kinds
+        }
         return {"iou": float(r.mean()), "per_kind": per, "mask_area": float(mask.float().mean())}
 
     out: dict[str, Any] = {"n_pairs": len(pairs), "timestep": t0, "n_noises": n_noises, "sets": {}}
     for label, names in _layer_sets(list(maps), maps).items():
         a = _combine(maps, names)
         mk, _, position = instdiffedit_mask(a, n_tok, latent_hw, MaskConfig())
-        row = {"layers": names, "paper": score(mk) | {"plus_one_tokens": float((position > 0).sum(1).float().mean()),
-                                                       "minus_one_tokens": float((position < 0).sum(1).float().mean())}}
-        row["oracle"] = {str(phi): score(instdiffedit_mask(a, n_tok, latent_hw, MaskConfig(phi=phi), oracle)[0])
-                         for phi in phis}
+        row = {
+            "layers": names,
+            "paper": score(mk)
+            | {
+                "plus_one_tokens": float((position > 0).sum(1).float().mean()),
+                "minus_one_tokens": float((position < 0).sum(1).float().mean()),
+            },
+        }
+        row["oracle"] = {
+            str(phi): score(instdiffedit_mask(a, n_tok, latent_hw, MaskConfig(phi=phi), oracle)[0]) for phi in phis
+        }
         out["sets"][label] = row
     return out
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    lines = ["# Cross-attention localisation probe", "",
-             f"Commit `{doc['commit']}` · {doc['created']} · {doc['machine'].get('cpu')} · "
-             f"`{' '.join(doc['params']['argv'])}`", "", __doc__.split("\n\n", 2)[2].strip(), ""]
+    """The Markdown page of a report written by :func:`main`.
+
+    Args:
+        doc: the JSON report (``machine``, ``commit``, ``created``, ``params``, ``results``).
+
+    Returns:
+        The page, ending in a newline.
+    """
+    lines = [
+        "# Cross-attention localisation probe",
+        "",
+        f"Commit `{doc['commit']}` · {doc['created']} · {doc['machine'].get('cpu')} · "
+        f"`{' '.join(doc['params']['argv'])}`",
+        "",
+        __doc__.split("\n\n", 2)[2].strip(),
+        "",
+    ]
     for model, res in doc["results"].items():
-        lines += [f"## `{model}`", "", "### Word maps vs object pixels (AUC; 0.5 = chance)", "",
-                  "| t | layer | map | shape word | colour word | start token | mass start / words / end+pad |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## `{model}`",
+            "",
+            "### Word maps vs object pixels (AUC; 0.5 = chance)",
+            "",
+            "| t | layer | map | shape word | colour word | start token | mass start / words / end+pad |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for t, layers in res["localisation"].items():
             for name, r in layers.items():
-                aucs = " | ".join("–" if r[k] is None else f"{r[k]:.3f}"
-                                  for k in ("auc_shape_word", "auc_colour_word", "auc_start_token"))
-                lines.append(f"| {t} | {name} | {r['map']} | {aucs} | {r['mass_start']:.2f} / {r['mass_words']:.2f} / "
-                             f"{r['mass_end_and_padding']:.2f} |")
+                aucs = " | ".join(
+                    "–" if r[k] is None else f"{r[k]:.3f}"
+                    for k in ("auc_shape_word", "auc_colour_word", "auc_start_token")
+                )
+                lines.append(
+                    f"| {t} | {name} | {r['map']} | {aucs} | {r['mass_start']:.2f} / {r['mass_words']:.2f} / "
+                    f"{r['mass_end_and_padding']:.2f} |"
+                )
         pm = res["pair_masks"]
-        lines += ["", f"### First-step masks on {pm['n_pairs']} validation pairs (t = {pm['timestep']}, "
-                  f"{pm['n_noises']} noises): IoU with the exact edit mask", "",
-                  "| layers | mask | IoU | object | colour | background | mask area |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"### First-step masks on {pm['n_pairs']} validation pairs (t = {pm['timestep']}, "
+            f"{pm['n_noises']} noises): IoU with the exact edit mask",
+            "",
+            "| layers | mask | IoU | object | colour | background | mask area |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for label, row in pm["sets"].items():
             p = row["paper"]
-            lines.append(f"| {label} | InstDiffEdit, paper Eq. 6–9 (+1: {p['plus_one_tokens']:.1f} tokens, −1: "
-                         f"{p['minus_one_tokens']:.1f}) | **{p['iou']:.3f}** | "
-                         + " | ".join(f"{p['per_kind'].get(k, float('nan')):.3f}" for k in synthetic.EDIT_KINDS)
-                         + f" | {p['mask_area']:.2f} |")
+            lines.append(
+                f"| {label} | InstDiffEdit, paper Eq. 6–9 (+1: {p['plus_one_tokens']:.1f} tokens, −1: "
+                f"{p['minus_one_tokens']:.1f}) | **{p['iou']:.3f}** | "
+                + " | ".join(f"{p['per_kind'].get(k, float('nan')):.3f}" for k in synthetic.EDIT_KINDS)
+                + f" | {p['mask_area']:.2f} |"
+            )
             for phi, o in row["oracle"].items():
-                lines.append(f"| {label} | oracle: target-phrase tokens, φ {phi} | {o['iou']:.3f} | "
-                             + " | ".join(f"{o['per_kind'].get(k, float('nan')):.3f}" for k in synthetic.EDIT_KINDS)
-                             + f" | {o['mask_area']:.2f} |")
+                lines.append(
+                    f"| {label} | oracle: target-phrase tokens, φ {phi} | {o['iou']:.3f} | "
+                    + " | ".join(f"{o['per_kind'].get(k, float('nan')):.3f}" for k in synthetic.EDIT_KINDS)
+                    + f" | {o['mask_area']:.2f} |"
+                )
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Probe every model on the CPU; write the JSON report and its Markdown page beside it.
+
+    Args:
+        argv: command-line options (``None``: ``sys.argv[1:]``); see ``--help``.
+
+    Returns:
+        0 (the exit status).
+    """
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["default"])
     ap.add_argument("--scenes", type=int, default=48, help="validation scenes for the localisation AUCs")
@@ -232,8 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in args.models:
         bundle = load_bundle(spec, device="cpu", dtype="fp32")
         with torch.no_grad():
-            results[spec] = {"localisation": localisation(bundle, args.scenes, args.timesteps),
-                             "pair_masks": pair_masks(bundle, args.pairs, args.phi)}
+            results[spec] = {
+                "localisation": localisation(bundle, args.scenes, args.timesteps),
+                "pair_masks": pair_masks(bundle, args.pairs, args.phi),
+            }
         log.info("%s done", spec)
     params = {k: v for k, v in vars(args).items() if k != "out"}
     params["argv"] = list(argv if argv is not None else sys.argv[1:])

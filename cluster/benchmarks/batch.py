@@ -19,8 +19,8 @@ and of every process under it (the Ray head, raylet, workers and actors; see :cl
 the loop and for each Ray job; ``cpu_overhead`` = Ray's steady CPU seconds per row / the loop's - 1 is the
 work Ray adds per row, whatever else the machine is doing.
 
-    python cluster/benchmarks/batch.py --model default --rows 24 --steps 20 --out docs/results/batch-default.json
-    python cluster/benchmarks/batch.py --model tiny --rows 48 --steps 10 --out docs/results/batch-tiny.json
+    python -m cluster.benchmarks.batch --model default --rows 24 --steps 20 --out docs/results/batch-default.json
+    python -m cluster.benchmarks.batch --model tiny --rows 48 --steps 10 --out docs/results/batch-tiny.json
 
 Writes JSON (machine, commit, parameters, results, load averages) and prints a small table.
 """
@@ -38,28 +38,43 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipelines import batch
+from pipelines.config import BatchConfig, parse_config
+from pipelines.make_dataset import shapes_table
+from pipelines.runinfo import write_report
+from pipelines.storage import write_table
+
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from cluster.benchmarks.common import write_report  # noqa: E402
-from pipelines import batch  # noqa: E402
-from pipelines.config import BatchConfig, parse_config  # noqa: E402
-from pipelines.make_dataset import shapes_table  # noqa: E402
-
-log = logging.getLogger("bench.batch")
 
 
-def job_config(args: argparse.Namespace, input_path: str, output: str, actors: int = 1,
-               actor_cpus: float = 1.0) -> BatchConfig:
-    return parse_config({
-        "input": input_path, "output": output, "seed": 0,
-        "model": {"spec": args.model, "device": "cpu"},
-        "method": {"name": args.method, "steps": args.steps, "guidance": args.guidance},
-        "actors": {"pool_size": actors, "num_cpus": actor_cpus, "batch_size": args.batch_size},
-        "write": {"max_rows_per_file": 1000},
-        "ray": {"progress_bars": False, "task_cpus": 1.0},
-    })
+def job_config(
+    args: argparse.Namespace, input_path: str, output: str, actors: int = 1, actor_cpus: float = 1.0
+) -> BatchConfig:
+    """The bulk-job config of one timed run (CPU model, seed 0, no progress bars).
+
+    Args:
+        args: the benchmark's options (model, method, steps, guidance, batch size).
+        input_path: Parquet file of input rows.
+        output: the job's output folder.
+        actors: editing actors in the pool.
+        actor_cpus: logical CPUs reserved per actor.
+
+    Returns:
+        The validated job config (:func:`pipelines.config.parse_config`).
+    """
+    return parse_config(
+        {
+            "input": input_path,
+            "output": output,
+            "seed": 0,
+            "model": {"spec": args.model, "device": "cpu"},
+            "method": {"name": args.method, "steps": args.steps, "guidance": args.guidance},
+            "actors": {"pool_size": actors, "num_cpus": actor_cpus, "batch_size": args.batch_size},
+            "write": {"max_rows_per_file": 1000},
+            "ray": {"progress_bars": False, "task_cpus": 1.0},
+        }
+    )
 
 
 def _load() -> list[float]:
@@ -142,16 +157,30 @@ class TreeCpu:
 
 
 def own_cpu_seconds() -> float:
-    """CPU seconds of this process alone (the loop runs here)."""
+    """CPU seconds (user + system) of this process alone (the loop runs here)."""
     import psutil
 
     t = psutil.Process().cpu_times()
     return t.user + t.system
 
 
-def time_loop(args: argparse.Namespace, input_path: str, work: Path, stage: batch.EditStage | None = None
-              ) -> dict[str, Any]:
-    """The single-process baseline (model loaded first, timed apart)."""
+def time_loop(
+    args: argparse.Namespace, input_path: str, work: Path, stage: batch.EditStage | None = None
+) -> dict[str, Any]:
+    """The single-process baseline (model loaded first, timed apart).
+
+    Args:
+        args: the benchmark's options.
+        input_path: Parquet file of the rows to edit.
+        work: scratch folder.
+        stage: an editing stage already loaded (``None``: load one and report its load time).
+
+    Returns:
+        Rows, seconds, rows/s, CPU seconds per row, model load seconds and the load averages around the run.
+
+    Raises:
+        RuntimeError: a row did not come back ``ok``.
+    """
     table = pq.read_table(input_path)
     cfg = job_config(args, input_path, str(work / "unused"))
     load_before = _load()
@@ -164,14 +193,37 @@ def time_loop(args: argparse.Namespace, input_path: str, work: Path, stage: batc
     ok = sum(1 for s in out["status"].to_pylist() if s == "ok")
     if ok != table.num_rows:
         raise RuntimeError(f"loop: only {ok} of {table.num_rows} rows ok")
-    return {"rows": table.num_rows, "seconds": round(seconds, 3), "rows_per_s": round(table.num_rows / seconds, 4),
-            "cpu_s_per_row": round(cpu / table.num_rows, 4), "model_load_s": round(load_s, 3),
-            "load_avg_before": load_before, "load_avg_after": _load()}
+    return {
+        "rows": table.num_rows,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(table.num_rows / seconds, 4),
+        "cpu_s_per_row": round(cpu / table.num_rows, 4),
+        "model_load_s": round(load_s, 3),
+        "load_avg_before": load_before,
+        "load_avg_after": _load(),
+    }
 
 
-def time_ray(args: argparse.Namespace, input_path: str, small_path: str, work: Path, actors: int,
-             cpus: int) -> dict[str, Any]:
-    """Two Ray jobs with ``actors`` actors (one batch per actor, then all rows); steady rate from the difference."""
+def time_ray(
+    args: argparse.Namespace, input_path: str, small_path: str, work: Path, actors: int, cpus: int
+) -> dict[str, Any]:
+    """Two Ray jobs with ``actors`` actors (one batch per actor, then all rows); steady rate from the difference.
+
+    Args:
+        args: the benchmark's options.
+        input_path: Parquet file of all rows.
+        small_path: Parquet file of one batch per actor.
+        work: scratch folder for the jobs' outputs.
+        actors: editing actors in the pool.
+        cpus: logical CPUs of the local Ray cluster (one is left to Ray Data's tasks).
+
+    Returns:
+        Both runs' times and CPU seconds, the end-to-end and steady rows/s, the fixed cost (seconds and CPU
+        seconds) and the steady CPU seconds per row, in total and per process kind (see :class:`TreeCpu`).
+
+    Raises:
+        RuntimeError: a job wrote rows that are not ``ok``.
+    """
     actor_cpus = min(1.0, (cpus - 1.0) / actors)  # leave one CPU for Ray Data's read/decode/write tasks
     runs = {}
     for name, path in (("small", small_path), ("full", input_path)):
@@ -184,29 +236,48 @@ def time_ray(args: argparse.Namespace, input_path: str, small_path: str, work: P
         cpu = meter.seconds
         if summary.ok != summary.written:
             raise RuntimeError(f"ray {actors} actors ({name}): {summary.error} error rows: {summary.top_errors}")
-        runs[name] = {"rows": summary.written, "seconds": round(seconds, 3), "cpu_s": round(cpu, 2),
-                      "cpu_s_by_kind": {k: round(v, 2) for k, v in sorted(meter.by_kind.items())},
-                      "load_avg_before": load_before, "load_avg_after": _load()}
+        runs[name] = {
+            "rows": summary.written,
+            "seconds": round(seconds, 3),
+            "cpu_s": round(cpu, 2),
+            "cpu_s_by_kind": {k: round(v, 2) for k, v in sorted(meter.by_kind.items())},
+            "load_avg_before": load_before,
+            "load_avg_after": _load(),
+        }
     small, full = runs["small"], runs["full"]
     extra_rows = full["rows"] - small["rows"]
     cpu_per_row = (full["cpu_s"] - small["cpu_s"]) / extra_rows
     kinds = set(small["cpu_s_by_kind"]) | set(full["cpu_s_by_kind"])
-    cpu_per_row_by_kind = {k: round((full["cpu_s_by_kind"].get(k, 0.0) - small["cpu_s_by_kind"].get(k, 0.0))
-                                    / extra_rows, 4) for k in sorted(kinds)}
+    cpu_per_row_by_kind = {
+        k: round((full["cpu_s_by_kind"].get(k, 0.0) - small["cpu_s_by_kind"].get(k, 0.0)) / extra_rows, 4)
+        for k in sorted(kinds)
+    }
     extra_s = full["seconds"] - small["seconds"]
     # the difference is only meaningful when the extra rows cost clearly more than the fixed cost's jitter
     steady = (full["rows"] - small["rows"]) / extra_s if extra_s > 0.2 * full["seconds"] else None
     fixed = max(full["seconds"] - full["rows"] / steady, 0.0) if steady else None
-    return {"actors": actors, "actor_cpus": actor_cpus, "runs": runs,
-            "end_to_end_rows_per_s": round(full["rows"] / full["seconds"], 4),
-            "steady_rows_per_s": round(steady, 4) if steady else None,
-            "fixed_cost_s": round(fixed, 2) if fixed is not None else None,
-            "steady_cpu_s_per_row": round(cpu_per_row, 4),
-            "steady_cpu_s_per_row_by_kind": cpu_per_row_by_kind,
-            "fixed_cpu_s": round(full["cpu_s"] - cpu_per_row * full["rows"], 2)}
+    return {
+        "actors": actors,
+        "actor_cpus": actor_cpus,
+        "runs": runs,
+        "end_to_end_rows_per_s": round(full["rows"] / full["seconds"], 4),
+        "steady_rows_per_s": round(steady, 4) if steady else None,
+        "fixed_cost_s": round(fixed, 2) if fixed is not None else None,
+        "steady_cpu_s_per_row": round(cpu_per_row, 4),
+        "steady_cpu_s_per_row_by_kind": cpu_per_row_by_kind,
+        "fixed_cpu_s": round(full["cpu_s"] - cpu_per_row * full["rows"], 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Time the loop and the Ray job for each actor count; write the JSON report and print a table.
+
+    Args:
+        argv: command-line options (``None``: ``sys.argv[1:]``); see ``--help``.
+
+    Returns:
+        0 (the exit status).
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="default (embedded shapes model, 64 px) or tiny (32 px)")
     p.add_argument("--method", default="instdiffedit")
@@ -219,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="logical CPUs of the local Ray cluster")
     p.add_argument("--out", default=None, help="JSON path (default docs/results/batch-MODEL.json)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     out = Path(args.out or ROOT / "docs" / "results" / f"batch-{args.model}.json")
     size = 32 if args.model == "tiny" else 64
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -230,9 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         table = shapes_table(args.rows, seed=0, size=size)
         input_path, small_path = str(work / "in.parquet"), str(work / "small.parquet")
-        pq.write_table(table, input_path)
+        write_table(table, input_path, compression="snappy")
         loop_path = str(work / "loop.parquet")
-        pq.write_table(table.slice(0, args.loop_rows), loop_path)
+        write_table(table.slice(0, args.loop_rows), loop_path, compression="snappy")
         cfg = job_config(args, loop_path, str(work / "unused"))
         t0 = time.perf_counter()
         stage = batch.EditStage(cfg.model, cfg.method, cfg.image, threads=1)
@@ -240,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         niceness = int(ray.get(ray.remote(lambda: os.nice(0)).remote()))  # Ray workers' CPU priority
         # an unmeasured job first: task workers import their libraries once per cluster, not once per job
-        pq.write_table(table.slice(0, args.batch_size), small_path)
+        write_table(table.slice(0, args.batch_size), small_path, compression="snappy")
         batch.run_job(job_config(args, small_path, str(work / "warm-up")))
         results = []
         loops = []
@@ -248,25 +320,39 @@ def main(argv: list[str] | None = None) -> int:
             for k in args.actors:
                 # 1. the plain loop, 2. the Ray job with k actors on the same rows, 3. the loop again
                 before = time_loop(args, loop_path, work, stage)
-                pq.write_table(table.slice(0, args.batch_size * k), small_path)
+                write_table(table.slice(0, args.batch_size * k), small_path, compression="snappy")
                 r = time_ray(args, input_path, small_path, work, k, args.cpus)
                 after = time_loop(args, loop_path, work, stage)
-                loop = {"rows_per_s": round((before["rows_per_s"] + after["rows_per_s"]) / 2, 4),
-                        "cpu_s_per_row": round((before["cpu_s_per_row"] + after["cpu_s_per_row"]) / 2, 4),
-                        "before": before, "after": after, "model_load_s": round(model_load_s, 3)}
+                loop = {
+                    "rows_per_s": round((before["rows_per_s"] + after["rows_per_s"]) / 2, 4),
+                    "cpu_s_per_row": round((before["cpu_s_per_row"] + after["cpu_s_per_row"]) / 2, 4),
+                    "before": before,
+                    "after": after,
+                    "model_load_s": round(model_load_s, 3),
+                }
                 loops.append(loop)
                 r["loop_rows_per_s"] = loop["rows_per_s"]
                 r["loop_cpu_s_per_row"] = loop["cpu_s_per_row"]
                 r["cpu_overhead"] = round(r["steady_cpu_s_per_row"] / loop["cpu_s_per_row"] - 1.0, 4)
-                log.info("loop around %d actor(s): %.3f rows/s before, %.3f after", k, before["rows_per_s"],
-                         after["rows_per_s"])
+                log.info(
+                    "loop around %d actor(s): %.3f rows/s before, %.3f after",
+                    k,
+                    before["rows_per_s"],
+                    after["rows_per_s"],
+                )
                 steady = r["steady_rows_per_s"]
                 r["ratio_to_loop"] = round(steady / loop["rows_per_s"], 4) if steady else None
                 r["overhead_per_actor"] = round(1.0 - r["ratio_to_loop"] / k, 4) if steady else None
                 r["end_to_end_ratio_to_loop"] = round(r["end_to_end_rows_per_s"] / loop["rows_per_s"], 4)
                 results.append(r)
-                log.info("ray %d actor(s): steady %s rows/s (x%s of the loop), end to end %.3f rows/s, fixed %s s",
-                         k, steady, r["ratio_to_loop"], r["end_to_end_rows_per_s"], r["fixed_cost_s"])
+                log.info(
+                    "ray %d actor(s): steady %s rows/s (x%s of the loop), end to end %.3f rows/s, fixed %s s",
+                    k,
+                    steady,
+                    r["ratio_to_loop"],
+                    r["end_to_end_rows_per_s"],
+                    r["fixed_cost_s"],
+                )
         finally:
             ray.shutdown()
     by_k = {r["actors"]: r for r in results}
@@ -275,21 +361,32 @@ def main(argv: list[str] | None = None) -> int:
         if k != 1 and 1 in by_k and r["steady_rows_per_s"] and by_k[1]["steady_rows_per_s"]:
             scaling[f"{k}_vs_1"] = round(r["steady_rows_per_s"] / (k * by_k[1]["steady_rows_per_s"]), 4)
     params = {k: v for k, v in vars(args).items() if k != "out"} | {"image_size": size}
-    path = write_report(out, params, {"loop": loops, "ray": results, "scaling_efficiency": scaling},
-                        ray_worker_niceness=niceness, loop_niceness=os.nice(0))
+    path = write_report(
+        out,
+        params,
+        {"loop": loops, "ray": results, "scaling_efficiency": scaling},
+        ray_worker_niceness=niceness,
+        loop_niceness=os.nice(0),
+    )
 
     def cell(x: float | None, fmt: str) -> str:
         return format(x, fmt) if x is not None else "n/a"
 
-    print(f"{'':16}{'steady rows/s':>14}{'x loop':>8}{'overhead/actor':>16}{'e2e rows/s':>12}{'fixed s':>9}"
-          f"{'CPU s/row':>11}{'CPU overhead':>14}")
+    print(
+        f"{'':16}{'steady rows/s':>14}{'x loop':>8}{'overhead/actor':>16}{'e2e rows/s':>12}{'fixed s':>9}"
+        f"{'CPU s/row':>11}{'CPU overhead':>14}"
+    )
     for r in results:
-        print(f"{'loop (around)':16}{r['loop_rows_per_s']:>14.3f}{1.0:>8.2f}{'':>16}{r['loop_rows_per_s']:>12.3f}"
-              f"{model_load_s:>9.1f}{r['loop_cpu_s_per_row']:>11.3f}")
-        print(f"{'ray ' + str(r['actors']) + ' actor(s)':16}{cell(r['steady_rows_per_s'], '.3f'):>14}"
-              f"{cell(r['ratio_to_loop'], '.2f'):>8}{cell(r['overhead_per_actor'], '.1%'):>16}"
-              f"{r['end_to_end_rows_per_s']:>12.3f}{cell(r['fixed_cost_s'], '.1f'):>9}"
-              f"{r['steady_cpu_s_per_row']:>11.3f}{r['cpu_overhead']:>14.1%}")
+        print(
+            f"{'loop (around)':16}{r['loop_rows_per_s']:>14.3f}{1.0:>8.2f}{'':>16}{r['loop_rows_per_s']:>12.3f}"
+            f"{model_load_s:>9.1f}{r['loop_cpu_s_per_row']:>11.3f}"
+        )
+        print(
+            f"{'ray ' + str(r['actors']) + ' actor(s)':16}{cell(r['steady_rows_per_s'], '.3f'):>14}"
+            f"{cell(r['ratio_to_loop'], '.2f'):>8}{cell(r['overhead_per_actor'], '.1%'):>16}"
+            f"{r['end_to_end_rows_per_s']:>12.3f}{cell(r['fixed_cost_s'], '.1f'):>9}"
+            f"{r['steady_cpu_s_per_row']:>11.3f}{r['cpu_overhead']:>14.1%}"
+        )
     for r in results:
         print(f"ray {r['actors']} actor(s), steady CPU s/row by process: {r['steady_cpu_s_per_row_by_kind']}")
     print(f"scaling efficiency (steady, k actors vs k x 1 actor): {scaling}; wrote {path}")

@@ -1,7 +1,7 @@
 """Editors side by side on the same shapes-world pairs and model: UNet evaluations per image, wall time
 per image, and mask IoU against the exact edit masks. Writes JSON (and a Markdown table beside it).
 
-    python cluster/benchmarks/editors.py --model default --n 32 --out docs/results/editors.json
+    python -m cluster.benchmarks.editors --model default --n 32 --out docs/results/editors.json
 """
 
 from __future__ import annotations
@@ -13,16 +13,26 @@ from pathlib import Path
 
 import torch
 
-from cluster.benchmarks.common import write_report
 from instdiff.editing import EditConfig, Method, edit
 from instdiff.masks import iou
 from instdiff.models import load_bundle
 from instdiff.synthetic import image_to_tensor, make_edit_pairs
+from pipelines.runinfo import write_report
 
-log = logging.getLogger("bench.editors")
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Run every method on the same pairs; write the JSON report and a Markdown table beside it.
+
+    Each method is warmed up on one pair (2 steps) so that one-time costs are not timed.
+
+    Args:
+        argv: command-line options (``None``: ``sys.argv[1:]``); see ``--help``.
+
+    Returns:
+        Path of the JSON report (the table is the same path with ``.md``).
+    """
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--device", default="auto")
@@ -49,8 +59,14 @@ def main(argv: list[str] | None = None) -> Path:
         ious, calls, t0 = [], [], time.perf_counter()
         for i in range(0, len(pairs), args.batch):
             chunk = pairs[i : i + args.batch]
-            r = edit(bundle, images[i : i + len(chunk)], [p.source_prompt for p in chunk],
-                     [p.target_prompt for p in chunk], cfg, seeds=list(range(i, i + len(chunk))))
+            r = edit(
+                bundle,
+                images[i : i + len(chunk)],
+                [p.source_prompt for p in chunk],
+                [p.target_prompt for p in chunk],
+                cfg,
+                seeds=list(range(i, i + len(chunk))),
+            )
             ious += iou(r.masks, gt[i : i + len(chunk)]).tolist()
             calls.append(r.unet_calls)
         wall = time.perf_counter() - t0
@@ -64,18 +80,22 @@ def main(argv: list[str] | None = None) -> Path:
             "mask_iou_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
         }
         log.info("%s: %s", name, results[name])
-    params = {k: v for k, v in vars(args).items() if k != "out"} | {"model_name": bundle.name,
-                                                                   "image_size": size,
-                                                                   "device": str(bundle.device),
-                                                                   "dtype": str(bundle.dtype)}
+    params = {k: v for k, v in vars(args).items() if k != "out"} | {
+        "model_name": bundle.name,
+        "image_size": size,
+        "device": str(bundle.device),
+        "dtype": str(bundle.dtype),
+    }
     out = write_report(args.out, params, results)
     rows = ["| method | UNet evals / image | s / image | mask IoU |", "|---|---:|---:|---:|"]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['unet_calls_per_image']:.0f} | {r['seconds_per_image']:.3f} | "
-                    f"{r['mask_iou_mean']:.3f} |")
+        rows.append(
+            f"| {name} | {r['unet_calls_per_image']:.0f} | {r['seconds_per_image']:.3f} | {r['mask_iou_mean']:.3f} |"
+        )
     Path(out).with_suffix(".md").write_text(
         f"Editors on {args.n} shapes-world pairs (seed {args.seed}), model `{bundle.name}` at {size} px, "
-        f"{args.steps} steps, r = {args.strength}, {bundle.device}.\n\n" + "\n".join(rows) + "\n")
+        f"{args.steps} steps, r = {args.strength}, {bundle.device}.\n\n" + "\n".join(rows) + "\n"
+    )
     print("\n".join(rows))
     return out
 

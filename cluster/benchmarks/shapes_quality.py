@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -34,11 +31,14 @@ import torch
 
 from instdiff import synthetic
 from instdiff.editing import EditConfig, Inpaint, Method, PromptMode, edit, generate
-from instdiff.masks import MaskConfig
+from instdiff.imageio import from_model_tensor
+from instdiff.masks import MaskConfig, iou
+from instdiff.metrics import change_outside_mask
 from instdiff.models import ModelBundle, load_bundle
+from instdiff.runinfo import git_commit, machine_info
 from instdiff.scorer import estimate_background, find_objects, phrase_present, scorer_accuracy
 
-log = logging.getLogger("shapes_quality")
+log = logging.getLogger(__name__)
 
 TEST_PAIR_SEED = 10_000
 VALIDATION_PAIR_SEED = 10_001
@@ -48,39 +48,31 @@ GOALS = {"generation_fidelity": 0.8, "instdiffedit_iou": 0.5}
 PAPER_IOU_SD14 = 0.562
 
 
-def _to_u8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
 def _batches(n: int, size: int) -> list[range]:
+    """Consecutive index ranges of at most ``size`` covering ``range(n)``."""
     return [range(i, min(n, i + size)) for i in range(0, n, size)]
-
-
-def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    union = np.count_nonzero(pred | gt)
-    return float(np.count_nonzero(pred & gt) / union) if union else 1.0
-
-
-def change_outside(src: np.ndarray, edited: np.ndarray, mask: np.ndarray) -> float:
-    """C_non: Σ_{outside M} mean_c |Δ| / (255 · |outside M|) for uint8 (H, W, 3) images (paper Eq. III)."""
-    outside = ~mask
-    if not outside.any():
-        return float("nan")
-    diff = np.abs(src.astype(np.float64) - edited.astype(np.float64)).mean(axis=-1)
-    return float(diff[outside].sum() / (255.0 * outside.sum()))
 
 
 # ---- figures ---------------------------------------------------------------------------------
 @torch.no_grad()
 def vae_and_scorer(bundle: ModelBundle, n_scenes: int, batch: int) -> dict[str, Any]:
-    """Scorer accuracy on clean held-out scenes and on their VAE reconstructions; the VAE's PSNR."""
+    """Scorer accuracy on clean held-out scenes and on their VAE reconstructions; the VAE's PSNR.
+
+    Args:
+        bundle: the model.
+        n_scenes: held-out scenes (seed 10002).
+        batch: images per VAE call.
+
+    Returns:
+        ``{"scenes_seed", "clean", "vae_reconstructions", "vae_psnr_db"}``: the two
+        :func:`instdiff.scorer.scorer_accuracy` results and the mean PSNR in dB (8-bit pixels).
+    """
     scenes = synthetic.make_scenes(n_scenes, seed=SCORER_SCENE_SEED, size=bundle.resolution)
     recon: list[np.ndarray] = []
     psnr: list[float] = []
     for idx in _batches(len(scenes), batch):
         x = torch.stack([synthetic.scene_to_tensor(scenes[i]) for i in idx])
-        rec = _to_u8(bundle.decode_latents(bundle.encode_images(x)))
+        rec = from_model_tensor(bundle.decode_latents(bundle.encode_images(x)))
         for i, r in zip(idx, rec, strict=True):
             mse = max(1e-10, float(((r.astype(np.float64) - scenes[i].image) ** 2).mean()))
             psnr.append(10 * np.log10(255.0**2 / mse))
@@ -93,16 +85,31 @@ def vae_and_scorer(bundle: ModelBundle, n_scenes: int, batch: int) -> dict[str, 
     }
 
 
-def generation_fidelity(bundle: ModelBundle, n: int, steps: int, guidance: float, batch: int,
-                        seed: int = GENERATION_SCENE_SEED) -> dict[str, Any]:
-    """Share of generated images (held-out captions) in which every captioned object is found."""
+def generation_fidelity(
+    bundle: ModelBundle, n: int, steps: int, guidance: float, batch: int, seed: int = GENERATION_SCENE_SEED
+) -> dict[str, Any]:
+    """Share of generated images (held-out captions) in which every captioned object is found.
+
+    Args:
+        bundle: the model.
+        n: captions (scenes of ``seed``), one image each (noise seed = index).
+        steps: DDIM steps.
+        guidance: classifier-free guidance scale.
+        batch: images per generation call.
+        seed: shapes-world seed of the captions.
+
+    Returns:
+        Shares of images with every object found, of objects found and of right background colours, the goal
+        and the settings, and the seconds taken.
+    """
     scenes = synthetic.make_scenes(n, seed=seed, size=bundle.resolution)
     all_found = bg_ok = 0
     per_object = []
     t0 = time.perf_counter()
     for idx in _batches(n, batch):
-        images = _to_u8(generate(bundle, [scenes[i].caption for i in idx], steps=steps, guidance=guidance,
-                                 seeds=list(idx)))
+        images = from_model_tensor(
+            generate(bundle, [scenes[i].caption for i in idx], steps=steps, guidance=guidance, seeds=list(idx))
+        )
         for i, img in zip(idx, images, strict=True):
             found = {(d.color, d.kind) for d in find_objects(img)}
             hits = [(o.color, o.kind) in found for o in scenes[i].objects]
@@ -122,9 +129,24 @@ def generation_fidelity(bundle: ModelBundle, n: int, steps: int, guidance: float
     }
 
 
-def run_edits(bundle: ModelBundle, pairs: Sequence[synthetic.EditPair], cfg: EditConfig, batch: int,
-              score: bool = True) -> dict[str, Any]:
-    """Edit every pair with ``cfg``; mask IoU, edit success, source removal and C_non, overall and per kind."""
+def run_edits(
+    bundle: ModelBundle, pairs: Sequence[synthetic.EditPair], cfg: EditConfig, batch: int, score: bool = True
+) -> dict[str, Any]:
+    """Edit every pair with ``cfg``; mask IoU, edit success, source removal and C_non, overall and per kind.
+
+    IoU is :func:`instdiff.masks.iou` against the exact edit mask; C_non is
+    :func:`instdiff.metrics.change_outside_mask` (InstDiffEdit appendix, Eq. III) outside it.
+
+    Args:
+        bundle: the model.
+        pairs: edit pairs (noise seed = index).
+        cfg: the editor's settings.
+        batch: pairs per edit call.
+        score: also run the scorer (success, source removal) and C_non; otherwise masks only.
+
+    Returns:
+        :func:`summarize_rows` of the per-pair rows plus ``seconds_per_image`` and ``unet_calls_per_image``.
+    """
     rows: list[dict[str, Any]] = []
     seconds = 0.0
     calls = 0.0
@@ -132,124 +154,203 @@ def run_edits(bundle: ModelBundle, pairs: Sequence[synthetic.EditPair], cfg: Edi
         part = [pairs[i] for i in idx]
         images = torch.stack([synthetic.scene_to_tensor(p.source) for p in part])
         t0 = time.perf_counter()
-        res = edit(bundle, images, [p.source_prompt for p in part], [p.target_prompt for p in part], cfg,
-                   seeds=list(idx))
+        res = edit(
+            bundle, images, [p.source_prompt for p in part], [p.target_prompt for p in part], cfg, seeds=list(idx)
+        )
         seconds += time.perf_counter() - t0
         calls = res.unet_calls
-        edited = _to_u8(res.images)
-        masks = res.masks[:, 0].cpu().numpy()
-        for p, img, m in zip(part, edited, masks, strict=True):
-            row: dict[str, Any] = {"kind": p.kind, "iou": _iou(m, p.edit_mask), "mask_area": float(m.mean())}
+        edited = from_model_tensor(res.images)
+        masks = res.masks[:, 0].cpu()  # (B, H, W) bool
+        ious = iou(masks, torch.from_numpy(np.stack([p.edit_mask for p in part])))
+        for p, img, m, m_iou in zip(part, edited, masks.numpy(), ious.tolist(), strict=True):
+            row: dict[str, Any] = {"kind": p.kind, "iou": m_iou, "mask_area": float(m.mean())}
             if score:
                 dets = find_objects(img)
                 row["success"] = phrase_present(img, p.target_phrase, region=p.edit_mask, detections=dets)
                 row["source_removed"] = not phrase_present(img, p.source_phrase, region=p.edit_mask, detections=dets)
-                row["c_non"] = change_outside(p.source.image, img, p.edit_mask)
+                row["c_non"] = float(change_outside_mask(p.source.image, img, p.edit_mask)[0])
             rows.append(row)
     return summarize_rows(rows) | {"seconds_per_image": seconds / len(pairs), "unet_calls_per_image": calls}
 
 
 def summarize_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means of the per-pair figures (NaN ignored), overall and per edit kind.
+
+    Args:
+        rows: per-pair dicts with ``kind`` and some of ``iou``, ``success``, ``source_removed``, ``c_non``,
+            ``mask_area`` (the keys of the first row are averaged).
+
+    Returns:
+        ``{"n", <key>: mean, ..., "per_kind": {kind: {"n", <key>: mean, ...}}}``.
+    """
     keys = [k for k in ("iou", "success", "source_removed", "c_non", "mask_area") if k in rows[0]]
 
     def mean(rs: Sequence[dict[str, Any]]) -> dict[str, float]:
         return {k: float(np.nanmean([float(r[k]) for r in rs])) for k in keys}
 
     out: dict[str, Any] = {"n": len(rows), **mean(rows)}
-    out["per_kind"] = {kind: {"n": len(rs), **mean(rs)} for kind in synthetic.EDIT_KINDS
-                       if (rs := [r for r in rows if r["kind"] == kind])}
+    out["per_kind"] = {
+        kind: {"n": len(rs), **mean(rs)}
+        for kind in synthetic.EDIT_KINDS
+        if (rs := [r for r in rows if r["kind"] == kind])
+    }
     return out
 
 
-def sweep(bundle: ModelBundle, pairs: Sequence[synthetic.EditPair], base: EditConfig, batch: int,
-          downsamples: Sequence[int], phis: Sequence[float], modes: Sequence[PromptMode]) -> list[dict[str, Any]]:
-    """InstDiffEdit mask IoU (no inpainting, no scoring) over attention resolution × φ × prompt mode."""
+def sweep(
+    bundle: ModelBundle,
+    pairs: Sequence[synthetic.EditPair],
+    base: EditConfig,
+    batch: int,
+    downsamples: Sequence[int],
+    phis: Sequence[float],
+    modes: Sequence[PromptMode],
+) -> list[dict[str, Any]]:
+    """InstDiffEdit mask IoU (no inpainting, no scoring) over attention resolution × φ × prompt mode.
+
+    Args:
+        bundle: the model.
+        pairs: validation edit pairs.
+        base: the settings the grid varies.
+        batch: pairs per edit call.
+        downsamples: attention downsample factors.
+        phis: mask thresholds φ.
+        modes: prompt modes.
+
+    Returns:
+        One row per grid point: its settings, the mean ``iou`` and ``per_kind_iou``.
+    """
     out = []
     for f in downsamples:
         for phi in phis:
             for mode in modes:
-                cfg = base.with_(attention_downsample=f, mask=replace(base.mask, phi=phi), prompt_mode=mode,
-                                 inpaint=Inpaint.NONE)
+                cfg = base.with_(
+                    attention_downsample=f, mask=replace(base.mask, phi=phi), prompt_mode=mode, inpaint=Inpaint.NONE
+                )
                 r = run_edits(bundle, pairs, cfg, batch, score=False)
-                out.append({"attention_downsample": f, "phi": phi, "prompt_mode": mode.value, "iou": r["iou"],
-                            "per_kind_iou": {k: v["iou"] for k, v in r["per_kind"].items()}})
+                out.append(
+                    {
+                        "attention_downsample": f,
+                        "phi": phi,
+                        "prompt_mode": mode.value,
+                        "iou": r["iou"],
+                        "per_kind_iou": {k: v["iou"] for k, v in r["per_kind"].items()},
+                    }
+                )
                 log.info("sweep f=%d phi=%.2f mode=%s: IoU %.3f", f, phi, mode.value, r["iou"])
     return out
 
 
 # ---- report ----------------------------------------------------------------------------------
-def _git_commit() -> str | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                                timeout=10).stdout.strip()
-        return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _machine(bundle: ModelBundle) -> dict[str, Any]:
-    info: dict[str, Any] = {"device": str(bundle.device), "dtype": str(bundle.dtype), "platform": platform.platform(),
-                            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-    if bundle.device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(bundle.device)
-    return info
-
-
 def markdown(res: dict[str, Any]) -> str:
-    """A short Markdown report of the JSON result."""
-    lines = [f"# Shapes-world quality ({res['model']})", "",
-             f"Machine: {res['machine'].get('gpu', res['machine']['device'])}, commit {res['git_commit']}, "
-             f"{res['seconds']:.0f} s. Held-out data only (training used scene seeds < 10000).", ""]
+    """A short Markdown report of the JSON result.
+
+    Args:
+        res: the result written by :func:`main` (the sections present so far).
+
+    Returns:
+        The Markdown page.
+    """
+    lines = [
+        f"# Shapes-world quality ({res['model']})",
+        "",
+        f"Machine: {res['machine'].get('gpu', res['machine']['device'])}, commit {res['git_commit']}, "
+        f"{res['seconds']:.0f} s. Held-out data only (training used scene seeds < 10000).",
+        "",
+    ]
     if "scorer" in res:
         s = res["scorer"]
-        lines += ["## Scorer and VAE", "", "| images | objects | object acc. | background acc. | texture acc. |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Scorer and VAE",
+            "",
+            "| images | objects | object acc. | background acc. | texture acc. |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for name in ("clean", "vae_reconstructions"):
             a = s[name]
-            lines.append(f"| {name} | {a['objects']} | {a['object_accuracy']:.3f} | {a['background_accuracy']:.3f} | "
-                         f"{a['texture_accuracy']:.3f} |")
+            lines.append(
+                f"| {name} | {a['objects']} | {a['object_accuracy']:.3f} | {a['background_accuracy']:.3f} | "
+                f"{a['texture_accuracy']:.3f} |"
+            )
         lines += ["", f"VAE PSNR on held-out scenes: {s['vae_psnr_db']:.2f} dB.", ""]
     if "generation" in res:
         g = res["generation"]
-        lines += ["## Generation fidelity", "",
-                  f"{g['n']} held-out captions, {g['steps']} DDIM steps, guidance {g['guidance']}: every captioned "
-                  f"object found in **{g['all_objects_found']:.3f}** of the images (goal ≥ {g['goal']}); "
-                  f"{g['objects_found']:.3f} of all objects; background colour right in "
-                  f"{g['background_colour_correct']:.3f}.", ""]
+        lines += [
+            "## Generation fidelity",
+            "",
+            f"{g['n']} held-out captions, {g['steps']} DDIM steps, guidance {g['guidance']}: every captioned "
+            f"object found in **{g['all_objects_found']:.3f}** of the images (goal ≥ {g['goal']}); "
+            f"{g['objects_found']:.3f} of all objects; background colour right in "
+            f"{g['background_colour_correct']:.3f}.",
+            "",
+        ]
     if "guidance_sweep" in res:
-        lines += ["## Generation fidelity over guidance (validation captions, seed 10001)", "",
-                  "| guidance | every object found | objects found | background colour right |",
-                  "| --- | --- | --- | --- |"]
+        lines += [
+            "## Generation fidelity over guidance (validation captions, seed 10001)",
+            "",
+            "| guidance | every object found | objects found | background colour right |",
+            "| --- | --- | --- | --- |",
+        ]
         for g in res["guidance_sweep"]:
-            lines.append(f"| {g['guidance']} | {g['all_objects_found']:.3f} | {g['objects_found']:.3f} | "
-                         f"{g['background_colour_correct']:.3f} |")
+            lines.append(
+                f"| {g['guidance']} | {g['all_objects_found']:.3f} | {g['objects_found']:.3f} | "
+                f"{g['background_colour_correct']:.3f} |"
+            )
         lines.append("")
     if "sweep" in res:
-        lines += ["## InstDiffEdit mask sweep (validation pairs, seed 10001)", "",
-                  "| attention downsample | φ | prompt | IoU |", "| --- | --- | --- | --- |"]
+        lines += [
+            "## InstDiffEdit mask sweep (validation pairs, seed 10001)",
+            "",
+            "| attention downsample | φ | prompt | IoU |",
+            "| --- | --- | --- | --- |",
+        ]
         for r in res["sweep"]:
             lines.append(f"| {r['attention_downsample']} | {r['phi']} | {r['prompt_mode']} | {r['iou']:.3f} |")
         lines.append("")
     if "edits" in res:
         e = res["edits"]
-        lines += [f"## Edits ({e['n_pairs']} test pairs, seed {e['pairs_seed']})", "",
-                  "| method | mask IoU | edit success | source removed | C_non | s / image | UNet calls |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## Edits ({e['n_pairs']} test pairs, seed {e['pairs_seed']})",
+            "",
+            "| method | mask IoU | edit success | source removed | C_non | s / image | UNet calls |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for m, r in e["methods"].items():
-            lines.append(f"| {m} | {r['iou']:.3f} | {r['success']:.3f} | {r['source_removed']:.3f} | "
-                         f"{r['c_non']:.4f} | {r['seconds_per_image']:.3f} | {r['unet_calls_per_image']:.0f} |")
-        lines += ["", "Per edit kind (IoU / success):", "", "| method | " + " | ".join(synthetic.EDIT_KINDS) + " |",
-                  "| --- |" + " --- |" * len(synthetic.EDIT_KINDS)]
+            lines.append(
+                f"| {m} | {r['iou']:.3f} | {r['success']:.3f} | {r['source_removed']:.3f} | "
+                f"{r['c_non']:.4f} | {r['seconds_per_image']:.3f} | {r['unet_calls_per_image']:.0f} |"
+            )
+        lines += [
+            "",
+            "Per edit kind (IoU / success):",
+            "",
+            "| method | " + " | ".join(synthetic.EDIT_KINDS) + " |",
+            "| --- |" + " --- |" * len(synthetic.EDIT_KINDS),
+        ]
         for m, r in e["methods"].items():
-            cells = [f"{r['per_kind'][k]['iou']:.3f} / {r['per_kind'][k]['success']:.3f}" if k in r["per_kind"]
-                     else "-" for k in synthetic.EDIT_KINDS]
+            cells = [
+                f"{r['per_kind'][k]['iou']:.3f} / {r['per_kind'][k]['success']:.3f}" if k in r["per_kind"] else "-"
+                for k in synthetic.EDIT_KINDS
+            ]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines += ["", f"InstDiffEdit IoU goal ≥ {GOALS['instdiffedit_iou']} (paper, SD 1.4 on Editing-Mask: "
-                  f"{PAPER_IOU_SD14}). SDEdit's mask is the whole image.", ""]
+        lines += [
+            "",
+            f"InstDiffEdit IoU goal ≥ {GOALS['instdiffedit_iou']} (paper, SD 1.4 on Editing-Mask: "
+            f"{PAPER_IOU_SD14}). SDEdit's mask is the whole image.",
+            "",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Measure the figures not skipped; rewrite the JSON and Markdown reports after each one.
+
+    Args:
+        argv: command-line options (``None``: ``sys.argv[1:]``); see ``--help``.
+
+    Returns:
+        0 (the exit status).
+    """
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="default", help="model spec (default: the embedded shapes model)")
     ap.add_argument("--device", default="auto")
@@ -264,8 +365,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sweep-downsample", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--sweep-phi", type=float, nargs="+", default=[0.2, 0.3, 0.4])
     ap.add_argument("--sweep-prompt", nargs="+", default=["full", "edit_words"])
-    ap.add_argument("--guidance-sweep", type=float, nargs="*", default=[],
-                    help="also measure generation fidelity at these guidance scales on validation captions")
+    ap.add_argument(
+        "--guidance-sweep",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also measure generation fidelity at these guidance scales on validation captions",
+    )
     ap.add_argument("--guidance-sweep-captions", type=int, default=128)
     ap.add_argument("--methods", nargs="+", default=["instdiffedit", "diffedit", "sdedit"])
     ap.add_argument("--skip", nargs="*", default=[], choices=["scorer", "generation", "edits"])
@@ -288,9 +394,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = args.steps or int(bundle.defaults.get("steps", 50))
     guidance = args.guidance if args.guidance is not None else float(bundle.defaults.get("guidance", 7.5))
     base = EditConfig(steps=steps, guidance=guidance)
-    res: dict[str, Any] = {"model": args.model, "model_defaults": bundle.defaults, "machine": _machine(bundle),
-                           "git_commit": _git_commit(), "argv": list(argv if argv is not None else sys.argv[1:]),
-                           "edit_config": json.loads(json.dumps(asdict(base), default=str))}
+    res: dict[str, Any] = {
+        "model": args.model,
+        "model_defaults": bundle.defaults,
+        "machine": machine_info(bundle.device) | {"dtype": str(bundle.dtype)},
+        "git_commit": git_commit(),
+        "argv": list(argv if argv is not None else sys.argv[1:]),
+        "edit_config": json.loads(json.dumps(asdict(base), default=str)),
+    }
     # 1. scorer and VAE
     if "scorer" not in args.skip:
         res["scorer"] = vae_and_scorer(bundle, args.scorer_scenes, args.batch * 4)
@@ -298,13 +409,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         write(res)
     # 2. sweeps on validation data: guidance for generation, then mask settings
     if args.guidance_sweep:
-        res["guidance_sweep"] = [generation_fidelity(bundle, args.guidance_sweep_captions, steps, g, args.batch * 4,
-                                                     seed=VALIDATION_PAIR_SEED) for g in args.guidance_sweep]
+        res["guidance_sweep"] = [
+            generation_fidelity(
+                bundle, args.guidance_sweep_captions, steps, g, args.batch * 4, seed=VALIDATION_PAIR_SEED
+            )
+            for g in args.guidance_sweep
+        ]
         write(res)
     if args.sweep_pairs:
         val = synthetic.make_edit_pairs(args.sweep_pairs, seed=VALIDATION_PAIR_SEED, size=bundle.resolution)
-        res["sweep"] = sweep(bundle, val, base, args.batch, args.sweep_downsample, args.sweep_phi,
-                             [PromptMode(m) for m in args.sweep_prompt])
+        res["sweep"] = sweep(
+            bundle,
+            val,
+            base,
+            args.batch,
+            args.sweep_downsample,
+            args.sweep_phi,
+            [PromptMode(m) for m in args.sweep_prompt],
+        )
         write(res)
     # 3. edits on test pairs: paper defaults (φ 0.2, full prompt) at the attention resolution that was best on
     #    the validation pairs (else the model's default); plus the best validation setting when it differs
@@ -319,14 +441,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 configs["instdiffedit"] = configs["instdiffedit"].with_(attention_downsample=f)
             if paper and (best["phi"], best["prompt_mode"]) != (MaskConfig().phi, "full"):
                 configs["instdiffedit_tuned"] = base.with_(
-                    method=Method.INSTDIFFEDIT, attention_downsample=best["attention_downsample"],
-                    mask=replace(base.mask, phi=best["phi"]), prompt_mode=PromptMode(best["prompt_mode"]))
+                    method=Method.INSTDIFFEDIT,
+                    attention_downsample=best["attention_downsample"],
+                    mask=replace(base.mask, phi=best["phi"]),
+                    prompt_mode=PromptMode(best["prompt_mode"]),
+                )
         methods: dict[str, Any] = {}
         res["edits"] = {"n_pairs": len(pairs), "pairs_seed": TEST_PAIR_SEED, "methods": methods}
         for name, cfg in configs.items():
             methods[name] = run_edits(bundle, pairs, cfg, args.batch)
-            methods[name]["config"] = {"attention_downsample": cfg.attention_downsample, "phi": cfg.mask.phi,
-                                       "prompt_mode": PromptMode(cfg.prompt_mode).value}
+            methods[name]["config"] = {
+                "attention_downsample": cfg.attention_downsample,
+                "phi": cfg.mask.phi,
+                "prompt_mode": PromptMode(cfg.prompt_mode).value,
+            }
             log.info("%s: %s", name, {k: v for k, v in methods[name].items() if k != "per_kind"})
             write(res)
     # 4. generation fidelity

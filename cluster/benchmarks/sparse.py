@@ -8,12 +8,12 @@ where the time goes per layer type (conv / norm / attention / ff / gather / othe
 
 Writes JSON (machine, commit, parameters, results) and a Markdown table. Depends on torch + diffusers + the repo:
 
-    python cluster/benchmarks/sparse.py --device cpu --sizes 256 512 --out docs/results/sparse-cpu.json
-    python cluster/benchmarks/sparse.py --device cuda --sizes 512 768 --out docs/results/sparse-gpu.json
-    python cluster/benchmarks/sparse.py --config configs/bench/sparse-gpu.yaml      # the same, from YAML
-    python cluster/benchmarks/sparse.py --mask-quality                             # cross-attention control
-    python cluster/benchmarks/sparse.py --render docs/results/sparse-cpu.json docs/results/sparse-gpu.json \
-        --md docs/results/sparse.md                                                # one page from several runs
+    python -m cluster.benchmarks.sparse --device cpu --sizes 256 512 --out docs/results/sparse-cpu.json
+    python -m cluster.benchmarks.sparse --device cuda --sizes 512 768 --out docs/results/sparse-gpu.json
+    python -m cluster.benchmarks.sparse --config configs/bench/sparse-gpu.yaml      # the same, from YAML
+    python -m cluster.benchmarks.sparse --mask-quality                             # cross-attention control
+    python -m cluster.benchmarks.sparse --render docs/results/sparse-cpu.json docs/results/sparse-gpu.json \
+        --md docs/results/sparse.md                                                 # one page from several runs
 """
 
 from __future__ import annotations
@@ -25,21 +25,19 @@ import logging
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from instdiff.config import load_yaml
+from instdiff.errors import InstdiffError
+from instdiff.sparse import ActivationCache, SparseConfig, SparseMode, apply_sparse, remove_sparse
+from pipelines.runinfo import write_report
+
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from cluster.benchmarks.common import write_report  # noqa: E402
-from instdiff.sparse import ActivationCache, SparseConfig, SparseMode, apply_sparse, remove_sparse  # noqa: E402
-
-log = logging.getLogger("bench.sparse")
 
 # UNet configs of Stable Diffusion 1.5 and 2 (diffusers' unet/config.json of the public checkpoints)
 SD_COMMON: dict[str, Any] = dict(
@@ -56,12 +54,28 @@ SD_COMMON: dict[str, Any] = dict(
 )
 MODELS: dict[str, dict[str, Any]] = {
     "sd15": dict(SD_COMMON, sample_size=64, cross_attention_dim=768, attention_head_dim=8),
-    "sd2": dict(SD_COMMON, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                use_linear_projection=True),
+    "sd2": dict(
+        SD_COMMON,
+        sample_size=96,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+    ),
 }
 
 
 def build_unet(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
+    """A Stable Diffusion UNet of the given shape with random weights, in eval mode without gradients.
+
+    Args:
+        name: ``sd15`` or ``sd2`` (a key of :data:`MODELS`).
+        device: where the UNet goes.
+        dtype: its parameter dtype.
+        seed: torch seed of the random weights.
+
+    Returns:
+        A ``diffusers.UNet2DConditionModel``.
+    """
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -70,7 +84,18 @@ def build_unet(name: str, device: torch.device, dtype: torch.dtype, seed: int = 
 
 
 def rect_mask(h: int, w: int, fraction: float, rows: int, device: torch.device) -> torch.Tensor:
-    """(rows, h, w) bool with exactly round(fraction·h·w) pixels set: a centred near-square, filled column-wise."""
+    """An edit region of an exact size: a centred near-square, filled column-wise.
+
+    Args:
+        h: latent height.
+        w: latent width.
+        fraction: share of the h·w pixels to set.
+        rows: batch rows (all the same mask).
+        device: where the mask goes.
+
+    Returns:
+        (rows, h, w) bool with exactly max(1, round(fraction·h·w)) pixels set.
+    """
     area = max(1, round(fraction * h * w))
     side = max(1, min(h, math.isqrt(area)))
     cols = math.ceil(area / side)
@@ -89,6 +114,17 @@ def _sync(device: torch.device) -> None:
 
 
 def time_call(fn: Any, device: torch.device, reps: int, warmup: int) -> list[float]:
+    """Wall-clock seconds of ``reps`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised).
+
+    Args:
+        fn: the call to time (no arguments).
+        device: its device (synchronised after each call on CUDA).
+        reps: timed calls.
+        warmup: untimed calls first.
+
+    Returns:
+        ``reps`` durations in seconds.
+    """
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -102,8 +138,18 @@ def time_call(fn: Any, device: torch.device, reps: int, warmup: int) -> list[flo
 
 
 def graph_time(fn: Any, device: torch.device, reps: int) -> list[float] | None:
-    """Times of ``fn`` captured once in a CUDA graph and replayed (no kernel-launch overhead); None if capture
-    fails. Warm-up runs on a side stream first (plans and index tensors are built there, outside the capture)."""
+    """Times of ``fn`` captured once in a CUDA graph and replayed (no kernel-launch overhead).
+
+    Warm-up runs on a side stream first (plans and index tensors are built there, outside the capture).
+
+    Args:
+        fn: the call to capture (no arguments).
+        device: a CUDA device.
+        reps: timed replays (after 2 untimed ones).
+
+    Returns:
+        ``reps`` durations in seconds, or None when the capture fails (logged as a warning).
+    """
     try:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -123,9 +169,31 @@ def graph_time(fn: Any, device: torch.device, reps: int) -> list[float] | None:
 
 
 def bench_model_size(
-    name: str, unet: Any, size: int, fractions: list[float], args: argparse.Namespace, device: torch.device,
+    name: str,
+    unet: Any,
+    size: int,
+    fractions: list[float],
+    args: argparse.Namespace,
+    device: torch.device,
     dtype: torch.dtype,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Dense vs sparse step time and MACs of one UNet at one image size, for each edit size.
+
+    Steps: 1. dense baseline (no engine); 2. install the engine and record one source step; 3. sparse steps at
+    each edit size (interleaved with dense steps on the CPU when ``args.interleave``); 4. optional profile.
+
+    Args:
+        name: the model's name (``sd15`` / ``sd2``).
+        unet: the UNet (the engine is installed and removed again).
+        size: image side in pixels (latent side = size / 8).
+        fractions: edit sizes as shares of the latent pixels.
+        args: the benchmark's options (batch, reps, warm-up, engine settings, profile and graph switches).
+        device: the UNet's device.
+        dtype: the UNet's dtype.
+
+    Returns:
+        (one result row per edit size, the profile ``{"dense": ms by category, "sparse_N%": ...}`` or ``{}``).
+    """
     h = w = size // 8
     rows = args.batch
     cad = unet.config.cross_attention_dim
@@ -145,11 +213,17 @@ def bench_model_size(
         dense_t = time_call(lambda: call(emb_tgt), device, 0 if args.interleave else args.reps, args.warmup)
         dense_s = statistics.median(dense_t) if dense_t else float("nan")
         dense_g = graph_time(lambda: call(emb_tgt), device, args.reps) if args.cuda_graphs else None
-        log.info("%s %dpx dense %s ms (graph %s)", name, size, "-" if args.interleave else f"{1e3 * dense_s:.1f}",
-                 f"{1e3 * statistics.median(dense_g):.1f} ms" if dense_g else "-")
+        log.info(
+            "%s %dpx dense %s ms (graph %s)",
+            name,
+            size,
+            "-" if args.interleave else f"{1e3 * dense_s:.1f}",
+            f"{1e3 * statistics.median(dense_g):.1f} ms" if dense_g else "-",
+        )
         # 2. install, record one step of the source run
-        cfg = SparseConfig(mode=SparseMode.SPARSE, min_resolution_ratio=args.min_resolution_ratio,
-                           dense_fraction=args.dense_fraction)
+        cfg = SparseConfig(
+            mode=SparseMode.SPARSE, min_resolution_ratio=args.min_resolution_ratio, dense_fraction=args.dense_fraction
+        )
         state = apply_sparse(unet, cfg)
         cache = ActivationCache(device, args.cache_budget)
         state.bind(cache)
@@ -157,6 +231,7 @@ def bench_model_size(
             call(emb_src)
         _sync(device)
         cache_bytes = cache.nbytes()
+
         # engine installed, dense step: the wrappers' own overhead
         def dense_engine() -> None:
             with state.run_step(0):
@@ -235,16 +310,28 @@ def bench_model_size(
                 "cache_bytes_per_step": cache_bytes,
             }
             results.append(row)
-            log.info("%s %dpx %.0f%%: sparse %.1f ms (%.2fx; graph %s), MACs %.2fx, blocks %s", name, size, 100 * f,
-                     1e3 * sparse_s, row["speedup"],
-                     f"{row['sparse_graph_ms']:.1f} ms {row['speedup_graph']:.2f}x" if row["speedup_graph"] else "-",
-                     row["macs_ratio"], row["block_sizes"])
+            log.info(
+                "%s %dpx %.0f%%: sparse %.1f ms (%.2fx; graph %s), MACs %.2fx, blocks %s",
+                name,
+                size,
+                100 * f,
+                1e3 * sparse_s,
+                row["speedup"],
+                f"{row['sparse_graph_ms']:.1f} ms {row['speedup_graph']:.2f}x" if row["speedup_graph"] else "-",
+                row["macs_ratio"],
+                row["block_sizes"],
+            )
         remove_sparse(unet)
         # 4. profile: per-layer-type times, dense and sparse (synchronised timers; slower than the runs above)
         if args.profile and (not args.profile_sizes or size in args.profile_sizes):
-            state = apply_sparse(unet, SparseConfig(mode=SparseMode.PROFILE,
-                                                    min_resolution_ratio=args.min_resolution_ratio,
-                                                    dense_fraction=args.dense_fraction))
+            state = apply_sparse(
+                unet,
+                SparseConfig(
+                    mode=SparseMode.PROFILE,
+                    min_resolution_ratio=args.min_resolution_ratio,
+                    dense_fraction=args.dense_fraction,
+                ),
+            )
             state.bind(cache)
             state.reset_counters()
             with state.run_step(0):
@@ -273,21 +360,40 @@ def mask_quality(args: argparse.Namespace) -> dict[str, Any]:
     (2) ``regen``: where the full dense re-generation with the target prompt (the paper's SDTP baseline, from the
     same initial latents; with the control over its first k steps when the control is on) differs from the
     source generation, Σ_c|Δ| of the final latents above its Otsu threshold. Without and with the control.
+
+    Args:
+        args: the benchmark's options (``mq_model``, ``mq_pairs``, ``mq_steps``, ``mq_mask_steps``,
+            ``mq_guidance``).
+
+    Returns:
+        The settings, one row per pair and setting (``pairs``), and the means ``without_control`` /
+        ``with_control``.
     """
     import numpy as np
 
     from instdiff import scorer, synthetic
+    from instdiff.imageio import from_model_tensor
     from instdiff.masks import iou
     from instdiff.models import load_bundle
     from instdiff.sparse import FISEditConfig, FISEditSession, latent_difference, otsu_threshold, resize_mask
 
     bundle = load_bundle(args.mq_model, device="cpu", dtype="fp32")
     pairs = synthetic.make_edit_pairs(args.mq_pairs, seed=0, size=bundle.resolution, kinds=("colour", "object"))
-    out: dict[str, Any] = {"model": bundle.name, "steps": args.mq_steps, "mask_steps": args.mq_mask_steps,
-                           "guidance": args.mq_guidance, "pairs": []}
+    out: dict[str, Any] = {
+        "model": bundle.name,
+        "steps": args.mq_steps,
+        "mask_steps": args.mq_mask_steps,
+        "guidance": args.mq_guidance,
+        "pairs": [],
+    }
     for control in (False, True):
-        cfg = FISEditConfig(num_steps=args.mq_steps, guidance_scale=args.mq_guidance, mask_steps=args.mq_mask_steps,
-                            mask_from=max(1, args.mq_mask_steps // 2), cross_attention_control=control)
+        cfg = FISEditConfig(
+            num_steps=args.mq_steps,
+            guidance_scale=args.mq_guidance,
+            mask_steps=args.mq_mask_steps,
+            mask_from=max(1, args.mq_mask_steps // 2),
+            cross_attention_control=control,
+        )
         session = FISEditSession(bundle, cfg)
         for i, pair in enumerate(pairs):
             image, run = session.generate(pair.source_prompt, seed=i)
@@ -297,22 +403,33 @@ def mask_quality(args: argparse.Namespace) -> dict[str, Any]:
             _, regen = session.regenerate(run, pair.target_prompt)
             diff = latent_difference(regen, run.latents(cfg.num_steps))  # (1, h, w)
             changed = diff > otsu_threshold(diff)[:, None, None]
-            u8 = ((image[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+            u8 = from_model_tensor(image)[0]
             phrase = scorer.parse_phrase(pair.source_phrase)
             found = [d for d in scorer.find_objects(u8) if d.color == phrase.color and d.kind == phrase.shape]
             row: dict[str, Any] = {
-                "control": control, "pair": pair.id, "kind": pair.kind, "source": pair.source_prompt,
-                "target": pair.target_prompt, "mask_area": float(mask.float().mean()),
-                "iou_regen": float(iou(mask, changed)[0]), "regen_area": float(changed.float().mean()),
+                "control": control,
+                "pair": pair.id,
+                "kind": pair.kind,
+                "source": pair.source_prompt,
+                "target": pair.target_prompt,
+                "mask_area": float(mask.float().mean()),
+                "iou_regen": float(iou(mask, changed)[0]),
+                "regen_area": float(changed.float().mean()),
             }
             if found:
                 obj = torch.from_numpy(np.any([d.mask for d in found], axis=0))[None]
                 obj_lat = resize_mask(obj, (h, w))
                 row.update(iou_object=float(iou(mask, obj_lat)[0]), object_area=float(obj_lat.float().mean()))
             out["pairs"].append(row)
-            log.info("mask quality control=%s %s (%s): IoU object %s, regen %.3f; mask area %.2f", control, pair.id,
-                     pair.kind, f"{row['iou_object']:.3f}" if "iou_object" in row else "-", row["iou_regen"],
-                     row["mask_area"])
+            log.info(
+                "mask quality control=%s %s (%s): IoU object %s, regen %.3f; mask area %.2f",
+                control,
+                pair.id,
+                pair.kind,
+                f"{row['iou_object']:.3f}" if "iou_object" in row else "-",
+                row["iou_regen"],
+                row["mask_area"],
+            )
     # averages over the pairs whose object was found in both settings' source generations (same seeds: same image)
     for control in (False, True):
         rows = [r for r in out["pairs"] if r["control"] == control]
@@ -342,6 +459,14 @@ def _times_ms(state: Any) -> dict[str, float]:
 
 
 def markdown(doc: dict[str, Any]) -> str:
+    """The Markdown page of a timing report (table of runs, profile, engine overhead).
+
+    Args:
+        doc: the JSON report of a timing run (``machine``, ``commit``, ``created``, ``params``, ``results``).
+
+    Returns:
+        The page.
+    """
     m = doc["machine"]
     p = doc["params"]
     lines = [
@@ -378,8 +503,13 @@ def markdown(doc: dict[str, Any]) -> str:
     prof = doc["results"].get("profile", {})
     if prof:
         cats = ["conv", "norm", "attention", "ff", "gather", "other", "total"]
-        lines += ["", "## Where the time goes (profile mode, ms per step, synchronised per op)", "",
-                  "| model | size | run | " + " | ".join(cats) + " |", "|---|---|---|" + "---|" * len(cats)]
+        lines += [
+            "",
+            "## Where the time goes (profile mode, ms per step, synchronised per op)",
+            "",
+            "| model | size | run | " + " | ".join(cats) + " |",
+            "|---|---|---|" + "---|" * len(cats),
+        ]
         for key, runs in prof.items():
             model, size = key.split("@")
             for run, times in runs.items():
@@ -398,16 +528,30 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def render(paths: list[str], md: Path) -> Path:
-    """One Markdown page from several result files (timing runs and the mask-quality run)."""
-    parts = ["# FISEdit sparse re-generation: results", "",
-             "Produced by `cluster/benchmarks/sparse.py` (see its docstring); one section per result file.", "",
-             "## Summary at 5% edit size (the paper: 3.4× U-Net calls/s on an A100, SD 2 at 768 px, CFG batch)", "",
-             "`min res` is the engine's `min_resolution_ratio`: feature maps smaller than this fraction of the latent "
-             "side stay dense (0.5, the default: SD's 16×16 and 8×8 maps at 512 px; 0: every map sparse). Timing "
-             "uses random weights; what sparse low-resolution maps cost in image quality was not measured on trained "
-             "SD weights (none are reachable here), so the `min res 0` rows are speed figures only.", "",
-             "| file | device | model | size | min res | speedup | graphed speedup | MACs ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One Markdown page from several result files (timing runs and the mask-quality run).
+
+    Args:
+        paths: JSON reports written by :func:`main`.
+        md: the page to write (parent folders are created).
+
+    Returns:
+        ``md``.
+    """
+    parts = [
+        "# FISEdit sparse re-generation: results",
+        "",
+        "Produced by `cluster/benchmarks/sparse.py` (see its docstring); one section per result file.",
+        "",
+        "## Summary at 5% edit size (the paper: 3.4× U-Net calls/s on an A100, SD 2 at 768 px, CFG batch)",
+        "",
+        "`min res` is the engine's `min_resolution_ratio`: feature maps smaller than this fraction of the latent "
+        "side stay dense (0.5, the default: SD's 16×16 and 8×8 maps at 512 px; 0: every map sparse). Timing "
+        "uses random weights; what sparse low-resolution maps cost in image quality was not measured on trained "
+        "SD weights (none are reachable here), so the `min res 0` rows are speed figures only.",
+        "",
+        "| file | device | model | size | min res | speedup | graphed speedup | MACs ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     docs = [(p, json.loads(Path(p).read_text())) for p in paths]
     for p, doc in docs:
         for r in doc["results"].get("runs", []):
@@ -415,8 +559,10 @@ def render(paths: list[str], md: Path) -> Path:
                 g = f"{r['speedup_graph']:.2f}×" if r.get("speedup_graph") else "–"
                 dev = doc["machine"].get("gpu") or doc["machine"].get("cpu")
                 ratio = doc["params"].get("min_resolution_ratio", "?")
-                parts.append(f"| {Path(p).name} | {dev} | {r['model']} | {r['size']} | {ratio} | {r['speedup']:.2f}× | "
-                             f"{g} | {r['macs_ratio']:.2f}× |")
+                parts.append(
+                    f"| {Path(p).name} | {dev} | {r['model']} | {r['size']} | {ratio} | {r['speedup']:.2f}× | "
+                    f"{g} | {r['macs_ratio']:.2f}× |"
+                )
     parts.append("")
     for p, doc in docs:
         parts.append(f"## `{Path(p).name}`")
@@ -431,40 +577,64 @@ def render(paths: list[str], md: Path) -> Path:
 
 
 def mask_quality_markdown(doc: dict[str, Any]) -> str:
+    """The Markdown page of a ``--mask-quality`` report.
+
+    Args:
+        doc: the JSON report of :func:`mask_quality`'s run.
+
+    Returns:
+        The page, ending in a newline.
+    """
     r = doc["results"]
-    lines = ["# Difference mask with / without cross-attention control", "",
-             f"Model `{r['model']}`, {r['steps']} DDIM steps, guidance {r['guidance']}, mask from the first "
-             f"{r['mask_steps']} steps; commit `{doc['commit']}`. IoU at latent resolution.", "",
-             "| control | pairs | pairs with object found | IoU vs object | IoU vs re-generation change | mask area | "
-             "object area | re-generation change area |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Difference mask with / without cross-attention control",
+        "",
+        f"Model `{r['model']}`, {r['steps']} DDIM steps, guidance {r['guidance']}, mask from the first "
+        f"{r['mask_steps']} steps; commit `{doc['commit']}`. IoU at latent resolution.",
+        "",
+        "| control | pairs | pairs with object found | IoU vs object | IoU vs re-generation change | mask area | "
+        "object area | re-generation change area |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def fmt(v: Any) -> str:
         return "–" if v is None else f"{v:.3f}"
 
     for key in ("without_control", "with_control"):
         a = r[key]
-        lines.append(f"| {key.replace('_', ' ')} | {a['pairs']} | {a['pairs_with_object']} | {fmt(a['iou_object'])} | "
-                     f"{fmt(a['iou_regen'])} | {fmt(a['mask_area'])} | {fmt(a['object_area'])} | "
-                     f"{fmt(a['regen_area'])} |")
+        lines.append(
+            f"| {key.replace('_', ' ')} | {a['pairs']} | {a['pairs_with_object']} | {fmt(a['iou_object'])} | "
+            f"{fmt(a['iou_regen'])} | {fmt(a['mask_area'])} | {fmt(a['object_area'])} | "
+            f"{fmt(a['regen_area'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _config_defaults(argv: list[str] | None) -> dict[str, Any]:
-    """Option values from ``--config FILE.yaml`` (keys are option names, dashes or underscores)."""
+    """Option values from ``--config FILE.yaml`` (keys are option names, dashes or underscores).
+
+    Raises:
+        InputNotFoundError: the file does not exist.
+        ConfigError: not valid YAML, or not a mapping.
+    """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if not known.config:
         return {}
-    import yaml
-
-    data = yaml.safe_load(Path(known.config).read_text()) or {}
-    if not isinstance(data, dict):
-        raise SystemExit(f"{known.config}: expected a mapping of option names to values")
+    data = load_yaml(known.config, "benchmark config")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Render, measure mask quality, or time dense vs sparse UNet steps (the default); write the reports.
+
+    Args:
+        argv: command-line options (``None``: ``sys.argv[1:]``); see ``--help``.
+
+    Returns:
+        0 (the exit status).
+    """
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=None, help="YAML file of option values (command-line options win)")
     ap.add_argument("--render", nargs="+", default=None, help="only write --md from these result JSON files")
@@ -476,33 +646,57 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="UNet batch rows (default: 2 = CFG on cuda, 1 on cpu)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
-                    help="alternate dense and sparse steps and keep the fastest (default on the CPU, a shared "
-                         "machine); otherwise the median of consecutive reps")
+    ap.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="alternate dense and sparse steps and keep the fastest (default on the CPU, a shared "
+        "machine); otherwise the median of consecutive reps",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--min-resolution-ratio", type=float, default=SparseConfig().min_resolution_ratio)
     ap.add_argument("--dense-fraction", type=float, default=SparseConfig().dense_fraction)
     ap.add_argument("--cache-budget", type=int, default=None, help="bytes of accelerator memory for the cache")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
-    ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                    help="on cuda, also time dense and sparse steps captured in CUDA graphs (default on)")
+    ap.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="on cuda, also time dense and sparse steps captured in CUDA graphs (default on)",
+    )
     ap.add_argument("--profile-fractions", nargs="+", type=float, default=[0.05])
     ap.add_argument("--profile-sizes", nargs="+", type=int, default=None, help="profile only these sizes")
-    ap.add_argument("--overhead-reps", type=int, default=1,
-                    help="timed dense steps with the engine installed (wrapper overhead); 0 skips")
-    ap.add_argument("--mask-quality", action="store_true",
-                    help="instead of timing: IoU of the difference mask with / without cross-attention control")
+    ap.add_argument(
+        "--overhead-reps",
+        type=int,
+        default=1,
+        help="timed dense steps with the engine installed (wrapper overhead); 0 skips",
+    )
+    ap.add_argument(
+        "--mask-quality",
+        action="store_true",
+        help="instead of timing: IoU of the difference mask with / without cross-attention control",
+    )
     ap.add_argument("--mq-model", default="default", help="bundle for --mask-quality (default: embedded or tiny)")
     ap.add_argument("--mq-pairs", type=int, default=12)
     ap.add_argument("--mq-steps", type=int, default=25)
     ap.add_argument("--mq-mask-steps", type=int, default=5)
     ap.add_argument("--mq-guidance", type=float, default=5.0)
-    ap.add_argument("--commit", default=None,
-                    help="commit to record when the working tree has no git metadata (e.g. a copy on a GPU host)")
+    ap.add_argument(
+        "--commit",
+        default=None,
+        help="commit to record when the working tree has no git metadata (e.g. a copy on a GPU host)",
+    )
     ap.add_argument("--out", default=None)
-    ap.add_argument("--md", default=None, help="Markdown table path (default: docs/results/sparse.md for cpu, "
-                                               "the JSON path with .md otherwise)")
-    defaults = _config_defaults(argv)
+    ap.add_argument(
+        "--md",
+        default=None,
+        help="Markdown table path (default: docs/results/sparse.md for cpu, the JSON path with .md otherwise)",
+    )
+    try:
+        defaults = _config_defaults(argv)
+    except InstdiffError as exc:
+        ap.error(str(exc))
     unknown = sorted(set(defaults) - {a.dest for a in ap._actions})
     if unknown:
         ap.error(f"unknown keys in --config: {', '.join(unknown)}")
@@ -517,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but CUDA is not available")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+        args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    ]
     args.batch = args.batch or (2 if device.type == "cuda" else 1)
     args.cuda_graphs = args.cuda_graphs and device.type == "cuda"
     args.interleave = device.type == "cpu" if args.interleave is None else args.interleave
