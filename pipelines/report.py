@@ -202,6 +202,7 @@ def contact_sheet(rows: list[dict[str, Any]], inputs: dict[str, dict]) -> bytes:
 
 
 def _img(data: bytes | None, alt: str) -> str:
+    """An ``<img>`` with the picture inlined as a data URI (a gray box saying what is missing without one)."""
     if data is None:
         return f'<div class="missing">no {html.escape(alt)}</div>'
     b64 = base64.b64encode(data).decode()
@@ -209,6 +210,7 @@ def _img(data: bytes | None, alt: str) -> str:
 
 
 def _fmt(x: Any) -> str:
+    """A table cell: 4 significant digits for floats, ``–`` for null or NaN, other values escaped."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return f"{x:.4g}" if isinstance(x, float) else html.escape(str(x))

@@ -171,6 +171,7 @@ def _section(data: Mapping[str, Any], cls: type, key: str) -> Any:
 
 
 def _parse_data(data: Mapping[str, Any]) -> DataSpec:
+    """The ``data`` section, with exactly one source of rows."""
     spec = _section(data, DataSpec, "data")
     sources = [k for k in ("make", "input", "format") if getattr(spec, k)]
     if len(sources) != 1:
@@ -183,6 +184,7 @@ def _parse_data(data: Mapping[str, Any]) -> DataSpec:
 
 
 def _parse_sheet(data: Mapping[str, Any]) -> SheetSpec:
+    """The ``sheet`` section (run labels read as strings, as ``runs[].label`` is)."""
     sheet = data.get("sheet")
     if isinstance(sheet, Mapping) and isinstance(sheet.get("runs"), list | tuple):
         sheet = {**sheet, "runs": [str(r) for r in sheet["runs"]]}  # labels are strings, as in runs[].label
@@ -190,6 +192,7 @@ def _parse_sheet(data: Mapping[str, Any]) -> SheetSpec:
 
 
 def _parse_runs(data: Mapping[str, Any]) -> list[RunSpec]:
+    """The plain runs, then every sweep's runs; at least one, with distinct slugs."""
     runs: list[RunSpec] = []
     for k, run in enumerate(data.get("runs") or []):
         if not isinstance(run, Mapping) or not run.get("label"):
