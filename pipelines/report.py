@@ -15,7 +15,6 @@ import argparse
 import base64
 import collections
 import html
-import io
 import json
 import logging
 import math
@@ -30,15 +29,27 @@ import pyarrow.dataset as pads
 from instdiff.errors import InputNotFoundError, UsageError
 from pipelines import schema as S
 from pipelines import storage
+from pipelines.contact_sheet import TILE, Panel, SheetRow, draw_contact_sheet, tile
 
-log = logging.getLogger("instdiff.report")
+log = logging.getLogger(__name__)
 
-TILE = 128  # px per image in the contact sheet and the page
 PANELS = ("input", "gt mask", "pred mask", "edited")
 
 
 def read_output(output: str, storage_cfg: storage.StorageConfig | None = None) -> pa.Table:
-    """All rows of a batch output, one per id: an ok row wins over error rows, then the latest run."""
+    """All rows of a batch output, one per id: an ok row wins over error rows, then the latest run.
+
+    Args:
+        output: the job's output folder (local or ``s3://``).
+        storage_cfg: S3 settings (``None``: the AWS environment variables).
+
+    Returns:
+        The rows in the output schema (:func:`latest_rows`), sorted by id.
+
+    Raises:
+        InputNotFoundError: no Parquet files under ``output``.
+        SchemaError: the files are not in the batch output schema.
+    """
     fs, path = storage.resolve(output, storage_cfg)
     files = storage.list_files(fs, path)
     if not files:
@@ -51,12 +62,20 @@ def read_output(output: str, storage_cfg: storage.StorageConfig | None = None) -
 
 
 def latest_rows(table: pa.Table) -> pa.Table:
-    """Keep one row per id (ok before error, then the highest run_id), sorted by id."""
+    """Keep one row per id (ok before error, then the highest run_id), sorted by id.
+
+    Args:
+        table: rows with at least the id, status and run_id columns.
+
+    Returns:
+        The kept rows, all columns.
+    """
     if table.num_rows == 0:
         return table
     rank = pc.if_else(pc.equal(table[S.STATUS], S.STATUS_OK), 1, 0)
-    order = pa.table({"i": pa.array(range(table.num_rows)), S.ID: table[S.ID], "r": rank,
-                      "run": pc.fill_null(table[S.RUN_ID], "")})
+    order = pa.table(
+        {"i": pa.array(range(table.num_rows)), S.ID: table[S.ID], "r": rank, "run": pc.fill_null(table[S.RUN_ID], "")}
+    )
     order = order.sort_by([(S.ID, "ascending"), ("r", "descending"), ("run", "descending")])
     ids = order[S.ID].to_pylist()
     keep = [order["i"][k].as_py() for k in range(len(ids)) if k == 0 or ids[k] != ids[k - 1]]
@@ -64,7 +83,16 @@ def latest_rows(table: pa.Table) -> pa.Table:
 
 
 def summarize(table: pa.Table) -> dict[str, Any]:
-    """Status counts, settings and metric statistics (ok rows; nulls and NaNs ignored)."""
+    """Status counts, settings and metric statistics (ok rows; nulls and NaNs ignored).
+
+    Args:
+        table: output rows, one per id.
+
+    Returns:
+        ``rows``, ``ok``, ``error`` counts; the ``methods``, ``models`` and ``runs`` seen; ``metrics``: per
+        metric column its mean, std, min, max (``None`` without values) and count; ``top_errors``: the 20
+        most common error messages with their counts.
+    """
     status = table[S.STATUS].to_pylist()
     ok_mask = pc.equal(table[S.STATUS], S.STATUS_OK)
     ok = table.filter(ok_mask)
@@ -72,12 +100,16 @@ def summarize(table: pa.Table) -> dict[str, Any]:
     for name in S.METRIC_COLUMNS:
         values = np.array([v for v in ok[name].to_pylist() if v is not None and not math.isnan(v)], dtype=float)
         if values.size:
-            metrics[name] = {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
-                             "max": float(values.max()), "count": int(values.size)}
+            metrics[name] = {
+                "mean": float(values.mean()),
+                "std": float(values.std()),
+                "min": float(values.min()),
+                "max": float(values.max()),
+                "count": int(values.size),
+            }
         else:
             metrics[name] = {"mean": None, "std": None, "min": None, "max": None, "count": 0}
-    errors = collections.Counter(e for s, e in zip(status, table[S.ERROR].to_pylist(), strict=True)
-                                 if s != S.STATUS_OK)
+    errors = collections.Counter(e for s, e in zip(status, table[S.ERROR].to_pylist(), strict=True) if s != S.STATUS_OK)
     return {
         "rows": table.num_rows,
         "ok": sum(1 for s in status if s == S.STATUS_OK),
@@ -91,10 +123,21 @@ def summarize(table: pa.Table) -> dict[str, Any]:
 
 
 def job_input(output: str, storage_cfg: storage.StorageConfig | None = None) -> str | None:
-    """The input recorded by the latest run manifest of ``output`` (None when there is none)."""
+    """The input recorded by the latest run manifest of ``output``.
+
+    Args:
+        output: the job's output folder; manifests are ``OUTPUT/_runs/*.json``.
+        storage_cfg: S3 settings.
+
+    Returns:
+        The input path or URI, or ``None`` when no readable manifest records one.
+    """
     fs, path = storage.resolve(output, storage_cfg)
-    manifests = [f for f in storage.list_files(fs, storage.join(path, "_runs"), suffix=".json")
-                 if not f.endswith(".summary.json")]
+    manifests = [
+        f
+        for f in storage.list_files(fs, storage.join(path, "_runs"), suffix=".json")
+        if not f.endswith(".summary.json")
+    ]
     for f in reversed(manifests):
         try:
             return json.loads(storage.read_bytes(fs, f))["input"]
@@ -104,7 +147,16 @@ def job_input(output: str, storage_cfg: storage.StorageConfig | None = None) -> 
 
 
 def read_inputs(input_uri: str, ids: list[str], storage_cfg: storage.StorageConfig | None = None) -> dict[str, dict]:
-    """``{id: {"image": bytes, "mask": bytes | None}}`` for ``ids`` from the job input."""
+    """The encoded input image and ground-truth mask of each of ``ids``.
+
+    Args:
+        input_uri: the job's input (Parquet file or folder, local or ``s3://``).
+        ids: the row ids wanted.
+        storage_cfg: S3 settings.
+
+    Returns:
+        ``{id: {"image": bytes, "mask": bytes | None}}``; empty when there are no ids or no input files.
+    """
     fs, path = storage.resolve(input_uri, storage_cfg)
     files = storage.list_files(fs, path)
     if not files or not ids:
@@ -118,54 +170,39 @@ def read_inputs(input_uri: str, ids: list[str], storage_cfg: storage.StorageConf
     return out
 
 
-def tile(data: bytes | None, mask: bool = False) -> np.ndarray:
-    """A TILE×TILE RGB tile of an encoded image (nearest-neighbour, letterboxed); gray when missing."""
-    from PIL import Image
-
-    canvas = Image.new("RGB", (TILE, TILE), (200, 200, 200))
-    if data is not None:
-        try:
-            img = Image.open(io.BytesIO(data))
-            img = img.convert("L").convert("RGB") if mask else img.convert("RGB")
-            scale = TILE / max(img.size)
-            size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
-            img = img.resize(size, Image.Resampling.NEAREST)
-            canvas.paste(img, ((TILE - size[0]) // 2, (TILE - size[1]) // 2))
-        except Exception as exc:  # noqa: BLE001 - a broken picture must not break the page
-            log.warning("cannot render an image (%s)", exc)
-    return np.asarray(canvas)
-
-
 def _panels(row: dict[str, Any], inp: dict[str, Any]) -> list[bytes | None]:
+    """The encoded images of one row, in :data:`PANELS` order (a generated source replaces the input)."""
     source = row.get(S.GENERATED_SOURCE) or inp.get("image")
     return [source, inp.get("mask"), row.get(S.PRED_MASK), row.get(S.EDITED)]
 
 
 def contact_sheet(rows: list[dict[str, Any]], inputs: dict[str, dict]) -> bytes:
-    """PNG grid: one line per row (input | gt mask | pred mask | edited) under a header, ids on the left."""
-    from PIL import Image, ImageDraw
+    """PNG grid: one line per row (input | gt mask | pred mask | edited) under a header, ids on the left.
 
-    label_w, header_h, pad = 180, 20, 4
-    width = label_w + len(PANELS) * (TILE + pad)
-    height = header_h + max(1, len(rows)) * (TILE + pad)
-    sheet = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for k, name in enumerate(PANELS):
-        draw.text((label_w + k * (TILE + pad) + 4, 4), name, fill=(0, 0, 0))
-    for r, row in enumerate(rows):
-        y = header_h + r * (TILE + pad)
+    Drawn by :func:`pipelines.contact_sheet.draw_contact_sheet` (180 px of labels: id, IoU, mask area).
+
+    Args:
+        rows: output rows (``pipelines.schema`` output columns), in the order shown.
+        inputs: ``{id: {"image": bytes, "mask": bytes | None}}`` from :func:`read_inputs`.
+
+    Returns:
+        PNG bytes.
+    """
+    lines = []
+    for row in rows:
         iou = row.get(S.IOU)
-        lines = [row[S.ID][:28], f"iou {iou:.2f}" if iou is not None else "iou -",
-                 f"area {row.get(S.MASK_AREA) or 0:.2f}"]
-        draw.multiline_text((4, y + 4), "\n".join(lines), fill=(0, 0, 0))
-        for k, data in enumerate(_panels(row, inputs.get(row[S.ID], {}))):
-            sheet.paste(Image.fromarray(tile(data, mask=k in (1, 2))), (label_w + k * (TILE + pad), y))
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    return buf.getvalue()
+        label = [
+            row[S.ID][:28],
+            f"iou {iou:.2f}" if iou is not None else "iou -",
+            f"area {row.get(S.MASK_AREA) or 0:.2f}",
+        ]
+        panels = [Panel(data, mask=k in (1, 2)) for k, data in enumerate(_panels(row, inputs.get(row[S.ID], {})))]
+        lines.append(SheetRow("\n".join(label), panels))
+    return draw_contact_sheet(PANELS, lines, label_width=180, header_height=20)
 
 
 def _img(data: bytes | None, alt: str) -> str:
+    """An ``<img>`` with the picture inlined as a data URI (a gray box saying what is missing without one)."""
     if data is None:
         return f'<div class="missing">no {html.escape(alt)}</div>'
     b64 = base64.b64encode(data).decode()
@@ -173,17 +210,35 @@ def _img(data: bytes | None, alt: str) -> str:
 
 
 def _fmt(x: Any) -> str:
+    """A table cell: 4 significant digits for floats, ``–`` for null or NaN, other values escaped."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return f"{x:.4g}" if isinstance(x, float) else html.escape(str(x))
 
 
-def render_html(output: str, summary: dict[str, Any], rows: list[dict[str, Any]], inputs: dict[str, dict],
-                errors: list[dict[str, Any]]) -> str:
-    """The report page (self-contained: images inlined as data URIs)."""
+def render_html(
+    output: str,
+    summary: dict[str, Any],
+    rows: list[dict[str, Any]],
+    inputs: dict[str, dict],
+    errors: list[dict[str, Any]],
+) -> str:
+    """The report page (self-contained: images inlined as data URIs).
+
+    Args:
+        output: the output folder, as shown in the title.
+        summary: :func:`summarize` of all rows.
+        rows: the ok rows shown as cards.
+        inputs: their inputs (:func:`read_inputs`).
+        errors: error rows (id and error) listed under "error rows".
+
+    Returns:
+        The HTML document.
+    """
     metric_rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{html.escape(S.OUTPUT_DOC[name])}</td>"
-        + "".join(f"<td>{_fmt(stats[k])}</td>" for k in ("mean", "std", "min", "max", "count")) + "</tr>"
+        + "".join(f"<td>{_fmt(stats[k])}</td>" for k in ("mean", "std", "min", "max", "count"))
+        + "</tr>"
         for name, stats in summary["metrics"].items()
     )
     error_rows = "".join(
@@ -195,15 +250,18 @@ def render_html(output: str, summary: dict[str, Any], rows: list[dict[str, Any]]
     cards = []
     for row in rows:
         inp = inputs.get(row[S.ID], {})
-        figs = "".join(f"<figure>{_img(d, n)}<figcaption>{n}</figcaption></figure>"
-                       for n, d in zip(PANELS, _panels(row, inp), strict=True))
-        stats = " · ".join(f"{n} {_fmt(row.get(n))}" for n in (S.IOU, S.C_M, S.C_NON, S.MASK_AREA,
-                                                                 S.CHANGE_OUTSIDE_PRED, S.LATENCY_S))
+        figs = "".join(
+            f"<figure>{_img(d, n)}<figcaption>{n}</figcaption></figure>"
+            for n, d in zip(PANELS, _panels(row, inp), strict=True)
+        )
+        stats = " · ".join(
+            f"{n} {_fmt(row.get(n))}" for n in (S.IOU, S.C_M, S.C_NON, S.MASK_AREA, S.CHANGE_OUTSIDE_PRED, S.LATENCY_S)
+        )
         notes = f'<div class="notes">{html.escape(row[S.NOTES])}</div>' if row.get(S.NOTES) else ""
         cards.append(
             f'<div class="card"><div class="id">{html.escape(row[S.ID])}</div>'
             f'<div class="prompt">{html.escape(row.get(S.SOURCE_PROMPT) or "")} → '
-            f'<b>{html.escape(row.get(S.TARGET_PROMPT) or "")}</b></div>'
+            f"<b>{html.escape(row.get(S.TARGET_PROMPT) or '')}</b></div>"
             f'<div class="figs">{figs}</div><div class="stats">{stats}</div>{notes}</div>'
         )
     return f"""<!doctype html>
@@ -226,8 +284,13 @@ models {html.escape(", ".join(summary["models"]))} · runs {len(summary["runs"])
 {metric_rows}</table>
 <h2>Errors</h2>
 <table><tr><th>rows</th><th>reason</th></tr>{error_rows or '<tr><td colspan="2">none</td></tr>'}</table>
-{"<details><summary>error rows</summary><table><tr><th>id</th><th>error</th></tr>" + error_ids
- + "</table></details>" if error_ids else ""}
+{
+        "<details><summary>error rows</summary><table><tr><th>id</th><th>error</th></tr>"
+        + error_ids
+        + "</table></details>"
+        if error_ids
+        else ""
+    }
 <h2>Rows (first {len(rows)} ok rows by id)</h2>
 {"".join(cards)}
 </body></html>
@@ -235,14 +298,37 @@ models {html.escape(", ".join(summary["models"]))} · runs {len(summary["runs"])
 
 
 def default_report_dir(output: str) -> str:
+    """``OUTPUT/_report`` for a local output; ``report-<last part>`` in the working folder for a remote one."""
     if storage.is_remote(output):
         return f"report-{output.rstrip('/').rsplit('/', 1)[-1]}"
     return str(Path(output) / "_report")
 
 
-def make_report(output: str, out_dir: str | None = None, input_uri: str | None = None, limit: int = 32,
-                max_errors: int = 50, storage_cfg: storage.StorageConfig | None = None) -> dict[str, str]:
-    """Write ``index.html``, ``contact_sheet.png`` and ``summary.json``; returns their paths."""
+def make_report(
+    output: str,
+    out_dir: str | None = None,
+    input_uri: str | None = None,
+    limit: int = 32,
+    max_errors: int = 50,
+    storage_cfg: storage.StorageConfig | None = None,
+) -> dict[str, str]:
+    """Write ``index.html``, ``contact_sheet.png`` and ``summary.json`` of a batch output.
+
+    Args:
+        output: the job's output folder (local or ``s3://``).
+        out_dir: where to write (``None``: :func:`default_report_dir`).
+        input_uri: the job's input (``None``: recorded in the run manifests; without one only outputs show).
+        limit: ok rows shown (first by id).
+        max_errors: error rows listed.
+        storage_cfg: S3 settings.
+
+    Returns:
+        ``{file name: where it was written}``.
+
+    Raises:
+        InputNotFoundError: no Parquet files under ``output``.
+        SchemaError: the files are not in the batch output schema.
+    """
     table = read_output(output, storage_cfg)
     summary = summarize(table)
     ok = table.filter(pc.equal(table[S.STATUS], S.STATUS_OK))
@@ -260,17 +346,23 @@ def make_report(output: str, out_dir: str | None = None, input_uri: str | None =
         log.warning("no input recorded for %s and no --input; showing outputs only", output)
     out_fs, out_path = storage.resolve(out_dir or default_report_dir(output), storage_cfg)
     paths = {name: storage.join(out_path, name) for name in ("index.html", "contact_sheet.png", "summary.json")}
-    storage.write_bytes(out_fs, paths["index.html"],
-                        render_html(output, summary, rows, inputs, errors_list).encode("utf-8"))
+    storage.write_bytes(
+        out_fs, paths["index.html"], render_html(output, summary, rows, inputs, errors_list).encode("utf-8")
+    )
     storage.write_bytes(out_fs, paths["contact_sheet.png"], contact_sheet(rows, inputs))
-    storage.write_bytes(out_fs, paths["summary.json"],
-                        json.dumps(summary, indent=2, default=str, allow_nan=True).encode("utf-8"))
+    storage.write_bytes(
+        out_fs, paths["summary.json"], json.dumps(summary, indent=2, default=str, allow_nan=True).encode("utf-8")
+    )
     return {k: storage.display(out_fs, v) for k, v in paths.items()}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="HTML page + PNG contact sheet of a batch output",
-                       description="Render input / mask / edited triples with their metrics and a metrics summary.")
+    """Add ``instdiff report`` to the CLI's subparsers."""
+    p = sub.add_parser(
+        "report",
+        help="HTML page + PNG contact sheet of a batch output",
+        description="Render input / mask / edited triples with their metrics and a metrics summary.",
+    )
     p.add_argument("output", help="batch output folder (local or s3://)")
     p.add_argument("--input", default=None, help="the job's input (default: recorded in OUTPUT/_runs)")
     p.add_argument("--out", default=None, help="report folder (default: OUTPUT/_report for local outputs)")
@@ -279,9 +371,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``instdiff report``: write the report and print its paths as JSON on stdout.
+
+    Raises:
+        UsageError: ``--limit`` below 1.
+        InputNotFoundError: no Parquet files under the output.
+    """
     if args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     paths = make_report(args.output, args.out, args.input, args.limit)
     log.info("report: %s (open it in a browser); contact sheet: %s", paths["index.html"], paths["contact_sheet.png"])
     print(json.dumps(paths))
     return 0
+
+
+__all__ = [
+    "PANELS",
+    "TILE",
+    "contact_sheet",
+    "default_report_dir",
+    "job_input",
+    "latest_rows",
+    "make_report",
+    "read_inputs",
+    "read_output",
+    "register",
+    "render_html",
+    "run",
+    "summarize",
+    "tile",
+]

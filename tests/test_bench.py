@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from instdiff.errors import ConfigError
 from instdiff.imageio import encode_png
 from instdiff.synthetic import make_edit_pairs
 from pipelines import bench
 from pipelines import schema as S
-from pipelines.config import ConfigError
+from pipelines.contact_sheet import TILE
 from pipelines.make_dataset import shapes_table
 
 
@@ -23,13 +25,23 @@ def _config(tmp_path, **over):
         "results": str(tmp_path / "results" / "bench-t"),
         "engine": "in-process",
         "data": {"make": "shapes", "n": 4, "seed": 3, "size": 32},
-        "base": {"model": {"spec": "tiny"}, "method": {"steps": 2, "n_noises": 1, "diffedit_noises": 1},
-                 "actors": {"batch_size": 4}},
-        "runs": [{"label": "SDEdit", "method": "sdedit"},
-                 {"label": "InstDiffEdit", "method": {"name": "instdiffedit"}}],
-        "sweeps": [{"name": "r-phi", "label": "InstDiffEdit r={method.strength} φ={method.mask.phi}",
-                    "settings": {"method": {"name": "instdiffedit"}},
-                    "grid": {"method.strength": [0.4, 0.6], "method.mask.phi": [0.1, 0.3]}}],
+        "base": {
+            "model": {"spec": "tiny"},
+            "method": {"steps": 2, "n_noises": 1, "diffedit_noises": 1},
+            "actors": {"batch_size": 4},
+        },
+        "runs": [
+            {"label": "SDEdit", "method": "sdedit"},
+            {"label": "InstDiffEdit", "method": {"name": "instdiffedit"}},
+        ],
+        "sweeps": [
+            {
+                "name": "r-phi",
+                "label": "InstDiffEdit r={method.strength} φ={method.mask.phi}",
+                "settings": {"method": {"name": "instdiffedit"}},
+                "grid": {"method.strength": [0.4, 0.6], "method.mask.phi": [0.1, 0.3]},
+            }
+        ],
         "metrics": {"lpips": False, "fid": False, "class_key": "target_phrase", "ref_class_key": "source_phrase"},
     }
     data.update(over)
@@ -40,8 +52,12 @@ def test_config_expands_sweeps_and_merges_settings(tmp_path):
     cfg = bench.parse_bench_config(_config(tmp_path))
     labels = [r.label for r in cfg.runs]
     assert labels[:2] == ["SDEdit", "InstDiffEdit"]
-    assert labels[2:] == ["InstDiffEdit r=0.4 φ=0.1", "InstDiffEdit r=0.4 φ=0.3", "InstDiffEdit r=0.6 φ=0.1",
-                          "InstDiffEdit r=0.6 φ=0.3"]
+    assert labels[2:] == [
+        "InstDiffEdit r=0.4 φ=0.1",
+        "InstDiffEdit r=0.4 φ=0.3",
+        "InstDiffEdit r=0.6 φ=0.1",
+        "InstDiffEdit r=0.6 φ=0.3",
+    ]
     assert cfg.runs[3].slug == "instdiffedit-r-0.4-phi-0.3"
     assert cfg.runs[3].params == {"method.strength": 0.4, "method.mask.phi": 0.3}
     bcfg = bench.batch_config(cfg, cfg.runs[3], "in.parquet")
@@ -67,6 +83,10 @@ def test_config_expands_sweeps_and_merges_settings(tmp_path):
         ({"metrics": {"text_score": "bleu"}}, "metrics.text_score"),
         ({"engine": "spark"}, "engine"),
         ({"notes": "one string"}, "notes: expected a list"),
+        ({"data": {"make": "shapes", "n": "8"}}, "data.n: expected an integer"),
+        ({"data": ["make"]}, "data: expected a mapping"),
+        ({"sheet": {"runs": "SDEdit"}}, "sheet.runs"),
+        ({"sheet": {"colour": 1}}, "sheet.colour: unknown key; accepted keys in sheet: rows, runs"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, change, message):
@@ -82,11 +102,24 @@ def _fake_output(path, pairs, edited, pred, latency=0.8, batch_rows=4, unet=20.0
     for p, e, m in zip(pairs, edited, pred, strict=True):
         row = {f.name: None for f in S.OUTPUT_SCHEMA}
         src, gt = p.source.image, p.edit_mask
-        row.update({S.ID: p.id, S.STATUS: S.STATUS_OK, S.METHOD: method, S.MODEL: "tiny", S.EDITED: encode_png(e),
-                    S.PRED_MASK: encode_png(m), S.MASK_AREA: float(m.mean()), S.UNET_CALLS: unet,
-                    S.LATENCY_S: latency, S.BATCH_ROWS: batch_rows, S.RUN_ID: "r1",
-                    S.IOU: float(metrics.iou(m, gt)[0]), S.C_M: float(metrics.change_in_mask(src, e, gt)[0]),
-                    S.C_NON: float(metrics.change_outside_mask(src, e, gt)[0])})
+        row.update(
+            {
+                S.ID: p.id,
+                S.STATUS: S.STATUS_OK,
+                S.METHOD: method,
+                S.MODEL: "tiny",
+                S.EDITED: encode_png(e),
+                S.PRED_MASK: encode_png(m),
+                S.MASK_AREA: float(m.mean()),
+                S.UNET_CALLS: unet,
+                S.LATENCY_S: latency,
+                S.BATCH_ROWS: batch_rows,
+                S.RUN_ID: "r1",
+                S.IOU: float(metrics.iou(m, gt)[0]),
+                S.C_M: float(metrics.change_in_mask(src, e, gt)[0]),
+                S.C_NON: float(metrics.change_outside_mask(src, e, gt)[0]),
+            }
+        )
         for k, v in row.items():
             cols[k].append(v)
     path.mkdir(parents=True)
@@ -94,16 +127,23 @@ def _fake_output(path, pairs, edited, pred, latency=0.8, batch_rows=4, unet=20.0
 
 
 def test_aggregate_exact_values_on_constructed_outputs(tmp_path):
-    cfg = bench.parse_bench_config(_config(tmp_path, sweeps=[], metrics={"lpips": False, "fid": False},
-                                           notes=["2 steps (paper: 50)"]))
+    cfg = bench.parse_bench_config(
+        _config(tmp_path, sweeps=[], metrics={"lpips": False, "fid": False}, notes=["2 steps (paper: 50)"])
+    )
     table = shapes_table(4, seed=3, size=32)
     pairs = make_edit_pairs(4, seed=3, size=32)
     # "SDEdit": perfect edits (the ground-truth targets) with perfect masks
-    _fake_output(tmp_path / "runs" / "sdedit", pairs, [p.target.image for p in pairs],
-                 [p.edit_mask for p in pairs])
+    _fake_output(tmp_path / "runs" / "sdedit", pairs, [p.target.image for p in pairs], [p.edit_mask for p in pairs])
     # "InstDiffEdit": no change at all, an empty mask, on only 3 of the 4 rows
-    _fake_output(tmp_path / "runs" / "instdiffedit", pairs[:3], [p.source.image for p in pairs[:3]],
-                 [np.zeros_like(p.edit_mask) for p in pairs[:3]], latency=0.3, batch_rows=3, unet=7.0)
+    _fake_output(
+        tmp_path / "runs" / "instdiffedit",
+        pairs[:3],
+        [p.source.image for p in pairs[:3]],
+        [np.zeros_like(p.edit_mask) for p in pairs[:3]],
+        latency=0.3,
+        batch_rows=3,
+        unet=7.0,
+    )
     paths = bench.aggregate(cfg, table, "instdiff bench --config t.yaml")
     doc = json.loads(open(paths["json"]).read())
     perfect, unchanged = doc["results"]
@@ -123,16 +163,21 @@ def test_aggregate_exact_values_on_constructed_outputs(tmp_path):
     assert "* 2 steps (paper: 50)" in md
     for key in ("iou_vs_time", "cm_vs_cnon", "contact"):
         assert open(paths[key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # contact sheet: 200 px of labels, input + gt mask + (mask, edit) of both runs; the 3 rows both runs edited
+    assert Image.open(paths["contact"]).size == (200 + 6 * (TILE + 4), 34 + 3 * (TILE + 4))
 
 
 def test_end_to_end_in_process_tiny(tmp_path):
     from instdiff.editing import EditConfig, Method, expected_unet_calls
 
-    cfg = bench.parse_bench_config(_config(
-        tmp_path, sweeps=[{"name": "r", "settings": {"method": "instdiffedit"},
-                           "grid": {"method.strength": [0.5, 1.0]}}],
-        metrics={"lpips": True, "fid": False, "class_key": "target_phrase", "ref_class_key": "source_phrase"},
-        sheet={"rows": 2}))
+    cfg = bench.parse_bench_config(
+        _config(
+            tmp_path,
+            sweeps=[{"name": "r", "settings": {"method": "instdiffedit"}, "grid": {"method.strength": [0.5, 1.0]}}],
+            metrics={"lpips": True, "fid": False, "class_key": "target_phrase", "ref_class_key": "source_phrase"},
+            sheet={"rows": 2},
+        )
+    )
     paths = bench.run_bench(cfg, "instdiff bench --config t.yaml")
     doc = json.loads(open(paths["json"]).read())
     by_label = {r["label"]: r for r in doc["results"]}
@@ -150,8 +195,9 @@ def test_end_to_end_in_process_tiny(tmp_path):
     # --aggregate-only re-renders from the outputs and the recorded job facts
     paths = bench.run_bench(cfg, "instdiff bench --config t.yaml --aggregate-only", aggregate_only=True)
     again = json.loads(open(paths["json"]).read())
-    assert "Made with: `instdiff bench --config t.yaml` (tables and figures re-rendered" in open(
-        paths["markdown"]).read()
+    assert (
+        "Made with: `instdiff bench --config t.yaml` (tables and figures re-rendered" in open(paths["markdown"]).read()
+    )
     assert [r["iou"] for r in again["results"]] == [r["iou"] for r in doc["results"]]
     assert again["results"][0]["job"] == by_label["SDEdit"]["job"]
 
@@ -159,10 +205,20 @@ def test_end_to_end_in_process_tiny(tmp_path):
 @pytest.mark.slow
 def test_end_to_end_through_ray(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    cfg = bench.parse_bench_config(_config(
-        tmp_path, engine="ray", sweeps=[], runs=[{"label": "SDEdit", "method": "sdedit"}],
-        base={"model": {"spec": "tiny"}, "method": {"steps": 2}, "actors": {"batch_size": 2, "num_cpus": 1},
-              "ray": {"num_cpus": 2, "progress_bars": False}}))
+    cfg = bench.parse_bench_config(
+        _config(
+            tmp_path,
+            engine="ray",
+            sweeps=[],
+            runs=[{"label": "SDEdit", "method": "sdedit"}],
+            base={
+                "model": {"spec": "tiny"},
+                "method": {"steps": 2},
+                "actors": {"batch_size": 2, "num_cpus": 1},
+                "ray": {"num_cpus": 2, "progress_bars": False},
+            },
+        )
+    )
     paths = bench.run_bench(cfg, "instdiff bench --config t.yaml")
     doc = json.loads(open(paths["json"]).read())
     assert doc["results"][0]["ok"] == 4

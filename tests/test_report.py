@@ -27,11 +27,25 @@ def _output_rows(inputs: pa.Table, run_id: str) -> list[dict]:
         gt = decode_mask(r[S.MASK])
         edited = np.where(gt[..., None], 255 - src, src).astype(np.uint8)
         h, w = gt.shape
-        row = {**r, S.STATUS: S.STATUS_OK, S.ERROR: None, S.NOTES: None, S.HEIGHT: h, S.WIDTH: w,
-               S.RGB: src.tobytes(), S.EDITED_RGB: edited.tobytes(), S.GENERATE: False,
-               S.PRED_BITS: np.packbits(gt).tobytes(), S.GT_BITS: np.packbits(gt).tobytes(),
-               S.METHOD: "instdiffedit", S.MODEL: "tiny", S.SEED: 1, S.UNET_CALLS: 4.0, S.LATENCY_S: 0.5,
-               S.BATCH_ROWS: 2}
+        row = {
+            **r,
+            S.STATUS: S.STATUS_OK,
+            S.ERROR: None,
+            S.NOTES: None,
+            S.HEIGHT: h,
+            S.WIDTH: w,
+            S.RGB: src.tobytes(),
+            S.EDITED_RGB: edited.tobytes(),
+            S.GENERATE: False,
+            S.PRED_BITS: np.packbits(gt).tobytes(),
+            S.GT_BITS: np.packbits(gt).tobytes(),
+            S.METHOD: "instdiffedit",
+            S.MODEL: "tiny",
+            S.SEED: 1,
+            S.UNET_CALLS: 4.0,
+            S.LATENCY_S: 0.5,
+            S.BATCH_ROWS: 2,
+        }
         rows.append(finalize_row(row, run_id))
     return rows
 
@@ -42,24 +56,43 @@ def output(tmp_path):
     pq.write_table(inputs, tmp_path / "in.parquet")
     out = tmp_path / "out"
     (out / "_runs").mkdir(parents=True)
-    (out / "_runs" / "r1.json").write_text(json.dumps({"run_id": "r1", "input": str(tmp_path / "in.parquet"),
-                                                       "fingerprint": {}}))
+    (out / "_runs" / "r1.json").write_text(
+        json.dumps({"run_id": "r1", "input": str(tmp_path / "in.parquet"), "fingerprint": {}})
+    )
     rows = _output_rows(inputs.slice(0, 3), "r2")
-    failed = {**rows[0], S.STATUS: S.STATUS_ERROR, S.ERROR: "RuntimeError: out of memory", S.EDITED: None,
-              S.PRED_MASK: None, S.RUN_ID: "r1"}  # an earlier error row of an id that later succeeded
-    last = {**_output_rows(inputs.slice(3, 1), "r1")[0], S.STATUS: S.STATUS_ERROR,
-            S.ERROR: "cannot decode image", S.EDITED: None, S.PRED_MASK: None, S.IOU: None}
+    failed = {
+        **rows[0],
+        S.STATUS: S.STATUS_ERROR,
+        S.ERROR: "RuntimeError: out of memory",
+        S.EDITED: None,
+        S.PRED_MASK: None,
+        S.RUN_ID: "r1",
+    }  # an earlier error row of an id that later succeeded
+    last = {
+        **_output_rows(inputs.slice(3, 1), "r1")[0],
+        S.STATUS: S.STATUS_ERROR,
+        S.ERROR: "cannot decode image",
+        S.EDITED: None,
+        S.PRED_MASK: None,
+        S.IOU: None,
+    }
     pq.write_table(pa.Table.from_pylist([failed, last], schema=S.OUTPUT_SCHEMA), out / "part-r1-a.parquet")
     pq.write_table(pa.Table.from_pylist(rows, schema=S.OUTPUT_SCHEMA), out / "part-r2-a.parquet")
     return out
 
 
 def test_latest_rows_prefers_ok_then_the_latest_run():
-    rows = [{S.ID: "a", S.STATUS: "error", S.RUN_ID: "r1"}, {S.ID: "b", S.STATUS: "error", S.RUN_ID: "r1"},
-            {S.ID: "a", S.STATUS: "ok", S.RUN_ID: "r0"}, {S.ID: "b", S.STATUS: "error", S.RUN_ID: "r2"}]
+    rows = [
+        {S.ID: "a", S.STATUS: "error", S.RUN_ID: "r1"},
+        {S.ID: "b", S.STATUS: "error", S.RUN_ID: "r1"},
+        {S.ID: "a", S.STATUS: "ok", S.RUN_ID: "r0"},
+        {S.ID: "b", S.STATUS: "error", S.RUN_ID: "r2"},
+    ]
     t = latest_rows(pa.Table.from_pylist(rows))
-    assert t.to_pylist() == [{S.ID: "a", S.STATUS: "ok", S.RUN_ID: "r0"},
-                             {S.ID: "b", S.STATUS: "error", S.RUN_ID: "r2"}]
+    assert t.to_pylist() == [
+        {S.ID: "a", S.STATUS: "ok", S.RUN_ID: "r0"},
+        {S.ID: "b", S.STATUS: "error", S.RUN_ID: "r2"},
+    ]
 
 
 def test_report_page_sheet_and_summary(output):
@@ -72,6 +105,7 @@ def test_report_page_sheet_and_summary(output):
     assert "<td>iou</td>" in page and "C_m: mean pixel change inside" in page
     sheet = Image.open(io.BytesIO((output / "_report" / "contact_sheet.png").read_bytes()))
     assert sheet.size[1] >= 2 * TILE
+    assert sheet.size == (180 + 4 * (TILE + 4), 20 + 2 * (TILE + 4))  # 180 px of labels, 4 panels, 2 rows
     summary = json.loads((output / "_report" / "summary.json").read_text())
     assert (summary["rows"], summary["ok"], summary["error"]) == (4, 3, 1)
     assert summary["metrics"]["iou"]["mean"] == 1.0 and summary["metrics"]["c_non"]["max"] == 0.0
@@ -80,8 +114,10 @@ def test_report_page_sheet_and_summary(output):
 
 
 def test_summarize_handles_outputs_without_ok_rows():
-    t = pa.Table.from_pylist([{f.name: None for f in S.OUTPUT_SCHEMA} | {S.ID: "x", S.STATUS: "error",
-                                                                        S.ERROR: "bad"}], schema=S.OUTPUT_SCHEMA)
+    t = pa.Table.from_pylist(
+        [{f.name: None for f in S.OUTPUT_SCHEMA} | {S.ID: "x", S.STATUS: "error", S.ERROR: "bad"}],
+        schema=S.OUTPUT_SCHEMA,
+    )
     s = summarize(t)
     assert s["ok"] == 0 and s["metrics"]["iou"] == {"mean": None, "std": None, "min": None, "max": None, "count": 0}
 
@@ -93,3 +129,20 @@ def test_report_command(output, tmp_path, capsys):
     assert (tmp_path / "rep" / "index.html").read_text().count("<figure>") == 4
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no Parquet files under" in capsys.readouterr().err
+
+
+def test_contact_sheet_tiles_and_frames():
+    from instdiff.imageio import encode_png
+    from pipelines.contact_sheet import FRAME, Panel, SheetRow, draw_contact_sheet
+
+    red = encode_png(np.full((8, 16, 3), (255, 0, 0), np.uint8))  # letterboxed: 128 x 64 in the middle
+    rows = [SheetRow("a\nb", [Panel(red), Panel(None, mask=True)])]
+    plain = np.asarray(Image.open(io.BytesIO(draw_contact_sheet(["x", "y"], rows, label_width=10, header_height=6))))
+    framed = np.asarray(
+        Image.open(io.BytesIO(draw_contact_sheet(["x", "y"], rows, label_width=10, header_height=6, frame=True)))
+    )
+    assert plain.shape == (6 + TILE + 4, 10 + 2 * (TILE + 4), 3)
+    assert (plain[6 + TILE // 2, 10 + TILE // 2] == (255, 0, 0)).all()
+    assert (plain[6 + 2, 10 + TILE // 2] == (200, 200, 200)).all()  # letterbox
+    assert (plain[6 + TILE // 2, 10 + TILE + 4 + TILE // 2] == (200, 200, 200)).all()  # missing picture
+    assert (plain[5, 10 + TILE // 2] == 255).all() and (framed[5, 10 + TILE // 2] == FRAME).all()
