@@ -38,10 +38,10 @@ demo: setup $(DEMO_DATA)
 	$(BIN)/instdiff report $(DEMO_OUT)
 
 bench-editors: setup
-	$(BIN)/python cluster/benchmarks/editors.py --out docs/results/editors.json
+	$(BIN)/python -m cluster.benchmarks.editors --out docs/results/editors.json
 
 bench-batch: setup
-	$(BIN)/python cluster/benchmarks/batch.py --model default --rows 32 --loop-rows 8 --steps 20 --batch-size 4 --cpus 2
+	$(BIN)/python -m cluster.benchmarks.batch --model default --rows 32 --loop-rows 8 --steps 20 --batch-size 4 --cpus 2
 
 clean:
 	rm -rf out .pytest_cache
