@@ -264,3 +264,28 @@ def test_resume_compares_settings_only_with_runs_that_wrote_rows(tmp_path):
     check_resumable(prior, cfg, str(tmp_path))  # the run that failed before writing rows does not count
     with pytest.raises(ConfigError, match="method.steps: earlier 2, now 7"):
         check_resumable(prior, other, str(tmp_path))
+
+
+def test_decode_and_finalize_workers_never_load_the_editors():
+    """The decode and finalize stages (Ray tasks) import the package but never diffusers or the editors."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "import pyarrow as pa\n"
+        "from pipelines import schema as S\n"
+        "from pipelines.batch import EDITED_SCHEMA, DecodeOptions, decode_batch, finalize_batch\n"
+        "from pipelines.make_dataset import shapes_table\n"
+        "rows = decode_batch(shapes_table(2, size=32), opts=DecodeOptions('sdedit', False, 10**6, 16)).to_pylist()\n"
+        "for r in rows:\n"
+        "    r.update({S.EDITED_RGB: r[S.RGB], S.PRED_BITS: r[S.GT_BITS], S.SEED: 0, S.BATCH_ROWS: 2})\n"
+        "out = finalize_batch(pa.Table.from_pylist(rows, schema=EDITED_SCHEMA), run_id='r')\n"
+        "assert out[S.STATUS].to_pylist() == ['ok', 'ok'], out[S.ERROR].to_pylist()\n"
+        "loaded = ('diffusers', 'transformers', 'instdiff.editing', 'instdiff.models')\n"
+        "print(','.join(sorted(m for m in sys.modules if m.startswith(loaded))))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"decode/finalize loaded: {out.stdout.strip()}"
