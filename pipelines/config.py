@@ -49,6 +49,8 @@ SIZE_POLICIES = tuple(p.value for p in SizePolicy)
 
 
 class AlphaPolicy(StrEnum):
+    """What the job does with input images that carry transparency (``image.alpha``)."""
+
     CONVERT = "convert"  # composite RGBA/LA/transparent-P onto white; the row is ok with a note
     ERROR = "error"  # rows with transparency are errors
 
@@ -87,6 +89,8 @@ class ActorConfig:
 
 @dataclass(frozen=True)
 class WriteConfig:
+    """How the output Parquet files are written."""
+
     max_rows_per_file: int = 1000
     compression: str = "zstd"  # any pyarrow Parquet codec: zstd, snappy, gzip, none
 
@@ -124,6 +128,7 @@ class BatchConfig:
     retry_errors: bool = False
 
     def with_(self, **kw: Any) -> BatchConfig:
+        """A copy with the fields in ``kw`` replaced (not validated again)."""
         return dataclasses.replace(self, **kw)
 
 
@@ -152,7 +157,7 @@ def _parse_method(data: Any, seed: int) -> EditConfig:
 
 
 def _check_values(cfg: BatchConfig) -> None:
-    """Range checks the types alone do not express."""
+    """Range checks the types alone do not express; raises :class:`ConfigError` naming the key."""
     checks: list[tuple[bool, str]] = [
         (bool(cfg.input.strip()), "input: must be a Parquet file/folder path or s3:// URI"),
         (bool(cfg.output.strip()), "output: must be a folder path or s3:// URI"),
@@ -162,19 +167,25 @@ def _check_values(cfg: BatchConfig) -> None:
         (cfg.actors.num_cpus > 0, f"actors.num_cpus: must be > 0; got {cfg.actors.num_cpus}"),
         (cfg.ray.task_cpus > 0, f"ray.task_cpus: must be > 0; got {cfg.ray.task_cpus}"),
         (cfg.write.max_rows_per_file >= 1, f"write.max_rows_per_file: must be >= 1; got {cfg.write.max_rows_per_file}"),
-        (cfg.write.compression in _PARQUET_CODECS,
-         f"write.compression: {cfg.write.compression!r} is not accepted; accepted: {', '.join(_PARQUET_CODECS)}"),
+        (
+            cfg.write.compression in _PARQUET_CODECS,
+            f"write.compression: {cfg.write.compression!r} is not accepted; accepted: {', '.join(_PARQUET_CODECS)}",
+        ),
         (cfg.image.max_pixels >= 1, f"image.max_pixels: must be >= 1; got {cfg.image.max_pixels}"),
         (cfg.image.min_side >= 1, f"image.min_side: must be >= 1; got {cfg.image.min_side}"),
-        (cfg.image.size_policy in SIZE_POLICIES,
-         f"image.size_policy: {cfg.image.size_policy!r} is not accepted; accepted: {', '.join(SIZE_POLICIES)}"),
+        (
+            cfg.image.size_policy in SIZE_POLICIES,
+            f"image.size_policy: {cfg.image.size_policy!r} is not accepted; accepted: {', '.join(SIZE_POLICIES)}",
+        ),
         (cfg.seed >= 0, f"seed: must be >= 0; got {cfg.seed}"),
     ]
     size = cfg.image.size
-    checks.append((
-        size is None or size == "model" or (isinstance(size, int) and size >= 1),
-        f"image.size: {size!r} is not accepted; accepted: a positive integer (longer side in px), 'model', or null",
-    ))
+    checks.append(
+        (
+            size is None or size == "model" or (isinstance(size, int) and size >= 1),
+            f"image.size: {size!r} is not accepted; accepted: a positive integer (longer side in px), 'model', or null",
+        )
+    )
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -182,6 +193,12 @@ def _check_values(cfg: BatchConfig) -> None:
 
 def parse_config(data: Mapping[str, Any]) -> BatchConfig:
     """Turn a mapping (parsed YAML) into a validated :class:`BatchConfig`.
+
+    Args:
+        data: the config's keys (see the module docstring); ``method`` may be a method name or a mapping.
+
+    Returns:
+        The validated config.
 
     Raises:
         ConfigError: an unknown key, a wrong type or a value out of range (the message names the key).
@@ -198,12 +215,23 @@ def parse_config(data: Mapping[str, Any]) -> BatchConfig:
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``data[a][b] = value`` for ``dotted = "a.b"`` (creating sections; ``method: NAME`` becomes a section)."""
+    """Set ``data[a][b] = value`` for ``dotted = "a.b"`` (creating sections; ``method: NAME`` becomes a section).
+
+    Raises:
+        ConfigError: a key path that runs through a value that is not a section.
+    """
     _apply_override(data, dotted, value, _SHORTHANDS)
 
 
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> BatchConfig:
     """Read a YAML file (``None``: start from defaults) and apply dotted-key ``overrides`` on top.
+
+    Args:
+        path: a batch config file (``configs/batch/*.yaml``), or ``None``.
+        overrides: dotted key → value (``--set`` assignments and flags), applied in order.
+
+    Returns:
+        The validated config.
 
     Raises:
         InputNotFoundError: ``path`` does not exist.
@@ -216,8 +244,17 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
 
 
 def to_dict(obj: Any) -> Any:
-    """A config as plain YAML/JSON-able data (enums by value); secrets are masked; an :class:`EditConfig` is
-    written as the ``method`` section (``name`` instead of ``method``, no ``seed``)."""
+    """A config as plain YAML/JSON-able data (enums by value), as written to ``_runs/<run_id>.json``.
+
+    Secrets (S3 keys and tokens) are masked as ``"***"``; an :class:`EditConfig` is written as the ``method``
+    section (``name`` instead of ``method``, no ``seed``).
+
+    Args:
+        obj: a config dataclass, or any value inside one.
+
+    Returns:
+        Plain dicts, lists, strings and numbers.
+    """
     if isinstance(obj, EditConfig):
         out = to_plain(obj)
         out[_METHOD_NAME_KEY] = out.pop("method")
@@ -235,7 +272,15 @@ def to_dict(obj: Any) -> Any:
 
 
 def fingerprint(cfg: BatchConfig) -> dict[str, Any]:
-    """The settings that decide what a row's output is; a resumed job must match them."""
+    """The settings that decide what a row's output is; a resumed job must match them.
+
+    Args:
+        cfg: the job config.
+
+    Returns:
+        ``model`` (spec, inpaint, dtype), ``method`` (as :func:`to_dict` writes it), ``seed`` and ``image``
+        (size, size_policy, alpha) as plain data.
+    """
     return {
         "model": {"spec": cfg.model.spec, "inpaint": cfg.model.inpaint, "dtype": cfg.model.dtype},
         "method": to_dict(cfg.method),

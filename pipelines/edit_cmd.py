@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from instdiff.config import EditConfig, MaskConfig, Method
 from instdiff.errors import UsageError
 from pipelines.commands import add_model_args
 
@@ -14,45 +15,83 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("edit", help="edit one image with a text prompt",
-                       description="Edit IMAGE so that it matches --target; writes the edited PNG and the mask.")
+    """Add the ``edit`` subcommand to ``sub`` (its ``func`` is :func:`run`)."""
+    p = sub.add_parser(
+        "edit",
+        help="edit one image with a text prompt",
+        description="Edit IMAGE so that it matches --target; writes the edited PNG and the mask.",
+    )
     p.add_argument("image", help="input image file (PNG, JPEG, WebP, ...)")
     p.add_argument("--target", required=True, help="target prompt, e.g. 'a blue square on a gray background'")
-    p.add_argument("--source", default=None,
-                   help="source prompt describing the input (needed by diffedit; defaults to the target)")
+    p.add_argument(
+        "--source", default=None, help="source prompt describing the input (needed by diffedit; defaults to the target)"
+    )
     p.add_argument("--method", default="instdiffedit", choices=["instdiffedit", "sdedit", "diffedit"])
     add_model_args(p)
-    p.add_argument("--steps", type=int, default=None,
-                   help="DDIM steps (default: the model folder's instdiff.json, else the paper's 50)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="DDIM steps (default: the model folder's instdiff.json, else the paper's 50)",
+    )
     p.add_argument("--strength", type=float, default=0.5, help="noise strength r in (0, 1] (paper: 0.5)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance (default: the model folder's instdiff.json, else the paper's 7.5)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: the model folder's instdiff.json, else the paper's 7.5)",
+    )
     p.add_argument("--noises", type=int, default=3, help="InstDiffEdit parallel noises n (paper: 3)")
     p.add_argument("--phi", type=float, default=0.2, help="InstDiffEdit binarisation threshold φ (paper: 0.2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size-policy", default="resize", choices=["resize", "pad"],
-                   help="what to do when a side is not a multiple of the model's step")
-    p.add_argument("--size", type=int, default=None,
-                   help="resize so the longer side is SIZE px (default: keep; the embedded model works at 64)")
+    p.add_argument(
+        "--size-policy",
+        default="resize",
+        choices=["resize", "pad"],
+        help="what to do when a side is not a multiple of the model's step",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="resize so the longer side is SIZE px (default: keep; the embedded model works at 64)",
+    )
     p.add_argument("--out", required=True, help="edited image (PNG)")
     p.add_argument("--mask-out", default=None, help="where to write the predicted edit mask (PNG)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Edit one image and write the PNG (and the mask); print a JSON summary line.
+
+    Steps and guidance default to the model folder's ``instdiff.json``, else the paper's 50 and 7.5. With the
+    embedded model (``--model default``) and no ``--size``, the image is resized to the model's resolution.
+
+    Returns:
+        0.
+
+    Raises:
+        UsageError: ``--out`` is not a ``.png`` file.
+        ImageInputError: the image cannot be decoded or brought to the model's geometry.
+        ModelLoadError: the model cannot be loaded.
+    """
     import torch
 
     from instdiff import imageio
-    from instdiff.editing import EditConfig, Method, edit, size_multiple
-    from instdiff.masks import MaskConfig
+    from instdiff.editing import edit, size_multiple
     from instdiff.models import load_bundle
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must be a .png file, got {args.out!r}")
     array, notes = imageio.decode_image(args.image)
-    bundle = load_bundle(args.model, device=args.device, dtype=args.dtype,
-                         local_files_only=args.local_files_only, inpaint=args.inpaint_model)
+    bundle = load_bundle(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        local_files_only=args.local_files_only,
+        inpaint=args.inpaint_model,
+    )
     size = args.size
     if size is None and args.model == "default" and max(array.shape[:2]) != bundle.resolution:
         size = bundle.resolution
@@ -65,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps if args.steps is not None else int(bundle.defaults.get("steps", 50)),
         strength=args.strength,
         guidance=args.guidance if args.guidance is not None else float(bundle.defaults.get("guidance", 7.5)),
-        n_noises=args.noises, seed=args.seed, mask=MaskConfig(phi=args.phi),
+        n_noises=args.noises,
+        seed=args.seed,
+        mask=MaskConfig(phi=args.phi),
     )
     source = args.source if args.source is not None else args.target
     result = edit(bundle, imageio.to_model_tensor(prepared.array), [source], [args.target], cfg)
@@ -77,10 +118,16 @@ def run(args: argparse.Namespace) -> int:
         Path(args.mask_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.mask_out).write_bytes(imageio.encode_png(mask.astype(bool)))
     summary = {
-        "method": cfg.method.value, "model": bundle.name, "out": str(out), "mask_out": args.mask_out,
-        "mask_area": float(mask.mean()), "unet_calls": result.unet_calls,
-        "seconds": round(result.timings["total"], 3), "device": str(bundle.device),
-        "dtype": str(bundle.dtype).replace("torch.", ""), "torch": torch.__version__,
+        "method": cfg.method.value,
+        "model": bundle.name,
+        "out": str(out),
+        "mask_out": args.mask_out,
+        "mask_area": float(mask.mean()),
+        "unet_calls": result.unet_calls,
+        "seconds": round(result.timings["total"], 3),
+        "device": str(bundle.device),
+        "dtype": str(bundle.dtype).replace("torch.", ""),
+        "torch": torch.__version__,
     }
     print(json.dumps(summary))
     return 0

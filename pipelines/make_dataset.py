@@ -25,7 +25,18 @@ KINDS = ("shapes",)
 
 
 def shapes_table(n: int, seed: int = 0, size: int = 64, kinds: Sequence[str] | None = None) -> pa.Table:
-    """``n`` shapes-world edit pairs as a table in :data:`pipelines.schema.INPUT_SCHEMA`."""
+    """``n`` shapes-world edit pairs as a table in :data:`pipelines.schema.INPUT_SCHEMA`.
+
+    Args:
+        n: number of rows (row ``i`` does not depend on ``n``).
+        seed: the world's seed.
+        size: image side in pixels.
+        kinds: edit kinds to draw from (``None``: every kind of ``instdiff.synthetic.EDIT_KINDS``).
+
+    Returns:
+        Rows with the source image and the exact edit region as PNG, both prompts, ``dataset="shapes"`` and a
+        JSON ``meta`` (edit kind, edited phrases, seed, size).
+    """
     from instdiff.imageio import encode_png
     from instdiff.synthetic import EDIT_KINDS, make_edit_pairs
 
@@ -38,16 +49,27 @@ def shapes_table(n: int, seed: int = 0, size: int = 64, kinds: Sequence[str] | N
         columns[S.TARGET_PROMPT].append(pair.target_prompt)
         columns[S.MASK].append(encode_png(pair.edit_mask))
         columns[S.DATASET].append("shapes")
-        columns[S.META].append(json.dumps({
-            "kind": pair.kind, "source_phrase": pair.source_phrase, "target_phrase": pair.target_phrase,
-            "seed": seed, "size": size,
-        }))
+        columns[S.META].append(
+            json.dumps(
+                {
+                    "kind": pair.kind,
+                    "source_phrase": pair.source_phrase,
+                    "target_phrase": pair.target_phrase,
+                    "seed": seed,
+                    "size": size,
+                }
+            )
+        )
     return pa.Table.from_pydict(columns, schema=S.INPUT_SCHEMA)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("make-dataset", help="write a demo editing set in the batch input schema",
-                       description="Write an editing dataset (Parquet, batch input schema) with exact masks.")
+    """Add the ``make-dataset`` subcommand to ``sub`` (its ``func`` is :func:`run`)."""
+    p = sub.add_parser(
+        "make-dataset",
+        help="write a demo editing set in the batch input schema",
+        description="Write an editing dataset (Parquet, batch input schema) with exact masks.",
+    )
     p.add_argument("kind", choices=KINDS, help="shapes: the synthetic shapes world (exact ground-truth masks)")
     p.add_argument("--n", type=int, default=64, help="number of rows")
     p.add_argument("--seed", type=int, default=0)
@@ -57,6 +79,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write the dataset and print ``{"out", "rows", "size", "seed"}`` as one JSON line.
+
+    Returns:
+        0.
+
+    Raises:
+        UsageError: ``--n`` below 1, ``--size`` below 16 or ``--out`` not ending in ``.parquet``.
+    """
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
     if args.size < 16:

@@ -155,11 +155,16 @@ class _Kind:
 
 
 _STRING = _Kind("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
-_BINARY = _Kind(
-    "binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
-)
-_INPUT_KINDS = {ID: _STRING, IMAGE: _BINARY, SOURCE_PROMPT: _STRING, TARGET_PROMPT: _STRING,
-                MASK: _BINARY, DATASET: _STRING, META: _STRING}
+_BINARY = _Kind("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t))
+_INPUT_KINDS = {
+    ID: _STRING,
+    IMAGE: _BINARY,
+    SOURCE_PROMPT: _STRING,
+    TARGET_PROMPT: _STRING,
+    MASK: _BINARY,
+    DATASET: _STRING,
+    META: _STRING,
+}
 
 
 def describe_input_schema() -> str:
@@ -177,6 +182,12 @@ def input_schema_problems(schema: pa.Schema) -> list[str]:
 
     String columns may be ``string``, ``large_string`` or ``string_view``; binary columns ``binary``,
     ``large_binary`` or ``binary_view``. An optional column of type ``null`` (all values null) is accepted.
+
+    Args:
+        schema: the Arrow schema to check.
+
+    Returns:
+        One message per missing or mistyped column, and one for repeated column names.
     """
     problems = []
     for name in REQUIRED_INPUT + OPTIONAL_INPUT:
@@ -198,7 +209,16 @@ def input_schema_problems(schema: pa.Schema) -> list[str]:
 
 
 def validate_input_schema(schema: pa.Schema, source: str = "input") -> None:
-    """Raise :class:`SchemaError` naming every missing or mistyped column and showing the accepted schema."""
+    """Check ``schema`` against the input schema (see :func:`input_schema_problems`).
+
+    Args:
+        schema: the Arrow schema of an input table or dataset.
+        source: what the schema belongs to, for the message (e.g. ``"input data/shapes.parquet"``).
+
+    Raises:
+        SchemaError: a column is missing or mistyped; the message names every problem and shows the accepted
+            schema.
+    """
     problems = input_schema_problems(schema)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
@@ -209,7 +229,17 @@ def validate_input_schema(schema: pa.Schema, source: str = "input") -> None:
 
 
 def output_table(columns: dict[str, list]) -> pa.Table:
-    """Build an output table in :data:`OUTPUT_SCHEMA` (column order and types) from Python lists."""
+    """Build an output table in :data:`OUTPUT_SCHEMA` (column order and types) from Python lists.
+
+    Args:
+        columns: column name → values, for every column of :data:`OUTPUT_SCHEMA` (others are ignored).
+
+    Returns:
+        The table.
+
+    Raises:
+        KeyError: a column of :data:`OUTPUT_SCHEMA` is missing (a programming error).
+    """
     missing = [f.name for f in OUTPUT_SCHEMA if f.name not in columns]
     if missing:
         raise KeyError(f"output columns missing: {missing}")

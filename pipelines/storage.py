@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from instdiff.errors import UsageError
+from instdiff.errors import ConfigError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class StorageConfig:
 
 
 def is_s3(uri: str) -> bool:
+    """True for ``s3://`` and ``s3a://`` URIs."""
     return uri.startswith(("s3://", "s3a://"))
 
 
@@ -58,7 +59,17 @@ def _env(*names: str) -> str | None:
 
 
 def s3_filesystem(cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem from ``cfg`` with the AWS environment variables as fallback."""
+    """A pyarrow S3 filesystem from ``cfg`` with the AWS environment variables as fallback.
+
+    Args:
+        cfg: S3 settings; each field left ``None`` is read from the AWS environment variables.
+
+    Returns:
+        The filesystem, carrying the credentials found (none: the AWS SDK's default chain).
+
+    Raises:
+        ConfigError: an access key without a secret key, or the reverse.
+    """
     cfg = cfg or StorageConfig()
     kw: dict = {}
     endpoint = cfg.endpoint_url or _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -75,7 +86,7 @@ def s3_filesystem(cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
         key = cfg.access_key_id or _env("AWS_ACCESS_KEY_ID")
         secret = cfg.secret_access_key or _env("AWS_SECRET_ACCESS_KEY")
         if bool(key) != bool(secret):
-            raise ValueError(
+            raise ConfigError(
                 "S3 credentials are incomplete: set both storage.access_key_id and storage.secret_access_key "
                 "(or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), or neither to use the AWS default chain"
             )
@@ -89,12 +100,23 @@ def s3_filesystem(cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
 
 
 def resolve(uri: str | Path, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
-    """Turn a local path or URI into ``(filesystem, path inside it)``; local paths become absolute."""
+    """Turn a local path or URI into ``(filesystem, path inside it)``; local paths become absolute.
+
+    Args:
+        uri: a local path, ``file://`` URI, ``s3://bucket/key`` or another URI pyarrow knows.
+        cfg: S3 settings (``None``: the AWS environment variables).
+
+    Returns:
+        The filesystem and the path inside it (``bucket/key`` for S3, without a trailing ``/``).
+
+    Raises:
+        ConfigError: an ``s3://`` URI without a bucket.
+    """
     uri = str(uri)
     if is_s3(uri):
         parsed = urlparse(uri)
         if not parsed.netloc:
-            raise ValueError(f"{uri!r} has no bucket; expected s3://BUCKET/PATH")
+            raise ConfigError(f"{uri!r} has no bucket; expected s3://BUCKET/PATH")
         return s3_filesystem(cfg), (parsed.netloc + parsed.path).rstrip("/")
     if uri.startswith("file://"):
         uri = urlparse(uri).path
@@ -109,10 +131,12 @@ def join(base: str, *parts: str) -> str:
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether ``path`` (a file or a folder) exists in ``fs``."""
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def is_dir(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether ``path`` is a folder in ``fs``."""
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
@@ -135,13 +159,14 @@ def list_files(fs: pafs.FileSystem, path: str, suffix: str = ".parquet") -> list
     for item in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
         if item.type != pafs.FileType.File or not item.path.endswith(suffix):
             continue
-        rel = item.path[len(path.rstrip("/")) + 1:]
+        rel = item.path[len(path.rstrip("/")) + 1 :]
         if not _hidden(rel):
             out.append(item.path)
     return sorted(out)
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    """The whole content of the file ``path`` in ``fs``."""
     with fs.open_input_stream(path) as f:
         return f.read()
 
@@ -155,8 +180,13 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         f.write(data)
 
 
-def write_table(table: pa.Table, out: str, storage_cfg: StorageConfig | None = None, row_group_size: int | None = None,
-                compression: str = "zstd") -> str:
+def write_table(
+    table: pa.Table,
+    out: str,
+    storage_cfg: StorageConfig | None = None,
+    row_group_size: int | None = None,
+    compression: str = "zstd",
+) -> str:
     """Write ``table`` as one Parquet file, local or ``s3://`` (the project's one single-file table writer).
 
     Args:

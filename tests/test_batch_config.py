@@ -34,14 +34,19 @@ def test_shipped_configs_parse(name):
 
 
 def test_sections_become_typed_dataclasses():
-    cfg = parse_config({
-        "input": "s3://b/in/", "output": "out/x", "seed": 7,
-        "model": {"spec": "tiny", "dtype": "fp32"},
-        "method": {"name": "diffedit", "steps": 10, "strength": 0.6, "mask": {"phi": 0.3}, "inpaint": "blend"},
-        "image": {"size": 64, "alpha": "error", "max_pixels": 1000},
-        "actors": {"pool_size": 3, "num_gpus": 0.5, "batch_size": 2},
-        "write": {"max_rows_per_file": 10}, "storage": {"endpoint_url": "http://127.0.0.1:9000"},
-    })
+    cfg = parse_config(
+        {
+            "input": "s3://b/in/",
+            "output": "out/x",
+            "seed": 7,
+            "model": {"spec": "tiny", "dtype": "fp32"},
+            "method": {"name": "diffedit", "steps": 10, "strength": 0.6, "mask": {"phi": 0.3}, "inpaint": "blend"},
+            "image": {"size": 64, "alpha": "error", "max_pixels": 1000},
+            "actors": {"pool_size": 3, "num_gpus": 0.5, "batch_size": 2},
+            "write": {"max_rows_per_file": 10},
+            "storage": {"endpoint_url": "http://127.0.0.1:9000"},
+        }
+    )
     assert cfg.method.method is Method.DIFFEDIT and cfg.method.steps == 10 and cfg.method.strength == 0.6
     assert cfg.method.mask.phi == 0.3 and cfg.method.mask.gamma1 == 0.9  # nested defaults kept
     assert cfg.method.inpaint is Inpaint.BLEND
@@ -56,20 +61,30 @@ def test_sections_become_typed_dataclasses():
     ("data", "message"),
     [
         ({"output": "o"}, "input: required key is missing"),
-        ({"input": "i", "output": "o", "actors": {"pool": 2}},
-         "actors.pool: unknown key; accepted keys in actors: pool_size, num_gpus, num_cpus, batch_size"),
-        ({"input": "i", "output": "o", "method": {"name": "magic"}},
-         "method.name: 'magic' is not accepted; accepted: instdiffedit, sdedit, diffedit, fisedit"),
+        (
+            {"input": "i", "output": "o", "actors": {"pool": 2}},
+            "actors.pool: unknown key; accepted keys in actors: pool_size, num_gpus, num_cpus, batch_size",
+        ),
+        (
+            {"input": "i", "output": "o", "method": {"name": "magic"}},
+            "method.name: 'magic' is not accepted; accepted: instdiffedit, sdedit, diffedit, fisedit",
+        ),
         ({"input": "i", "output": "o", "method": {"seed": 3}}, "method.seed: unknown key (the seed is the top-level"),
-        ({"input": "i", "output": "o", "method": {"mask": {"refinement": "x"}}},
-         "method.mask.refinement: 'x' is not accepted; accepted: weighted, official"),
+        (
+            {"input": "i", "output": "o", "method": {"mask": {"refinement": "x"}}},
+            "method.mask.refinement: 'x' is not accepted; accepted: weighted, official",
+        ),
         ({"input": "i", "output": "o", "actors": {"batch_size": "8"}}, "actors.batch_size: expected an integer"),
         ({"input": "i", "output": "o", "actors": {"pool_size": 0}}, "actors.pool_size: must be >= 1"),
         ({"input": "i", "output": "o", "image": {"size": "huge"}}, "image.size: 'huge' is not accepted; accepted: a"),
-        ({"input": "i", "output": "o", "image": {"size_policy": "crop"}},
-         "image.size_policy: 'crop' is not accepted; accepted: resize, pad, refuse"),
-        ({"input": "i", "output": "o", "image": {"alpha": "drop"}},
-         "image.alpha: 'drop' is not accepted; accepted: convert, error"),
+        (
+            {"input": "i", "output": "o", "image": {"size_policy": "crop"}},
+            "image.size_policy: 'crop' is not accepted; accepted: resize, pad, refuse",
+        ),
+        (
+            {"input": "i", "output": "o", "image": {"alpha": "drop"}},
+            "image.alpha: 'drop' is not accepted; accepted: convert, error",
+        ),
         ({"input": "i", "output": "o", "write": {"compression": "xz"}}, "write.compression: 'xz' is not accepted"),
         ({"input": "i", "output": "o", "resume": "yes"}, "resume: expected true or false"),
         ({"input": "i", "output": "o", "method": {"strength": 1.5}}, "method.strength: must be in (0, 1]"),
@@ -85,10 +100,26 @@ def test_config_errors_name_the_key_and_the_accepted_values(data, message):
 def test_overrides_and_flags_win_over_the_file(tmp_path):
     f = tmp_path / "job.yaml"
     f.write_text("input: a.parquet\noutput: out/a\nmethod: sdedit\nactors: {batch_size: 4}\n")
-    args = build_parser().parse_args([
-        "batch", "--config", str(f), "--output", "out/b", "--steps", "3", "--set", "method.mask.phi=0.4",
-        "--set", "image.size=null", "--actors", "2", "--model", "tiny", "--retry-errors",
-    ])
+    args = build_parser().parse_args(
+        [
+            "batch",
+            "--config",
+            str(f),
+            "--output",
+            "out/b",
+            "--steps",
+            "3",
+            "--set",
+            "method.mask.phi=0.4",
+            "--set",
+            "image.size=null",
+            "--actors",
+            "2",
+            "--model",
+            "tiny",
+            "--retry-errors",
+        ]
+    )
     cfg = config_from_args(args)
     assert (cfg.input, cfg.output) == ("a.parquet", "out/b")
     assert cfg.method.method is Method.SDEDIT and cfg.method.steps == 3 and cfg.method.mask.phi == 0.4

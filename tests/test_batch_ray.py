@@ -85,7 +85,9 @@ def test_local_job_with_bad_rows_resumes_without_duplicates(ray_local, tmp_path,
     rgba = next(r for r in result.to_pylist() if r["id"] == "ok-rgba")
     assert rgba["status"] == "ok" and "composited RGBA alpha onto white" in rgba["notes"]
     assert {json.loads(p.read_text())["run_id"] for p in (out / "_runs").glob("*.summary.json")} == {
-        first["run_id"], second.run_id}
+        first["run_id"],
+        second.run_id,
+    }
 
     # 4. nothing left to do: no rows, no files; other settings are refused
     third = run_job(cfg)
@@ -105,8 +107,9 @@ def test_s3_input_and_output_through_moto(ray_local, s3_server, tmp_path):
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="instdiff-out", Prefix="edits/run/")["Contents"]]
     assert sum(k.endswith(".parquet") for k in keys) >= 2 and any(k.startswith("edits/run/_runs/") for k in keys)
     # read back with plain pyarrow (no project code)
-    fs = pafs.S3FileSystem(endpoint_override=s3_server.endpoint_url, access_key="testing", secret_key="testing",
-                           region="us-east-1")
+    fs = pafs.S3FileSystem(
+        endpoint_override=s3_server.endpoint_url, access_key="testing", secret_key="testing", region="us-east-1"
+    )
     result = pq.read_table("instdiff-out/edits/run", filesystem=fs)
     assert result.num_rows == 5 and set(result["status"].to_pylist()) == {"ok"}
     _check_rows(result, {})
@@ -114,8 +117,13 @@ def test_s3_input_and_output_through_moto(ray_local, s3_server, tmp_path):
 
 def test_a_pool_that_leaves_no_cpu_for_reading_is_refused(ray_local, tmp_path):
     pq.write_table(shapes_table(1, size=SIZE), tmp_path / "in.parquet")
-    cfg = parse_config({"input": str(tmp_path / "in.parquet"), "output": str(tmp_path / "out"),
-                        **{**JOB, "actors": {"pool_size": 2, "num_cpus": 1}}})
+    cfg = parse_config(
+        {
+            "input": str(tmp_path / "in.parquet"),
+            "output": str(tmp_path / "out"),
+            **{**JOB, "actors": {"pool_size": 2, "num_cpus": 1}},
+        }
+    )
     with pytest.raises(ConfigError, match=r"actors.pool_size × actors.num_cpus = 2 × 1 reserves 2"):
         run_job(cfg)
 
@@ -128,8 +136,14 @@ def test_python_m_entry_point_joins_the_cluster_at_ray_address(ray_local, tmp_pa
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({"input": str(tmp_path / "in.parquet"), "output": str(tmp_path / "out"), **JOB}))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "pipelines.batch", "--config", str(config)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.batch", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "connecting to the Ray cluster at" in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"] == 2

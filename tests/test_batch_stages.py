@@ -53,8 +53,7 @@ def mixed_table(n_good: int = 4, seed: int = 0) -> tuple[pa.Table, dict[str, str
         "bad-empty-prompt": (row("bad-empty-prompt", target_prompt="  "), "target_prompt is empty"),
         "bad-1x1": (row("bad-1x1", image=_png(np.zeros((1, 1, 3), np.uint8))), "image is 1x1; both sides"),
         "bad-huge": (row("bad-huge", image=_png(np.zeros((64, 64, 3), np.uint8))), "over the limit of 2304"),
-        "bad-mask": (row("bad-mask", mask=_png(np.zeros((16, 16), np.uint8))),
-                     "mask is 16x16 but the image is 32x32"),
+        "bad-mask": (row("bad-mask", mask=_png(np.zeros((16, 16), np.uint8))), "mask is 16x16 but the image is 32x32"),
         "bad-no-image": (row("bad-no-image", image=None), "image is missing (null)"),
     }
     rgba_row = row("ok-rgba", image=_png(rgba), mask=base[S.MASK])
@@ -64,9 +63,14 @@ def mixed_table(n_good: int = 4, seed: int = 0) -> tuple[pa.Table, dict[str, str
 
 
 def job_config(**overrides: object) -> BatchConfig:
-    data = {"input": "unused", "output": "unused", "model": {"spec": "tiny"},
-            "method": {"name": "instdiffedit", "steps": 2, "n_noises": 1},
-            "image": {"max_pixels": MAX_PIXELS}, "actors": {"batch_size": 4}}
+    data = {
+        "input": "unused",
+        "output": "unused",
+        "model": {"spec": "tiny"},
+        "method": {"name": "instdiffedit", "steps": 2, "n_noises": 1},
+        "image": {"max_pixels": MAX_PIXELS},
+        "actors": {"batch_size": 4},
+    }
     for key, value in overrides.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return parse_config(data)
@@ -142,8 +146,7 @@ def _decoded(n: int, prompts: list[str] | None = None) -> pa.Table:
     rows = shapes_table(n, size=SIZE).to_pylist()
     for r, p in zip(rows, prompts or [], strict=False):
         r[S.TARGET_PROMPT] = p
-    return decode_batch(pa.Table.from_pylist(rows, schema=S.INPUT_SCHEMA),
-                        opts=DecodeOptions.from_config(job_config()))
+    return decode_batch(pa.Table.from_pylist(rows, schema=S.INPUT_SCHEMA), opts=DecodeOptions.from_config(job_config()))
 
 
 def test_an_editor_exception_fails_only_its_row(stage, monkeypatch):
@@ -210,8 +213,17 @@ def test_finalize_metrics_on_a_constructed_edit():
     gt = np.zeros((h, w), bool)
     gt[:4, :] = True  # half the image; the edit fills half of it
     pack = lambda m: np.packbits(m).tobytes()  # noqa: E731
-    row = {S.ID: "x", S.STATUS: S.STATUS_OK, S.HEIGHT: h, S.WIDTH: w, S.RGB: src.tobytes(),
-           S.EDITED_RGB: edited.tobytes(), S.PRED_BITS: pack(region), S.GT_BITS: pack(gt), S.GENERATE: False}
+    row = {
+        S.ID: "x",
+        S.STATUS: S.STATUS_OK,
+        S.HEIGHT: h,
+        S.WIDTH: w,
+        S.RGB: src.tobytes(),
+        S.EDITED_RGB: edited.tobytes(),
+        S.PRED_BITS: pack(region),
+        S.GT_BITS: pack(gt),
+        S.GENERATE: False,
+    }
     out = finalize_row(row, "r")
     assert out[S.STATUS] == S.STATUS_OK
     assert out[S.MASK_AREA] == 0.25 and out[S.IOU] == 0.5
@@ -243,10 +255,37 @@ def test_resume_compares_settings_only_with_runs_that_wrote_rows(tmp_path):
     for run_id, c in (("20260101T000000-aaaaaa", other), ("20260101T000001-bbbbbb", cfg)):
         (runs / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, "fingerprint": fingerprint(c)}))
     row = {f.name: None for f in S.OUTPUT_SCHEMA} | {S.ID: "a", S.STATUS: S.STATUS_OK}
-    pq.write_table(pa.Table.from_pylist([row], schema=S.OUTPUT_SCHEMA),
-                   tmp_path / "part-20260101T000001-bbbbbb-0f0f-000000-0.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([row], schema=S.OUTPUT_SCHEMA),
+        tmp_path / "part-20260101T000001-bbbbbb-0f0f-000000-0.parquet",
+    )
     prior = scan_output(pafs.LocalFileSystem(), str(tmp_path))
     assert prior.ok_ids == {"a"} and set(prior.fingerprints) == {"20260101T000001-bbbbbb"}
     check_resumable(prior, cfg, str(tmp_path))  # the run that failed before writing rows does not count
     with pytest.raises(ConfigError, match="method.steps: earlier 2, now 7"):
         check_resumable(prior, other, str(tmp_path))
+
+
+def test_decode_and_finalize_workers_never_load_the_editors():
+    """The decode and finalize stages (Ray tasks) import the package but never diffusers or the editors."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "import pyarrow as pa\n"
+        "from pipelines import schema as S\n"
+        "from pipelines.batch import EDITED_SCHEMA, DecodeOptions, decode_batch, finalize_batch\n"
+        "from pipelines.make_dataset import shapes_table\n"
+        "rows = decode_batch(shapes_table(2, size=32), opts=DecodeOptions('sdedit', False, 10**6, 16)).to_pylist()\n"
+        "for r in rows:\n"
+        "    r.update({S.EDITED_RGB: r[S.RGB], S.PRED_BITS: r[S.GT_BITS], S.SEED: 0, S.BATCH_ROWS: 2})\n"
+        "out = finalize_batch(pa.Table.from_pylist(rows, schema=EDITED_SCHEMA), run_id='r')\n"
+        "assert out[S.STATUS].to_pylist() == ['ok', 'ok'], out[S.ERROR].to_pylist()\n"
+        "loaded = ('diffusers', 'transformers', 'instdiff.editing', 'instdiff.models')\n"
+        "print(','.join(sorted(m for m in sys.modules if m.startswith(loaded))))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"decode/finalize loaded: {out.stdout.strip()}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow.fs as pafs
 import pytest
 
+from instdiff.errors import ConfigError
 from pipelines import storage
 from pipelines.storage import StorageConfig
 
@@ -43,7 +44,7 @@ def test_s3_settings_from_environment_and_config(monkeypatch):
     cfg_fs, _ = storage.resolve("s3://bucket/k", StorageConfig(region="us-west-2"))
     assert cfg_fs.region == "us-west-2"  # the config wins over the environment
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    with pytest.raises(ValueError, match="set both storage.access_key_id and storage.secret_access_key"):
+    with pytest.raises(ConfigError, match="set both storage.access_key_id and storage.secret_access_key"):
         storage.s3_filesystem()
-    with pytest.raises(ValueError, match="has no bucket"):
+    with pytest.raises(ConfigError, match="has no bucket"):
         storage.resolve("s3:///key")

@@ -22,9 +22,28 @@ def scene(tmp_path_factory):
 def test_edit_writes_image_and_mask(scene, tmp_path, capsys, method):
     path, pair = scene
     out, mask = tmp_path / "out.png", tmp_path / "mask.png"
-    rc = main(["edit", str(path), "--model", "tiny", "--method", method, "--steps", "4", "--noises", "1",
-               "--source", pair.source_prompt, "--target", pair.target_prompt, "--out", str(out),
-               "--mask-out", str(mask)])
+    rc = main(
+        [
+            "edit",
+            str(path),
+            "--model",
+            "tiny",
+            "--method",
+            method,
+            "--steps",
+            "4",
+            "--noises",
+            "1",
+            "--source",
+            pair.source_prompt,
+            "--target",
+            pair.target_prompt,
+            "--out",
+            str(out),
+            "--mask-out",
+            str(mask),
+        ]
+    )
     assert rc == 0
     edited = np.asarray(Image.open(out))
     m = np.asarray(Image.open(mask))
@@ -39,8 +58,25 @@ def test_odd_size_rgba_input_is_converted_and_restored(tmp_path):
     src = tmp_path / "odd.png"
     img.save(src)
     out = tmp_path / "o.png"
-    assert main(["edit", str(src), "--model", "tiny", "--steps", "2", "--method", "sdedit", "--target",
-                 "a red square", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                str(src),
+                "--model",
+                "tiny",
+                "--steps",
+                "2",
+                "--method",
+                "sdedit",
+                "--target",
+                "a red square",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size == (37, 29)
 
 

@@ -16,14 +16,28 @@ from pipelines.make_dataset import shapes_table
 
 def test_input_schema_accepts_canonical_and_wide_types():
     S.validate_input_schema(S.INPUT_SCHEMA)
-    wide = pa.schema([("id", pa.large_string()), ("image", pa.large_binary()), ("source_prompt", pa.string_view()),
-                      ("target_prompt", pa.large_string()), ("mask", pa.null()), ("extra", pa.int64())])
+    wide = pa.schema(
+        [
+            ("id", pa.large_string()),
+            ("image", pa.large_binary()),
+            ("source_prompt", pa.string_view()),
+            ("target_prompt", pa.large_string()),
+            ("mask", pa.null()),
+            ("extra", pa.int64()),
+        ]
+    )
     S.validate_input_schema(wide)  # optional columns may be missing or all-null; extra columns are ignored
 
 
 def test_wrong_schema_names_every_problem_and_shows_the_accepted_schema():
-    bad = pa.schema([("id", pa.int64()), ("image", pa.string()), ("target_prompt", pa.string()),
-                     ("meta", pa.struct([("k", pa.int32())]))])
+    bad = pa.schema(
+        [
+            ("id", pa.int64()),
+            ("image", pa.string()),
+            ("target_prompt", pa.string()),
+            ("meta", pa.struct([("k", pa.int32())])),
+        ]
+    )
     with pytest.raises(S.SchemaError) as info:
         S.validate_input_schema(bad, source="input data/x.parquet")
     msg = str(info.value)

@@ -1,0 +1,346 @@
+"""The job's driver: plan the input, build the Ray Data pipeline, run it into the output, and summarise the run.
+
+The pipeline (one read, three map stages, one write; rows stream through, nothing is materialised)::
+
+    read_parquet → decode_batch (tasks) → EditStage (actor pool, model loaded once per actor)
+                 → finalize_batch (tasks: PNG encoding, metrics) → write_parquet (≤ max_rows_per_file)
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from instdiff.errors import ConfigError, InputNotFoundError
+from pipelines import schema as S
+from pipelines import storage
+from pipelines.batch.decode import DecodeOptions, decode_batch
+from pipelines.batch.edit_stage import EditStage
+from pipelines.batch.finalize import finalize_batch
+from pipelines.batch.ray_cluster import check_resources, connect_ray
+from pipelines.batch.resume import RUNS_DIR, PriorOutput, check_resumable, new_run_id, run_filenames, scan_output
+from pipelines.config import BatchConfig, fingerprint, to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InputPlan:
+    """The validated input of a job.
+
+    Attributes:
+        files: the Parquet files (paths inside the input filesystem), sorted.
+        columns: the input columns present, to read.
+        rows: number of input rows.
+        ids: every row's id (non-null, unique).
+    """
+
+    files: list[str]
+    columns: list[str]
+    rows: int
+    ids: pa.Array
+
+
+def plan_input(fs: Any, path: str, display: str) -> InputPlan:
+    """List the input files and validate their schema and ids (non-null, unique).
+
+    Args:
+        fs: a pyarrow filesystem.
+        path: a Parquet file or folder inside ``fs``.
+        display: the input as shown to users.
+
+    Returns:
+        What to read.
+
+    Raises:
+        InputNotFoundError: no Parquet files at ``path``.
+        SchemaError: a missing or mistyped column, an unreadable id column, null or repeated ids.
+    """
+    files = storage.list_files(fs, path)
+    if not files:
+        raise InputNotFoundError(f"no Parquet files at {display}")
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    S.validate_input_schema(dataset.schema, source=f"input {display}")
+    try:
+        ids = dataset.to_table(columns=[S.ID])[S.ID].combine_chunks()
+    except (pa.ArrowException, OSError) as exc:
+        raise S.SchemaError(f"cannot read the id column of input {display}: {exc}") from None
+    nulls = ids.null_count
+    if nulls:
+        raise S.SchemaError(f"input {display}: {nulls} rows have a null id; every row needs a unique id")
+    counts = pc.value_counts(ids)
+    dupes = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(dupes):
+        shown = ", ".join(repr(x) for x in dupes.to_pylist()[:5])
+        raise S.SchemaError(
+            f"input {display}: {len(dupes)} ids occur more than once (e.g. {shown}); ids must be unique"
+        )
+    columns = [c for c in S.REQUIRED_INPUT + S.OPTIONAL_INPUT if c in dataset.schema.names]
+    return InputPlan(files=files, columns=columns, rows=len(ids), ids=ids)
+
+
+@dataclass
+class JobSummary:
+    """What a run did; printed as one JSON line at the end and written to ``_runs/<run_id>.summary.json``.
+
+    Attributes:
+        run_id: the run.
+        output: the output folder as shown to users.
+        input_rows: rows in the input.
+        skipped_ok: input ids skipped because the output holds them with status ok.
+        skipped_error: input ids skipped because the output holds them as errors (0 with ``retry_errors``).
+        written: rows this run wrote.
+        ok: of them, with status ok.
+        error: of them, with status error.
+        seconds: wall seconds of the pipeline.
+        rows_per_s: ``written / seconds``.
+        files: data files this run wrote.
+        top_errors: the ten most frequent error texts of this run and their counts.
+    """
+
+    run_id: str
+    output: str
+    input_rows: int
+    skipped_ok: int
+    skipped_error: int
+    written: int
+    ok: int
+    error: int
+    seconds: float
+    rows_per_s: float
+    files: int
+    top_errors: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as plain JSON-able data."""
+        return asdict(self)
+
+
+def build_dataset(
+    cfg: BatchConfig,
+    plan: InputPlan,
+    in_fs: Any,
+    skip: pa.Array | None,
+    run_id: str,
+    known_errors: pa.Array | None = None,
+) -> Any:
+    """The Ray Data pipeline up to (not including) the write.
+
+    Args:
+        cfg: the job config.
+        plan: the input (:func:`plan_input`).
+        in_fs: the input filesystem.
+        skip: ids not to edit.
+        run_id: written to every row.
+        known_errors: ids already written as errors (not written again if they fail again).
+
+    Returns:
+        A lazy ``ray.data.Dataset`` of output rows (:data:`pipelines.schema.OUTPUT_SCHEMA`).
+    """
+    import ray
+
+    skip_ref = ray.put(skip) if skip is not None and len(skip) else None
+    errors_ref = ray.put(known_errors) if known_errors is not None and len(known_errors) else None
+    a = cfg.actors
+    task_cpus = cfg.ray.task_cpus
+    ds = ray.data.read_parquet(plan.files, filesystem=in_fs, columns=plan.columns, num_cpus=task_cpus)
+    ds = ds.map_batches(
+        decode_batch,
+        batch_format="pyarrow",
+        num_cpus=task_cpus,
+        fn_kwargs={"opts": DecodeOptions.from_config(cfg), "skip_ids": skip_ref},
+    )
+    # blocks of batch_size rows, so that every actor of the pool gets work even from one big file
+    ds = ds.repartition(target_num_rows_per_block=a.batch_size)
+    ds = ds.map_batches(
+        EditStage,
+        batch_format="pyarrow",
+        batch_size=a.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=a.pool_size),
+        num_gpus=a.num_gpus,
+        num_cpus=a.num_cpus,
+        fn_constructor_kwargs={
+            "model": cfg.model,
+            "method": cfg.method,
+            "image": cfg.image,
+            "threads": max(1, round(a.num_cpus)) if a.num_gpus == 0 else None,
+        },
+    )
+    return ds.map_batches(
+        finalize_batch,
+        batch_format="pyarrow",
+        num_cpus=task_cpus,
+        fn_kwargs={"run_id": run_id, "known_errors": errors_ref},
+    )
+
+
+def _append_mode() -> dict[str, Any]:
+    """``write_parquet`` arguments that add files next to the existing ones and never delete or replace any.
+
+    Ray Data's public ``ray.data.SaveMode`` (Ray 2.60) names ``APPEND``. Where ``ray.data`` has no public
+    ``SaveMode`` (older releases), ``mode`` is left out: ``write_parquet`` then appends, its only behaviour
+    before save modes existed and their default since. The job's file names carry the run id and the write's
+    uuid, so appending never meets an existing name.
+    """
+    import ray.data
+
+    save_mode = getattr(ray.data, "SaveMode", None)
+    return {"mode": save_mode.APPEND} if save_mode is not None else {}
+
+
+def _write_json(fs: Any, path: str, data: dict) -> None:
+    storage.write_bytes(fs, path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def run_job(cfg: BatchConfig, run_id: str | None = None) -> JobSummary:
+    """Run one bulk-edit job (resuming into ``cfg.output``) and return its summary.
+
+    Args:
+        cfg: the job config.
+        run_id: the run's id (``None``: :func:`~pipelines.batch.resume.new_run_id`).
+
+    Returns:
+        What the run did, read back from its files.
+
+    Raises:
+        InputNotFoundError: no input files.
+        SchemaError: the input schema or ids are not accepted.
+        ConfigError: the output holds rows made with other settings, or data while ``resume`` is false; on a
+            local cluster, a pool that cannot run.
+    """
+    import ray
+
+    run_id = run_id or new_run_id()
+    in_fs, in_path = storage.resolve(cfg.input, cfg.storage)
+    out_fs, out_path = storage.resolve(cfg.output, cfg.storage)
+    out_display = storage.display(out_fs, out_path)
+    # 1. the input: schema, ids
+    plan = plan_input(in_fs, in_path, storage.display(in_fs, in_path))
+    # 2. resume: what the output already holds, under which settings
+    prior = scan_output(out_fs, out_path) if cfg.resume else PriorOutput()
+    if cfg.resume:
+        check_resumable(prior, cfg, out_display)
+    elif prior.files:
+        raise ConfigError(f"resume: false but output {out_display} already holds data; use an empty output")
+    done = set(prior.ok_ids) | (set() if cfg.retry_errors else prior.error_ids)
+    input_ids = set(plan.ids.to_pylist())
+    skip_ok = len(input_ids & prior.ok_ids)
+    skip_err = len(input_ids & prior.error_ids) if not cfg.retry_errors else 0
+    todo = plan.rows - skip_ok - skip_err
+    log.info(
+        "input %s: %d rows; output %s holds %d ok and %d error rows of them; %d to edit",
+        cfg.input,
+        plan.rows,
+        out_display,
+        skip_ok,
+        len(input_ids & prior.error_ids),
+        todo,
+    )
+    _write_json(
+        out_fs,
+        storage.join(out_path, RUNS_DIR, f"{run_id}.json"),
+        {
+            "run_id": run_id,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "input": cfg.input,
+            "fingerprint": fingerprint(cfg),
+            "config": to_dict(cfg),
+        },
+    )
+    t0 = time.perf_counter()
+    if todo > 0:
+        # 3. the pipeline: read → decode → edit (actors) → encode + metrics → write
+        started = connect_ray(cfg)
+        check_resources(cfg, local=started or not os.environ.get("RAY_ADDRESS"))
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = cfg.ray.progress_bars
+        previous_v2 = getattr(ctx, "use_datasource_v2", None)
+        if previous_v2 is not None:
+            ctx.use_datasource_v2 = cfg.ray.datasource_v2
+        skip = pa.array(sorted(done & input_ids), type=pa.string()) if done else None
+        retried = sorted(prior.error_ids & input_ids) if cfg.retry_errors else []
+        try:
+            ds = build_dataset(cfg, plan, in_fs, skip, run_id, pa.array(retried, type=pa.string()))
+            ds.write_parquet(
+                out_path,
+                filesystem=out_fs,
+                filename_provider=run_filenames(run_id),
+                max_rows_per_file=cfg.write.max_rows_per_file,
+                compression=cfg.write.compression,
+                **_append_mode(),
+            )
+        finally:
+            if previous_v2 is not None:
+                ctx.use_datasource_v2 = previous_v2
+    seconds = time.perf_counter() - t0
+    # 4. summary, read back from this run's files
+    summary = summarize_run(out_fs, out_path, run_id, plan.rows, skip_ok, skip_err, seconds)
+    _write_json(out_fs, storage.join(out_path, RUNS_DIR, f"{run_id}.summary.json"), summary.to_dict())
+    log.info(
+        "run %s: %d ok, %d error, %d skipped; %.2f rows/s over %.1f s; output: %s",
+        run_id,
+        summary.ok,
+        summary.error,
+        skip_ok + skip_err,
+        summary.rows_per_s,
+        seconds,
+        out_display,
+    )
+    return summary
+
+
+def summarize_run(
+    fs: Any,
+    path: str,
+    run_id: str,
+    input_rows: int,
+    skipped_ok: int,
+    skipped_error: int,
+    seconds: float,
+) -> JobSummary:
+    """The summary of run ``run_id``, counted from the data files it wrote under ``path``.
+
+    Args:
+        fs: the output filesystem.
+        path: the output folder inside ``fs``.
+        run_id: the run.
+        input_rows: rows in the input.
+        skipped_ok: input ids skipped as already ok.
+        skipped_error: input ids skipped as already errors.
+        seconds: wall seconds of the pipeline.
+
+    Returns:
+        The run's summary.
+    """
+    prefix = f"part-{run_id}-"
+    files = [f for f in storage.list_files(fs, path) if f.rsplit("/", 1)[-1].startswith(prefix)]
+    if files:
+        t = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=[S.STATUS, S.ERROR])
+        status = t[S.STATUS].to_pylist()
+        errors = collections.Counter(e for s, e in zip(status, t[S.ERROR].to_pylist(), strict=True) if s != S.STATUS_OK)
+    else:
+        status, errors = [], collections.Counter()
+    ok = sum(1 for s in status if s == S.STATUS_OK)
+    return JobSummary(
+        run_id=run_id,
+        output=storage.display(fs, path),
+        input_rows=input_rows,
+        skipped_ok=skipped_ok,
+        skipped_error=skipped_error,
+        written=len(status),
+        ok=ok,
+        error=len(status) - ok,
+        seconds=round(seconds, 3),
+        rows_per_s=round(len(status) / seconds, 3) if seconds > 0 and status else 0.0,
+        files=len(files),
+        top_errors=dict(errors.most_common(10)),
+    )
