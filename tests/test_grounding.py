@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from instdiff import synthetic
-from instdiff.grounding import (
+from instdiff.errors import TrainConfigError
+from instdiff.training import (
+    LossLog,
+    TrainConfig,
+    build_models,
+    encode_dataset,
+    token_ids,
+    train_unet,
+)
+from instdiff.training.grounding import (
     BACKGROUND,
     NOT_GROUNDED,
     GroundingAttnProcessor,
@@ -16,15 +25,6 @@ from instdiff.grounding import (
     install_grounding,
     region_fractions,
     token_targets,
-)
-from instdiff.training import (
-    LossLog,
-    TrainConfig,
-    TrainConfigError,
-    _token_ids,
-    build_models,
-    encode_dataset,
-    train_unet,
 )
 
 CONFIGS = Path(__file__).parent.parent / "configs" / "train"
@@ -39,11 +39,13 @@ def micro():
 
 def test_token_targets_follow_the_caption_grammar(micro):
     _, (tokenizer, *_rest) = micro
-    objects = [synthetic.ShapeSpec("circle", "red", 0.3, 0.3, 0.1),
-               synthetic.ShapeSpec("star", "orange", 0.7, 0.7, 0.1),
-               synthetic.ShapeSpec("square", "blue", 0.5, 0.2, 0.1)]
+    objects = [
+        synthetic.ShapeSpec("circle", "red", 0.3, 0.3, 0.1),
+        synthetic.ShapeSpec("star", "orange", 0.7, 0.7, 0.1),
+        synthetic.ShapeSpec("square", "blue", 0.5, 0.2, 0.1),
+    ]
     caption = synthetic.caption_for(objects, "gray", "stripes")
-    ids = _token_ids(tokenizer, [caption, ""])
+    ids = token_ids(tokenizer, [caption, ""])
     words = [w.removesuffix("</w>") for w in tokenizer.convert_ids_to_tokens(ids[0].tolist())]
     got = dict(zip(words[: words.index("background") + 1], token_targets(tokenizer, ids)[0].tolist(), strict=False))
     assert got["red"] == got["circle"] == 1
@@ -53,7 +55,7 @@ def test_token_targets_follow_the_caption_grammar(micro):
     assert got["a"] == got["and"] == got["on"] == got[","] == NOT_GROUNDED
     assert (token_targets(tokenizer, ids)[1] == NOT_GROUNDED).all()  # the empty prompt grounds nothing
     # a colour word after "on" is the background's, not an object's
-    single = _token_ids(tokenizer, ["a red circle on a blue background"])
+    single = token_ids(tokenizer, ["a red circle on a blue background"])
     t = token_targets(tokenizer, single)[0].tolist()
     assert t[1:8] == [NOT_GROUNDED, 1, 1, NOT_GROUNDED, NOT_GROUNDED, BACKGROUND, BACKGROUND]
 
@@ -112,14 +114,34 @@ def test_grounded_micro_training_lowers_the_loss_and_keeps_the_text_encoder(micr
     cfg, (tokenizer, text_encoder, vae, unet, scheduler), data = micro_training
     dev = torch.device("cpu")
     mean, std = encode_dataset(vae, data.images, dev)
-    ids = _token_ids(tokenizer, data.captions)
+    ids = token_ids(tokenizer, data.captions)
     text_before = [p.detach().clone() for p in text_encoder.parameters()]
     losses = LossLog(every=4)
-    ucfg = dataclasses.replace(cfg.unet, steps=24, lr=3e-3, text_lr=0.0, batch_size=16, caption_dropout=0.0,
-                               grounding_weight=5.0, grounding_downsample=(1, 2))
+    ucfg = dataclasses.replace(
+        cfg.unet,
+        steps=24,
+        lr=3e-3,
+        text_lr=0.0,
+        batch_size=16,
+        caption_dropout=0.0,
+        grounding_weight=5.0,
+        grounding_downsample=(1, 2),
+    )
     grounding = (region_fractions(data.labels, cfg.image_size // 4), token_targets(tokenizer, ids))
-    train_unet(text_encoder, unet, (mean, std), ids, _token_ids(tokenizer, [""]), scheduler.alphas_cumprod, ucfg,
-               dev, False, losses, torch.Generator().manual_seed(0), grounding)
+    train_unet(
+        text_encoder,
+        unet,
+        (mean, std),
+        ids,
+        token_ids(tokenizer, [""]),
+        scheduler.alphas_cumprod,
+        ucfg,
+        dev,
+        False,
+        losses,
+        torch.Generator().manual_seed(0),
+        grounding,
+    )
     first, last = losses.first_last("ground")
     assert last < first, losses.stages["ground"]
     assert all(torch.equal(a, b) for a, b in zip(text_before, text_encoder.parameters(), strict=True))

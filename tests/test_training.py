@@ -6,18 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from instdiff.errors import TrainConfigError
 from instdiff.models import load_bundle
 from instdiff.training import (
     MASK_KINDS,
     LossLog,
     TrainConfig,
-    TrainConfigError,
     UNetConfig,
-    _merge_losses,
-    _token_ids,
     build_models,
     encode_dataset,
+    merge_losses,
     random_inpaint_masks,
+    token_ids,
     train_shapes,
     train_unet,
     train_vae,
@@ -35,7 +35,7 @@ def test_shipped_configs_parse_and_validate(path):
 
 
 def test_unknown_keys_and_bad_values_are_refused():
-    with pytest.raises(TrainConfigError, match="unknown keys"):
+    with pytest.raises(TrainConfigError, match=r"unet\.stepz: unknown key; accepted keys in unet: .*\bsteps\b"):
         TrainConfig.from_dict({"unet": {"stepz": 3}})
     with pytest.raises(TrainConfigError, match="held out"):
         TrainConfig.from_dict({"data_seed": 9_999, "n_scenes": 1000}).validate()
@@ -75,7 +75,7 @@ def test_widened_unet_equals_the_base_on_zero_extra_channels():
 
 
 def test_merge_losses_shifts_the_continued_run():
-    merged, resumed = _merge_losses({"unet": [[9, 1.0]]}, {"unet": [(4, 0.5)], "vae": [(1, 2.0)]})
+    merged, resumed = merge_losses({"unet": [[9, 1.0]]}, {"unet": [(4, 0.5)], "vae": [(1, 2.0)]})
     assert merged == {"unet": [[9, 1.0], [14, 0.5]], "vae": [[1, 2.0]]}
     assert resumed == {"unet": 10}
 
@@ -87,10 +87,21 @@ def test_training_loops_reduce_the_loss_on_a_micro_config(micro_training):
     losses = LossLog(every=4)
     train_vae(vae, data, dataclasses.replace(cfg.vae, steps=12, lr=3e-3), dev, False, losses, gen)
     mean, std = encode_dataset(vae, data.images, dev)
-    ids = _token_ids(tokenizer, data.captions)
+    ids = token_ids(tokenizer, data.captions)
     unet_cfg = dataclasses.replace(cfg.unet, steps=16, lr=2e-3, batch_size=16)
-    train_unet(text_encoder, unet, (mean, std), ids, _token_ids(tokenizer, [""]), scheduler.alphas_cumprod, unet_cfg,
-               dev, False, losses, gen)
+    train_unet(
+        text_encoder,
+        unet,
+        (mean, std),
+        ids,
+        token_ids(tokenizer, [""]),
+        scheduler.alphas_cumprod,
+        unet_cfg,
+        dev,
+        False,
+        losses,
+        gen,
+    )
     for stage in ("vae", "unet"):
         first, last = losses.first_last(stage)
         assert last < first, (stage, losses.stages[stage])
@@ -114,8 +125,15 @@ def test_micro_training_run_learns_and_saves_a_loadable_model(tmp_path):
     first, last = summary["loss_first_last"]["unet"]
     assert last < first
     out = tmp_path / "model"
-    for name in ("model_index.json", "loss.png", "samples.png", "losses.json", "training_summary.json",
-                 "inpaint_unet/config.json", "instdiff.json"):
+    for name in (
+        "model_index.json",
+        "loss.png",
+        "samples.png",
+        "losses.json",
+        "training_summary.json",
+        "inpaint_unet/config.json",
+        "instdiff.json",
+    ):
         assert (out / name).exists(), name
     bundle = load_bundle(str(out), device="cpu", dtype="fp32")
     assert bundle.inpaint_unet is not None and bundle.inpaint_unet.config.in_channels == 9

@@ -25,18 +25,26 @@ from transformers import CLIPTokenizer
 
 from instdiff import synthetic
 from instdiff.attention import RecordingAttnProcessor, cross_attention_paths, layer_downsample
+from instdiff.errors import TrainConfigError
 
-NOT_GROUNDED = -1
-BACKGROUND = 0
+NOT_GROUNDED = -1  # token_targets value of a token without a region (articles, "and", "on", specials)
+BACKGROUND = 0  # token_targets value of a background word (the label value of background pixels)
 
 
 def token_targets(tokenizer: CLIPTokenizer, ids: torch.Tensor) -> torch.Tensor:
-    """Which region each token of shapes-world captions describes: (N, T) int8.
+    """Which region each token of shapes-world captions describes.
 
     Object k's colour and shape words get ``k + 1`` (the label value of its pixels, objects in caption =
-    drawing order); the background's texture, colour and "background" words get ``0``; every other token
-    (articles, "and", "on", commas, start/end/padding) gets ``-1``. Captions must come from
-    :func:`instdiff.synthetic.caption_for`, where every word is one token.
+    drawing order); the background's texture, colour and "background" words get ``0`` (:data:`BACKGROUND`);
+    every other token (articles, "and", "on", commas, start/end/padding) gets ``-1`` (:data:`NOT_GROUNDED`).
+
+    Args:
+        tokenizer: the shapes-world word tokenizer.
+        ids: (N, T) token ids of captions from :func:`instdiff.synthetic.caption_for`, where every word is one
+            token.
+
+    Returns:
+        (N, T) int8 region index per token.
     """
     colours, shapes = set(synthetic.COLORS), set(synthetic.SHAPES)
     bg_words = {w for w in synthetic.TEXTURE_WORDS.values() if w} | set(synthetic.BACKGROUNDS) | {"background"}
@@ -62,14 +70,24 @@ def token_targets(tokenizer: CLIPTokenizer, ids: torch.Tensor) -> torch.Tensor:
 
 
 def region_fractions(labels: torch.Tensor, size: int, n_values: int = 4) -> torch.Tensor:
-    """Per-pixel labels (N, H, W) uint8 → area fraction of each label value per cell: (N, V, size, size)."""
+    """Area fraction of each label value in each cell of a ``size`` × ``size`` grid (R_i of the token loss).
+
+    Args:
+        labels: (N, H, W) uint8 per-pixel labels (0 = background, k = object k).
+        size: grid side in cells (the finest recorded attention map's side).
+        n_values: label values counted (V).
+
+    Returns:
+        (N, V, size, size) float32 in [0, 1]; the V fractions of a cell sum to 1.
+    """
     onehot = F.one_hot(labels.long(), n_values).permute(0, 3, 1, 2).float()
     return F.adaptive_avg_pool2d(onehot, size)
 
 
 class _KeepProbs:
     """A store for :class:`~instdiff.attention.RecordingAttnProcessor` that keeps the last head-averaged
-    probabilities of every row with their graph (the recording store detaches and sums them)."""
+    probabilities of every row with their graph (the recording store detaches and sums them).
+    """
 
     cond_rows = slice(None)
 
@@ -84,8 +102,11 @@ class _KeepProbs:
 
 
 class GroundingAttnProcessor(RecordingAttnProcessor):
-    """The recording processor (same attention as SDPA) with a store that keeps the probabilities, with their
-    graph, in ``self.probs`` for the grounding loss."""
+    """The recording processor (same attention as SDPA) keeping the probabilities, with their graph, for the loss.
+
+    Attributes:
+        probs: (B, HW, T) head-averaged attention probabilities of the last forward pass, or ``None`` before it.
+    """
 
     def __init__(self) -> None:
         super().__init__(_KeepProbs())
@@ -102,23 +123,46 @@ class GroundingAttnProcessor(RecordingAttnProcessor):
 def install_grounding(unet: UNet2DConditionModel, downsample: Sequence[int]) -> tuple[dict, dict]:
     """Put recorders on the cross-attention layers at the given downsample factors.
 
-    Returns ``(recorders by path, previous processors)``; restore with ``unet.set_attn_processor(previous)``.
+    Layers are chosen by module path and feature-map size (:func:`instdiff.attention.cross_attention_paths`,
+    :func:`instdiff.attention.layer_downsample`); the others keep their processors.
+
+    Args:
+        unet: the UNet being trained (its processors are replaced in place).
+        downsample: latent side / layer feature-map side of the layers to record (1 = the latent's size).
+
+    Returns:
+        ``(recorders by path, previous processors)``; restore with ``unet.set_attn_processor(previous)``.
+
+    Raises:
+        TrainConfigError: no cross-attention layer at these factors.
     """
     previous = dict(unet.attn_processors)
-    chosen = {p: GroundingAttnProcessor() for p in cross_attention_paths(unet)
-              if layer_downsample(unet, p) in set(downsample)}
+    chosen = {
+        p: GroundingAttnProcessor() for p in cross_attention_paths(unet) if layer_downsample(unet, p) in set(downsample)
+    }
     if not chosen:
-        raise ValueError(f"no cross-attention layer at downsample factors {list(downsample)}")
+        raise TrainConfigError(f"no cross-attention layer at downsample factors {list(downsample)}")
     unet.set_attn_processor({**previous, **chosen})
     return chosen, previous
 
 
-def grounding_loss(recorders: dict[str, GroundingAttnProcessor], regions: torch.Tensor,
-                   targets: torch.Tensor) -> torch.Tensor:
-    """TokenCompose token loss over the recorded layers.
+def grounding_loss(
+    recorders: dict[str, GroundingAttnProcessor], regions: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """TokenCompose token loss over the recorded layers (the module's L_ground).
 
-    ``regions`` (B, V, S, S): area fractions of each label value at the finest recorded grid; ``targets``
-    (B, T) from :func:`token_targets` (rows without grounded tokens, e.g. dropped captions, add nothing).
+    Args:
+        recorders: the recorders of :func:`install_grounding`, after a UNet forward pass.
+        regions: (B, V, S, S) area fractions of each label value at the finest recorded grid (pooled to each
+            coarser layer's grid).
+        targets: (B, T) from :func:`token_targets`; rows without grounded tokens (e.g. dropped captions) add
+            nothing.
+
+    Returns:
+        Scalar float32 loss (0 when no token is grounded), differentiable through the recorded probabilities.
+
+    Raises:
+        RuntimeError: no UNet forward pass has reached the recorders yet (a programming error).
     """
     valid = targets >= 0  # (B, T)
     if not bool(valid.any()):
@@ -137,3 +181,14 @@ def grounding_loss(recorders: dict[str, GroundingAttnProcessor], regions: torch.
         share = (a * per_token).sum(-1) / a.sum(-1).clamp_min(1e-8)
         losses.append((((1.0 - share) ** 2) * valid).sum() / valid.sum())
     return torch.stack(losses).mean()
+
+
+__all__ = [
+    "BACKGROUND",
+    "NOT_GROUNDED",
+    "GroundingAttnProcessor",
+    "grounding_loss",
+    "install_grounding",
+    "region_fractions",
+    "token_targets",
+]
