@@ -79,6 +79,40 @@ class ModelBundle:
         ).input_ids
         return ids
 
+    def word_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Which word each token position belongs to, from CLIP's BPE pieces (a piece ending in ``</w>`` ends a
+        word), for :func:`instdiff.masks.merge_word_pieces`.
+
+        Positions follow :meth:`tokenize`: the start token has its own id, the pieces of one word share one id,
+        and the end token and every padding position have their own ids. Ids increase along the sequence.
+
+        Args:
+            prompts: B prompts.
+
+        Returns:
+            (B, 77) long on the CPU, values in [0, 77).
+        """
+        enc = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+        )
+        rows = []
+        for ids, attention in zip(enc.input_ids, enc.attention_mask, strict=True):
+            n = sum(attention)  # start, word pieces, end
+            pieces = self.tokenizer.convert_ids_to_tokens(ids[1 : n - 1])
+            out, word = [0], 1
+            for piece in pieces:
+                out.append(word)
+                if piece.endswith("</w>"):
+                    word += 1
+            if pieces and not pieces[-1].endswith("</w>"):  # a word cut by truncation
+                word += 1
+            out.extend(range(word, word + len(ids) - len(out)))  # end token and padding: one id each
+            rows.append(out)
+        return torch.tensor(rows, dtype=torch.long)
+
     def token_count(self, prompt: str) -> int:
         """Number of tokens of ``prompt`` including start and end tokens, before truncation."""
         return len(self.tokenizer(prompt, truncation=False).input_ids)
