@@ -18,6 +18,7 @@ otherwise, as diffusers' ``AttnProcessor2_0``).
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from instdiff.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 ProbsHook = Callable[[torch.Tensor], torch.Tensor | None]
 """Sees attention probabilities (N, heads, L, S); returns replacement probabilities or ``None`` to keep them."""

@@ -200,7 +200,7 @@ def merge_word_pieces(maps: torch.Tensor, word_ids: torch.Tensor) -> torch.Tenso
     Args:
         maps: (B, T, h, w) token maps.
         word_ids: (B, T) long, each token's word number (pieces of one word share it; the start, end and
-            padding tokens have their own), e.g. :meth:`instdiff.models.ModelBundle.word_ids`.
+            padding tokens have their own), e.g. :meth:`instdiff.bundle.ModelBundle.word_ids`.
 
     Returns:
         (B, T, h, w), the input's dtype.

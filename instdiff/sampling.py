@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from instdiff.bundle import ModelBundle
 from instdiff.config import EditConfig, Inpaint
 from instdiff.errors import EditInputError
 from instdiff.masks import resize_mask, steps_for_strength
-from instdiff.models import ModelBundle
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from instdiff.bundle import ModelBundle
 from instdiff.config import EditConfig, Inpaint, Method
 from instdiff.errors import EditInputError
 from instdiff.masks import steps_for_strength
-from instdiff.models import ModelBundle
 from instdiff.sampling import UNetCounter, embeddings, guided_eps, initial_latents, schedule
 from instdiff.types import EditResult
 
@@ -71,7 +71,7 @@ def check_images(bundle: ModelBundle, images: torch.Tensor) -> None:
     if h % m or w % m:
         raise EditInputError(
             f"image size {w}x{h} is not a multiple of {m} (VAE factor × UNet downsampling); "
-            "resize or pad first (instdiff.imageio.prepare_image does either)"
+            "resize or pad first (instdiff.imageio.fit_to_multiple does either)"
         )
     if images.min() < -1.001 or images.max() > 1.001:
         raise EditInputError("image values must be in [-1, 1] (use instdiff.imageio.to_model_tensor)")

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
+from instdiff.bundle import ModelBundle
 from instdiff.config import EditConfig, Method
 from instdiff.editing.contract import register
 from instdiff.masks import diffedit_mask
-from instdiff.models import ModelBundle
 from instdiff.sampling import (
     Clock,
     UNetCounter,

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
+from instdiff.bundle import ModelBundle
 from instdiff.config import EditConfig, Method
 from instdiff.editing.contract import register
-from instdiff.models import ModelBundle
 from instdiff.sparse import FISEditConfig, fisedit_edit_pairs
 from instdiff.types import EditResult
 

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import torch
 
 from instdiff.attention import AttentionSelection, AttentionStore, capture_attention, default_downsample
+from instdiff.bundle import ModelBundle
 from instdiff.config import EditConfig, Inpaint, Method, PromptMode
 from instdiff.editing.contract import register
 from instdiff.masks import instdiffedit_mask, merge_word_pieces
-from instdiff.models import ModelBundle
 from instdiff.sampling import Clock, UNetCounter, embeddings, finish, guided_eps, inpaint, make_noise, noised, schedule
 from instdiff.types import EditResult
 

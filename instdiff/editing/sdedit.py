@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
+from instdiff.bundle import ModelBundle
 from instdiff.config import EditConfig, Method
 from instdiff.editing.contract import register
-from instdiff.models import ModelBundle
 from instdiff.sampling import Clock, UNetCounter, embeddings, finish, guided_eps, make_noise, noised, schedule
 from instdiff.types import EditResult
 

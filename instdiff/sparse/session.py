@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from instdiff.bundle import ModelBundle
 from instdiff.errors import ConfigError, EditInputError
-from instdiff.models import ModelBundle
 from instdiff.sampling import Clock, UNetCounter, guided_eps, initial_latents, make_scheduler
 from instdiff.sparse.cache import ActivationCache
 from instdiff.sparse.config import SparseConfig
