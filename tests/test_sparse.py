@@ -252,8 +252,11 @@ def test_difference_mask_edit_and_pairs(generated: tuple) -> None:
     assert res.unet_calls == 2 * 8
     assert set(res.timings) >= {"encode", "mask", "denoise", "decode", "total"}
     pairs = fisedit_edit_pairs(
-        bundle, ["a red circle", "a blue square"], ["a red star", "a blue square"],
-        FISEditConfig(num_steps=4, mask_steps=2, mask_from=1), seeds=[0, 1],
+        bundle,
+        ["a red circle", "a blue square"],
+        ["a red star", "a blue square"],
+        FISEditConfig(num_steps=4, mask_steps=2, mask_from=1),
+        seeds=[0, 1],
     )
     assert pairs.images.shape == (2, 3, 32, 32) and pairs.masks.shape == (2, 1, 32, 32)
     assert not pairs.masks[1].any()  # unchanged prompt: nothing to edit

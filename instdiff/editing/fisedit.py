@@ -34,10 +34,10 @@ def fisedit(
     """FISEdit for prompt pairs: generate each source prompt, then re-generate sparsely with the target prompt.
 
     ``images`` only fix the output size. They should be ``generate(bundle, source_prompts, cfg.steps,
-    cfg.guidance, seeds)``: both that and the session start from
-    :func:`instdiff.sampling.initial_latents` and guide with :func:`instdiff.sampling.guided_eps`, so they equal
-    ``extras["source_images"]``. The difference mask comes from steps 5–10 of 50 in the paper; those fractions
-    of ``cfg.steps`` are kept at other step counts.
+    cfg.guidance, seeds)``: both that and the session start from :func:`instdiff.sampling.initial_latents` and
+    guide with :func:`instdiff.sampling.guided_eps`, so they equal ``extras["source_images"]`` (up to float
+    rounding of the text encoder's batching). The difference mask comes from steps 5–10 of 50 in the paper;
+    those fractions of ``cfg.steps`` are kept at other step counts.
 
     Args:
         bundle: the models.

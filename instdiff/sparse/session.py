@@ -7,7 +7,8 @@ Capture"; optionally with cross-attention control), then the remaining steps spa
 are the cached ones at every step, so the unchanged region is reproduced exactly.
 
 The loop pieces are :mod:`instdiff.sampling`'s: the initial latents of a seed and classifier-free guidance are
-the same functions :func:`instdiff.editing.generate` uses, so a session's generation equals ``generate``'s.
+the same functions :func:`instdiff.editing.generate` uses, so a session's generation equals ``generate``'s (up to
+float rounding of the text encoder's batching: the session encodes ``["", prompt]`` in one call).
 """
 
 from __future__ import annotations
