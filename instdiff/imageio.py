@@ -22,18 +22,37 @@ from instdiff.errors import ImageInputError
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Prepared:
-    """An RGB uint8 image ready for a model, with what was done to it."""
+    """An RGB uint8 image ready for a model, with what was done to it.
 
-    array: np.ndarray  # (H, W, 3) uint8
-    original_size: tuple[int, int]  # (W, H) as decoded
+    Attributes:
+        array: (H, W, 3) uint8, sides multiples of the model's step.
+        original_size: (W, H) as decoded.
+        notes: what was changed, for the user.
+        pad: (right, bottom) padding added, in pixels.
+    """
+
+    array: np.ndarray
+    original_size: tuple[int, int]
     notes: list[str] = field(default_factory=list)
-    pad: tuple[int, int] = (0, 0)  # (right, bottom) padding added
+    pad: tuple[int, int] = (0, 0)
 
 
 def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
-    """Decode bytes or a file into an (H, W, 3) uint8 RGB array; returns (array, notes on conversions)."""
+    """Decode bytes or a file into RGB pixels (modes converted as the module docstring says).
+
+    Args:
+        data: encoded bytes, or a file path.
+        max_pixels: refuse images with more pixels than this (decompression bombs).
+
+    Returns:
+        ``(array, notes)``: (H, W, 3) uint8 and what was converted.
+
+    Raises:
+        ImageInputError: a missing file, empty data, an undecodable image, too many pixels.
+    """
     notes: list[str] = []
     try:
         if isinstance(data, str | Path):
@@ -62,6 +81,7 @@ def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
 
 
 def _to_rgb(img: Image.Image, notes: list[str]) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded image of any mode; appends what was converted to ``notes``."""
     mode = img.mode
     if mode == "RGB":
         return np.asarray(img, dtype=np.uint8).copy()
@@ -83,9 +103,19 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> np.ndarray:
 def fit_to_multiple(
     array: np.ndarray, multiple: int, policy: SizePolicy | str = SizePolicy.RESIZE, size: int | None = None
 ) -> Prepared:
-    """Make both sides multiples of ``multiple``.
+    """Make both sides multiples of ``multiple`` (Lanczos resize, or edge-replication padding).
 
-    ``size``: optional target for the longer side (e.g. the model's native resolution), applied first.
+    Args:
+        array: (H, W, 3) uint8.
+        multiple: the step sides must be multiples of, in pixels.
+        policy: resize, pad or refuse.
+        size: optional target for the longer side (e.g. the model's native resolution), applied first.
+
+    Returns:
+        The prepared image with notes on what was done.
+
+    Raises:
+        ImageInputError: an image smaller than ``multiple``, or a size that ``refuse`` does not accept.
     """
     h, w = array.shape[:2]
     prepared = Prepared(array=array, original_size=(w, h))
@@ -154,7 +184,14 @@ def from_model_tensor(x: torch.Tensor) -> np.ndarray:
 
 
 def encode_png(array: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 or (H, W) bool/uint8 → PNG bytes (masks as 8-bit L with 0/255)."""
+    """Encode pixels as PNG.
+
+    Args:
+        array: (H, W, 3) uint8, or an (H, W) bool / uint8 mask (bool masks as 8-bit L with 0/255).
+
+    Returns:
+        PNG bytes.
+    """
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
     buf = io.BytesIO()
@@ -163,7 +200,18 @@ def encode_png(array: np.ndarray) -> bytes:
 
 
 def decode_mask(data: bytes | str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode a mask image (any mode; non-zero = inside) to (H, W) bool; ``size`` (W, H) must match when given."""
+    """Decode a mask image: above 127 (the alpha channel for RGBA / LA, else grey) is inside.
+
+    Args:
+        data: encoded bytes, or a file path.
+        size: (W, H) the mask must have, when given.
+
+    Returns:
+        (H, W) bool.
+
+    Raises:
+        ImageInputError: an undecodable mask, or a size other than ``size``.
+    """
     try:
         raw = Path(data).read_bytes() if isinstance(data, str | Path) else bytes(data)
         img = Image.open(io.BytesIO(raw))
@@ -184,7 +232,7 @@ def decode_mask(data: bytes | str | Path, size: tuple[int, int] | None = None) -
 
 
 def resize_bool(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an (H, W) bool mask to ``size`` (W, H) with nearest neighbour."""
+    """Resize an (H, W) bool mask to ``size`` (W, H) with nearest neighbour; returns (H', W') bool."""
     if (mask.shape[1], mask.shape[0]) == tuple(size):
         return mask
     img = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
@@ -192,7 +240,15 @@ def resize_bool(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def undo_fit(array: np.ndarray, prepared: Prepared) -> np.ndarray:
-    """Bring a model-sized (H, W, ...) output back to the decoded size (crop padding or resize back)."""
+    """Bring a model-sized output back to the decoded size: crop the padding, or resize back.
+
+    Args:
+        array: (H, W, 3) uint8 image or (H, W) bool mask at the model's size.
+        prepared: what :func:`fit_to_multiple` did.
+
+    Returns:
+        The array at ``prepared.original_size`` (Lanczos for images, nearest for masks).
+    """
     w, h = prepared.original_size
     if prepared.pad != (0, 0):
         return array[: array.shape[0] - prepared.pad[1], : array.shape[1] - prepared.pad[0]]

@@ -1,7 +1,7 @@
 """Mask math as pure tensor functions: InstDiffEdit (Eq. 6–9), DiffEdit, resizing, IoU.
 
-FISEdit's latent-difference mask (Otsu, opening, dilation, per-resolution pooling) lives with its engine in
-:mod:`instdiff.sparse.mask`.
+FISEdit's latent-difference mask (Otsu, opening, dilation, per-resolution "any pixel" pooling
+:func:`~instdiff.sparse.mask.pool_any`) lives with its engine in :mod:`instdiff.sparse.mask`.
 
 Shapes: attention maps are (B, T, h, w) — one map per token — already averaged over heads, layers and
 parallel noises. ``n_tokens`` (B,) counts the prompt's tokens including the start and end tokens, so
@@ -10,16 +10,28 @@ word tokens are ``1 .. n_tokens - 2``.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
 from instdiff.config import MaskConfig, Refinement
+from instdiff.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def minmax(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise each map of (B, ..., h, w) to [0, 1] over its last two dims."""
+    """Min-max normalise each map over its last two dims.
+
+    Args:
+        x: (B, ..., h, w) float maps.
+        eps: floor of the range, so constant maps become 0 instead of NaN.
+
+    Returns:
+        Same shape, each map in [0, 1].
+    """
     lo = x.amin(dim=(-2, -1), keepdim=True)
     hi = x.amax(dim=(-2, -1), keepdim=True)
     return (x - lo) / (hi - lo).clamp_min(eps)
@@ -33,15 +45,29 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def word_token_mask(n_tokens: torch.Tensor, t: int) -> torch.Tensor:
-    """(B, T) bool: True at word tokens 1 .. n_tokens-2 (start token 0 and the end token excluded)."""
+    """Which token positions hold words: 1 .. n_tokens − 2 (the start token 0 and the end token excluded).
+
+    Args:
+        n_tokens: (B,) long, tokens per prompt including start and end.
+        t: sequence length T (77 for CLIP).
+
+    Returns:
+        (B, T) bool.
+    """
     idx = torch.arange(t, device=n_tokens.device).unsqueeze(0)
     return (idx >= 1) & (idx <= (n_tokens.unsqueeze(1) - 2))
 
 
 def index_token(maps: torch.Tensor, n_tokens: torch.Tensor, invert_start: bool = False) -> torch.Tensor:
-    """Eq. 6: per image, the word token whose map is most similar (cosine) to the start token's map.
+    """InstDiffEdit Eq. 6: per image, the word token whose map is most similar (cosine) to the start token's.
 
-    maps (B, T, h, w) → (B,) long. With ``invert_start`` the start map is replaced by 1 − minmax(start).
+    Args:
+        maps: (B, T, h, w) token maps.
+        n_tokens: (B,) long, tokens per prompt including start and end.
+        invert_start: replace the start map by 1 − minmax(start) (the official code's variant).
+
+    Returns:
+        (B,) long token index.
     """
     start = maps[:, 0]  # (B, h, w)
     if invert_start:
@@ -53,7 +79,15 @@ def index_token(maps: torch.Tensor, n_tokens: torch.Tensor, invert_start: bool =
 
 
 def similarity_vector(maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Eq. 7: S_i = cos(A_i, A_index) for every token; maps (B, T, h, w), index (B,) → (B, T)."""
+    """InstDiffEdit Eq. 7: S_i = cos(A_i, A_index) for every token.
+
+    Args:
+        maps: (B, T, h, w) token maps.
+        index: (B,) long, the index token of Eq. 6.
+
+    Returns:
+        (B, T) cosine similarities.
+    """
     ref = maps[torch.arange(maps.shape[0], device=maps.device), index]  # (B, h, w)
     return _cosine(maps, ref)
 
@@ -61,7 +95,17 @@ def similarity_vector(maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def position_vector(
     sims: torch.Tensor, n_tokens: torch.Tensor, gamma1: float = 0.9, gamma2: float = 0.6
 ) -> torch.Tensor:
-    """Eq. 8: P_i = +1 if S_i > γ1, −1 if S_i < γ2, else 0; zero outside word tokens. (B, T) float."""
+    """InstDiffEdit Eq. 8: P_i = +1 if S_i > γ1, −1 if S_i < γ2, else 0; zero outside word tokens.
+
+    Args:
+        sims: (B, T) similarities of Eq. 7.
+        n_tokens: (B,) long, tokens per prompt including start and end.
+        gamma1: the +1 threshold.
+        gamma2: the −1 threshold.
+
+    Returns:
+        (B, T) float in {−1, 0, +1}.
+    """
     p = torch.zeros_like(sims)
     p = torch.where(sims > gamma1, torch.ones_like(p), p)
     p = torch.where(sims < gamma2, -torch.ones_like(p), p)
@@ -69,10 +113,18 @@ def position_vector(
 
 
 def refine(maps: torch.Tensor, position: torch.Tensor, mode: Refinement = Refinement.WEIGHTED) -> torch.Tensor:
-    """Refined map A_ref (B, h, w) from token maps (B, T, h, w) and P (B, T).
+    """The refined map A_ref that Eq. 9 binarises.
 
-    ``WEIGHTED`` (Eq. 9 input): Σ_i P_i A_i. ``OFFICIAL``: minmax(mean of +1 maps) − minmax(mean of −1
-    maps), clamped at 0 (a side with no tokens contributes zeros).
+    ``WEIGHTED`` (the paper): Σ_i P_i A_i. ``OFFICIAL`` (the official code): minmax(mean of +1 maps) −
+    minmax(mean of −1 maps), clamped at 0 (a side with no tokens contributes zeros).
+
+    Args:
+        maps: (B, T, h, w) token maps.
+        position: (B, T) the position vector P of Eq. 8.
+        mode: which refinement.
+
+    Returns:
+        (B, h, w) float.
     """
     if Refinement(mode) is Refinement.WEIGHTED:
         return torch.einsum("bt,bthw->bhw", position, maps)
@@ -88,7 +140,16 @@ def refine(maps: torch.Tensor, position: torch.Tensor, mode: Refinement = Refine
 
 
 def gaussian_kernel(size: int = 5, sigma: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
-    """Normalised 2-D Gaussian kernel (size, size)."""
+    """Normalised 2-D Gaussian kernel.
+
+    Args:
+        size: side in pixels (odd).
+        sigma: standard deviation in pixels.
+        device: where to build it.
+
+    Returns:
+        (size, size) float32 summing to one.
+    """
     r = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
     g = torch.exp(-(r**2) / (2 * sigma**2))
     k = torch.outer(g, g)
@@ -96,7 +157,17 @@ def gaussian_kernel(size: int = 5, sigma: float = 1.0, device: torch.device | No
 
 
 def gaussian_blur(x: torch.Tensor, size: int = 5, sigma: float = 1.0, iters: int = 1) -> torch.Tensor:
-    """Blur (B, h, w) or (B, 1, h, w) maps with reflect padding; returns the input's shape."""
+    """Gaussian blur with reflect padding (replicate on maps smaller than the kernel's radius).
+
+    Args:
+        x: (B, h, w) or (B, 1, h, w) float maps.
+        size: kernel side in pixels (odd).
+        sigma: standard deviation in pixels.
+        iters: times the blur is applied.
+
+    Returns:
+        The input's shape.
+    """
     squeeze = x.ndim == 3
     y = x.unsqueeze(1) if squeeze else x
     k = gaussian_kernel(size, sigma, y.device).to(y.dtype)[None, None]
@@ -108,16 +179,31 @@ def gaussian_blur(x: torch.Tensor, size: int = 5, sigma: float = 1.0, iters: int
 
 
 def binarize(x: torch.Tensor, phi: float = 0.2) -> torch.Tensor:
-    """Eq. 9: 1 where x > φ (x already min-max normalised), as bool."""
+    """InstDiffEdit Eq. 9: the mask is where the min-max normalised map exceeds φ.
+
+    Args:
+        x: float maps in [0, 1].
+        phi: the threshold φ.
+
+    Returns:
+        Bool, the input's shape.
+    """
     return x > phi
 
 
 def merge_word_pieces(maps: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
-    """Average the maps of BPE pieces that belong to one word.
+    """Average the maps of the BPE pieces that belong to one word (the official code's word maps).
 
-    ``word_ids`` (B, T) long gives each token's word number (pieces of one word share it; the start token
-    and padding keep their own). Returns maps of the same shape where every piece carries its word's mean
-    map, so Eq. 6–8 treat a word as a unit without changing token indices.
+    Every piece then carries its word's mean map, so Eq. 6–8 treat a word as a unit without changing token
+    indices; tokens with a word id of their own are unchanged.
+
+    Args:
+        maps: (B, T, h, w) token maps.
+        word_ids: (B, T) long, each token's word number (pieces of one word share it; the start, end and
+            padding tokens have their own), e.g. :meth:`instdiff.bundle.ModelBundle.word_ids`.
+
+    Returns:
+        (B, T, h, w), the input's dtype.
     """
     b, t, h, w = maps.shape
     flat = maps.flatten(2)  # (B, T, hw)
@@ -140,9 +226,18 @@ def instdiffedit_mask(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """InstDiffEdit's instant mask for one step (paper Eq. 6–9).
 
-    maps (B, T, h, w) at the attention resolution; ``position`` is P from the first step (computed here
-    when ``None``). Returns ``(mask (B, 1, H, W) bool on the latent grid, soft map (B, 1, H, W) in [0, 1],
-    position (B, T))``.
+    The refined map is upsampled bilinearly, smoothed (on ``cfg.smooth_resolution`` when set), min-max
+    normalised and binarised at φ.
+
+    Args:
+        maps: (B, T, h, w) token maps at the attention resolution.
+        n_tokens: (B,) long, tokens per prompt including start and end.
+        latent_hw: (H, W) of the latent grid.
+        cfg: thresholds, refinement and smoothing.
+        position: P (B, T) from the first step; ``None`` computes it here (Eq. 6–8).
+
+    Returns:
+        ``(mask (B, 1, H, W) bool on the latent grid, soft map (B, 1, H, W) in [0, 1], position (B, T))``.
     """
     if position is None:
         idx = index_token(maps, n_tokens, cfg.invert_start)
@@ -163,27 +258,41 @@ def diffedit_mask(
     eps_target: torch.Tensor,
     n_noises: int,
     threshold: float = 0.5,
-    blur_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DiffEdit's mask from noise estimates under the source and target prompts (Couairon et al. 2023).
+    """DiffEdit's mask from noise estimates under the source and target prompts (Couairon et al. 2023, §3.2).
 
-    eps_* (B·n, C, H, W) with the n noises of one image adjacent. |ε_tgt − ε_src| is averaged over
-    channels and noises, min-max normalised PER IMAGE (never over the batch, so an image's mask does not
-    depend on its neighbours) and thresholded. Returns (mask (B, 1, H, W) bool, soft map).
+    |ε_tgt − ε_src| is averaged over channels and noises, min-max normalised PER IMAGE (never over the batch,
+    so an image's mask does not depend on its neighbours) and thresholded.
+
+    Args:
+        eps_source: (B·n, C, H, W) noise estimates under the source prompt, the n noises of an image adjacent.
+        eps_target: (B·n, C, H, W) the same under the target prompt.
+        n_noises: n.
+        threshold: on the normalised difference, in [0, 1].
+
+    Returns:
+        ``(mask (B, 1, H, W) bool, soft map (B, 1, H, W) in [0, 1])``.
     """
     diff = (eps_target - eps_source).abs().mean(dim=1, keepdim=True)  # (B·n, 1, H, W)
     diff = diff.view(-1, n_noises, *diff.shape[1:]).mean(dim=1)  # (B, 1, H, W)
-    if blur_size > 1:
-        diff = gaussian_blur(diff, blur_size, blur_size / 3)
     soft = minmax(diff)
     return soft > threshold, soft
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
-    """Resize a (B, 1, h, w) mask between grids.
+    """Resize an editor mask between grids (latent ↔ image).
 
     Bool input: nearest when enlarging by an integer factor (exact block replication), area averaging
-    thresholded at ``threshold`` otherwise. Float input is resized bilinearly and returned as float.
+    thresholded at ``threshold`` otherwise. Float input is resized bilinearly and returned as float. (The
+    sparse engine's "any pixel" pooling is :func:`instdiff.sparse.mask.pool_any`.)
+
+    Args:
+        mask: (B, 1, h, w) bool or float.
+        size: (H, W) target size.
+        threshold: area fraction that sets a cell when shrinking bool masks.
+
+    Returns:
+        (B, 1, H, W), bool for bool input, float32 otherwise.
     """
     if mask.dtype != torch.bool:
         return F.interpolate(mask.float(), size=size, mode="bilinear", align_corners=False)
@@ -194,7 +303,15 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int], threshold: float = 0.
 
 
 def iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Intersection over union per image of two bool masks (B, ..., H, W) → (B,); 1.0 when both are empty."""
+    """Intersection over union per image (the project's one IoU); 1.0 when both masks are empty.
+
+    Args:
+        pred: (B, ..., H, W) mask (bool or 0/1).
+        gt: (B, ..., H, W) mask of the same shape.
+
+    Returns:
+        (B,) float32.
+    """
     p = pred.bool().flatten(1)
     g = gt.bool().flatten(1)
     inter = (p & g).sum(dim=1).float()
@@ -203,12 +320,16 @@ def iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 
 def mask_area(mask: torch.Tensor) -> torch.Tensor:
-    """Fraction of pixels set per image, (B, ..., H, W) → (B,)."""
+    """Fraction of pixels set per image: (B, ..., H, W) → (B,) float32."""
     return mask.bool().flatten(1).float().mean(dim=1)
 
 
 def steps_for_strength(steps: int, strength: float) -> int:
-    """Number of denoising steps actually run at noise strength r (τ = r·T)."""
+    """Number of denoising steps actually run at noise strength r (SDEdit's τ = r·T): ⌈r·steps⌉, at least 1.
+
+    Raises:
+        ConfigError: strength outside (0, 1].
+    """
     if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+        raise ConfigError(f"strength must be in (0, 1], got {strength}")
     return max(1, min(steps, int(math.ceil(steps * strength - 1e-9))))

@@ -1,11 +1,12 @@
-"""Model bundles: everything an editor needs from a Stable-Diffusion-family checkpoint.
-
-One loader serves three sources:
+"""Model bundles from every source, behind one loader.
 
 * a hub id or a local diffusers folder (``from_pretrained``; SD 1.x, 2.x, v-prediction included),
-* ``tiny``: random weights built from config in code, with an offline CLIP tokenizer (tests),
+* ``tiny``: random weights built from config in code, with an offline CLIP tokenizer (tests; :mod:`instdiff.tiny`),
 * ``default``: the embedded shapes-world model shipped in ``instdiff/assets/shapes`` (``tiny`` until
   that folder exists).
+
+The bundle itself is :class:`instdiff.bundle.ModelBundle`; this module re-exports it with the device/dtype
+choice and the tiny builders, so ``from instdiff.models import ...`` keeps every name it had.
 """
 
 from __future__ import annotations
@@ -13,282 +14,42 @@ from __future__ import annotations
 import json
 import logging
 import os
-import string
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
+from instdiff.bundle import MAX_TOKENS, ModelBundle, pick_device, pick_dtype
 from instdiff.errors import ModelLoadError
+from instdiff.tiny import BASE_WORDS, build_word_tokenizer, tiny_bundle, tiny_vocabulary
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_MODEL_DIR = ASSETS / "shapes"
 DEFAULT_MODEL = "default"
-MAX_TOKENS = 77
 DEFAULTS_FILE = "instdiff.json"
 
-
-@dataclass
-class ModelBundle:
-    """Tokenizer, text encoder, VAE, UNet, scheduler and an optional inpainting UNet, on one device."""
-
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    scheduler: DDIMScheduler
-    inpaint_unet: UNet2DConditionModel | None = None
-    name: str = "custom"
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
-    # editor defaults a model folder may carry in ``instdiff.json`` (e.g. {"attention_downsample": 1})
-    defaults: dict = field(default_factory=dict)
-
-    # ---- geometry -------------------------------------------------------------------------
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
-
-    @property
-    def resolution(self) -> int:
-        """Native image size in pixels (the UNet's sample size times the VAE factor)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
-
-    @property
-    def prediction_type(self) -> str:
-        return str(self.scheduler.config.prediction_type)
-
-    # ---- encoders -------------------------------------------------------------------------
-    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token ids (B, 77), padded; over-long prompts are truncated (see ``check_prompt``)."""
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return ids
-
-    def token_count(self, prompt: str) -> int:
-        """Number of tokens of ``prompt`` including start and end tokens, before truncation."""
-        return len(self.tokenizer(prompt, truncation=False).input_ids)
-
-    @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings (B, 77, D) from the text encoder's last hidden state."""
-        ids = self.tokenize(prompts).to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, H/f, W/f) from images (B, 3, H, W) in [-1, 1]; the posterior mean, scaled."""
-        images = images.to(self.device, self.vae.dtype)
-        dist = self.vae.encode(images).latent_dist
-        return (dist.mean * self.vae.config.scaling_factor).to(self.dtype)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] from scaled latents."""
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        return self.vae.decode(latents).sample.clamp(-1, 1).float()
-
-    def fresh_scheduler(self) -> DDIMScheduler:
-        """A new DDIM scheduler with this bundle's config (schedulers carry per-run state)."""
-        return DDIMScheduler.from_config(self.scheduler.config)
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ModelBundle:
-        """Move all modules; returns self."""
-        self.device = torch.device(device) if device is not None else self.device
-        self.dtype = dtype or self.dtype
-        for module in self.modules():
-            current = next(module.parameters()).dtype
-            if current != self.dtype:
-                module.to(device=self.device, dtype=self.dtype)
-            else:
-                module.to(self.device)
-        return self
-
-    def modules(self) -> list[torch.nn.Module]:
-        mods: list[torch.nn.Module] = [self.text_encoder, self.vae, self.unet]
-        if self.inpaint_unet is not None:
-            mods.append(self.inpaint_unet)
-        return mods
-
-
-# ---- device / dtype ---------------------------------------------------------------------------
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"`` → cuda, then mps, then cpu. Anything else is passed to ``torch.device``."""
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
-    return dev
-
-
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/``"auto"`` → fp16 on CUDA and MPS, fp32 on the CPU. Accepts fp32/fp16/bf16 names."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; accepted: auto, {', '.join(sorted(_DTYPES))}") from None
-
-
-# ---- offline tokenizer ------------------------------------------------------------------------
-BASE_WORDS = (
-    "a an the of on in with and at to photo picture image painting drawing big small large tiny "
-    "cat dog bird horse car tree house flower apple ball hat"
-).split()
-
-
-def build_word_tokenizer(words: Iterable[str], model_max_length: int = MAX_TOKENS) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer whose merges make every word in ``words`` one token.
-
-    The merges are learned offline by byte-pair encoding on the word list itself (each word once): the most
-    frequent adjacent pair is merged first, ties go to the lexicographically smallest pair, so the same
-    words always give the same ids (the ``tokenizers`` trainer breaks ties in hash order, which changed the
-    ids from one process to the next). Every lowercase letter, digit and common punctuation mark is in the
-    vocabulary, also as a word-final piece, so any lowercase ASCII text tokenizes without unknown tokens.
-    """
-    alphabet = string.ascii_lowercase + string.digits + ".,!?'-:;()"
-    vocab: dict[str, int] = {}
-    for token in ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]:
-        vocab.setdefault(token, len(vocab))
-    corpus = [[*w[:-1], w[-1] + "</w>"] for w in sorted({w.lower() for w in words if w})]
-    merges: list[tuple[str, str]] = []
-    while True:
-        counts: dict[tuple[str, str], int] = {}
-        for pieces in corpus:
-            for pair in zip(pieces, pieces[1:], strict=False):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            break
-        best = min(counts, key=lambda pair: (-counts[pair], pair))
-        merges.append(best)
-        vocab.setdefault(best[0] + best[1], len(vocab))
-        for k, pieces in enumerate(corpus):
-            merged: list[str] = []
-            i = 0
-            while i < len(pieces):
-                if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
-                    merged.append(pieces[i] + pieces[i + 1])
-                    i += 2
-                else:
-                    merged.append(pieces[i])
-                    i += 1
-            corpus[k] = merged
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-
-
-def tiny_vocabulary() -> list[str]:
-    """Words of the tiny tokenizer: a few generic ones plus the shapes world's vocabulary when present."""
-    words = list(BASE_WORDS)
-    try:
-        from instdiff import synthetic
-
-        words += list(synthetic.VOCABULARY)
-    except (ImportError, AttributeError):  # pragma: no cover - synthetic is part of the package
-        pass
-    return words
-
-
-# ---- tiny random bundle -----------------------------------------------------------------------
-def tiny_bundle(
-    seed: int = 0,
-    device: str | torch.device | None = "cpu",
-    dtype: str | torch.dtype | None = "fp32",
-    image_size: int = 32,
-    with_inpaint: bool = False,
-    prediction_type: str = "epsilon",
-) -> ModelBundle:
-    """Random-weight bundle built from config, small enough for CPU tests (about a second per edit).
-
-    Geometry mirrors SD: 4 latent channels, VAE factor 4 (``image_size`` 32 → 8×8 latents), a UNet with
-    cross-attention at two resolutions, CLIP text encoder with 77 positions.
-    """
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
-    torch.manual_seed(seed)
-    tokenizer = build_word_tokenizer(tiny_vocabulary())
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=MAX_TOKENS,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=image_size,
-    )
-    unet_kwargs = dict(
-        sample_size=image_size // 4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    unet = UNet2DConditionModel(in_channels=4, **unet_kwargs)
-    inpaint = UNet2DConditionModel(in_channels=9, **unet_kwargs) if with_inpaint else None
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    bundle = ModelBundle(tokenizer, text_encoder, vae, unet, scheduler, inpaint, name="tiny")
-    for m in bundle.modules():
-        m.eval().requires_grad_(False)
-    return bundle.to(dev, dt)
+__all__ = [
+    "ASSETS",
+    "BASE_WORDS",
+    "DEFAULTS_FILE",
+    "DEFAULT_MODEL",
+    "EMBEDDED_MODEL_DIR",
+    "MAX_TOKENS",
+    "ModelBundle",
+    "ModelLoadError",
+    "build_word_tokenizer",
+    "embedded_model_available",
+    "load_bundle",
+    "load_pretrained",
+    "pick_device",
+    "pick_dtype",
+    "save_bundle",
+    "tiny_bundle",
+    "tiny_vocabulary",
+]
 
 
 # ---- pretrained -----------------------------------------------------------------------------
@@ -309,6 +70,21 @@ def load_pretrained(
     ``inpaint`` names a separate inpainting checkpoint (e.g. ``runwayml/stable-diffusion-inpainting``)
     whose UNet (9 input channels) is used for the final step; a folder with an ``inpaint_unet``
     subfolder (the embedded model's layout) provides it by itself.
+
+    Args:
+        spec: hub id or local folder.
+        device: where to put the modules.
+        dtype: their dtype.
+        local_files_only: never reach the hub.
+        inpaint: hub id or folder of an inpainting checkpoint.
+        revision: hub revision.
+
+    Returns:
+        The bundle, in eval mode without gradients; ``defaults`` from the folder's ``instdiff.json``.
+
+    Raises:
+        ModelLoadError: a missing or malformed folder, an inpainting-only checkpoint without its base, an
+            unreachable hub id, an inpainting UNet with the wrong number of input channels.
     """
     path = Path(spec).expanduser()
     is_local = path.exists()
@@ -374,6 +150,7 @@ def _read_model_index(src: str, kw: dict) -> dict:
 
 
 def embedded_model_available() -> bool:
+    """Whether the embedded shapes-world model ships in ``instdiff/assets/shapes``."""
     return (EMBEDDED_MODEL_DIR / "model_index.json").exists()
 
 
@@ -389,6 +166,10 @@ def load_bundle(
     ``spec``: ``"default"`` (the embedded shapes model; ``tiny`` until it ships), ``"tiny"`` (random,
     for tests), a local diffusers folder, or a hub id such as ``CompVis/stable-diffusion-v1-4``.
     ``device``: auto/cuda/mps/cpu. ``dtype``: auto (fp16 on accelerators, fp32 on the CPU)/fp32/fp16/bf16.
+
+    Raises:
+        ModelLoadError: the model cannot be loaded (see :func:`load_pretrained`), or ``tiny`` combined with a
+            separate inpainting model.
     """
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -410,7 +191,15 @@ def load_bundle(
 
 
 def save_bundle(bundle: ModelBundle, out: str | Path) -> Path:
-    """Write a bundle as a standard diffusers folder (``model_index.json`` + component subfolders)."""
+    """Write a bundle as a standard diffusers folder (``model_index.json`` + component subfolders).
+
+    Args:
+        bundle: the bundle to save (its ``defaults`` go to ``instdiff.json``).
+        out: the folder, created if needed.
+
+    Returns:
+        ``out`` as a path.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bundle.tokenizer.save_pretrained(out / "tokenizer")

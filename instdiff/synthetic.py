@@ -70,6 +70,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from instdiff.imageio import to_model_tensor
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -917,13 +919,22 @@ def make_edit_pairs(
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """Convert an ``(H, W, 3)`` uint8 image to a ``(3, H, W)`` float tensor in ``[-1, 1]``."""
+    """One image as the models' tensor, through :func:`instdiff.imageio.to_model_tensor`.
+
+    Args:
+        image: (H, W, 3) uint8.
+
+    Returns:
+        (3, H, W) float32 in [-1, 1], contiguous.
+
+    Raises:
+        ValueError: another shape.
+    """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    array = np.ascontiguousarray(image, dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+    return to_model_tensor(image)[0].contiguous()
 
 
 def scene_to_tensor(scene: Scene) -> torch.Tensor:
-    """The image of ``scene`` as a ``(3, H, W)`` float tensor in ``[-1, 1]``."""
+    """The image of ``scene`` as a (3, H, W) float32 tensor in [-1, 1] (:func:`image_to_tensor`)."""
     return image_to_tensor(scene.image)

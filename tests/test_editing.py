@@ -65,7 +65,7 @@ def test_editor_runs_deterministic_and_counts(bundle, pairs, method):
     assert a.images.shape == images.shape and a.masks.shape == (2, 1, 32, 32) and a.masks.dtype == torch.bool
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
     assert not torch.equal(a.images, c.images)
-    assert a.unet_calls == counter.rows / 2 == expected_unet_calls(cfg, inpaint_unet=True)
+    assert a.unet_calls == counter.rows / 2 == expected_unet_calls(cfg)
     assert a.images.min() >= -1 and a.images.max() <= 1
     assert a.timings["total"] >= sum(v for k, v in a.timings.items() if k != "total") * 0.99
 
@@ -120,6 +120,31 @@ def test_instdiffedit_options(bundle, pairs):
         assert r.unet_calls == expected_unet_calls(cfg)
     r = edit(bundle, images, src, tgt, base.with_(mask=MaskConfig(phi=1.0)))
     assert not r.masks.any() and torch.equal(r.images, images)  # empty mask: nothing changes
+
+
+def test_merge_bpe_merges_word_pieces_at_every_step(bundle, pairs, monkeypatch):
+    from instdiff.editing import instdiffedit as module
+
+    images, src, _ = pairs
+    tgt = ["a qzx circle", "a qzx square"]  # "qzx" splits into three BPE pieces (positions 2-4)
+    calls = []
+    real = module.merge_word_pieces
+
+    def spy(maps, word_ids):
+        calls.append(word_ids.cpu())
+        return real(maps, word_ids)
+
+    monkeypatch.setattr(module, "merge_word_pieces", spy)
+    cfg = fast(Method.INSTDIFFEDIT, mask=MaskConfig(merge_bpe=True))
+    r = edit(bundle, images, src, tgt, cfg)
+    assert r.masks.shape == (2, 1, 32, 32) and torch.isfinite(r.images).all()
+    assert len(calls) == 3  # one per denoising step (6 steps at strength 0.5)
+    assert all(torch.equal(c, bundle.word_ids(tgt)) for c in calls)
+    position = r.extras["position"]
+    assert (position[:, 2:5] == position[:, 2:3]).all()  # the pieces of one word share their sign
+    calls.clear()
+    edit(bundle, images, src, tgt, fast(Method.INSTDIFFEDIT))
+    assert not calls  # merge_bpe is off by default
 
 
 def test_v_prediction_bundle_runs_through_the_same_code(pairs):

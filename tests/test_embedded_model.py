@@ -58,8 +58,14 @@ def test_two_step_edit_runs_in_seconds(bundle):
     pair = make_edit_pairs(1, seed=10_000)[0]
     x = scene_to_tensor(pair.source)[None]
     t0 = time.perf_counter()
-    res = edit(bundle, x, [pair.source_prompt], [pair.target_prompt],
-               EditConfig(method=Method.INSTDIFFEDIT, steps=2, guidance=5.0), seeds=[0])
+    res = edit(
+        bundle,
+        x,
+        [pair.source_prompt],
+        [pair.target_prompt],
+        EditConfig(method=Method.INSTDIFFEDIT, steps=2, guidance=5.0),
+        seeds=[0],
+    )
     assert time.perf_counter() - t0 < 60.0  # about a second on an idle 2-core CPU
     assert res.images.shape == (1, 3, 64, 64) and res.masks.shape == (1, 1, 64, 64)
     assert res.extras["attention_downsample"] == bundle.defaults["attention_downsample"]

@@ -32,8 +32,13 @@ def test_rgb_png_roundtrip():
 
 @pytest.mark.parametrize(
     ("mode", "note"),
-    [("L", "converted L"), ("RGBA", "alpha onto white"), ("CMYK", "converted CMYK"), ("P", "converted P"),
-     ("I;16", "high bit depth")],
+    [
+        ("L", "converted L"),
+        ("RGBA", "alpha onto white"),
+        ("CMYK", "converted CMYK"),
+        ("P", "converted P"),
+        ("I;16", "high bit depth"),
+    ],
 )
 def test_modes_are_converted_with_a_note(mode, note):
     if mode == "I;16":

@@ -172,3 +172,23 @@ def test_steps_for_strength():
     assert steps_for_strength(50, 0.5) == 25
     assert steps_for_strength(50, 1.0) == 50
     assert steps_for_strength(10, 0.01) == 1
+
+
+def test_merged_word_pieces_change_the_position_vector_only_at_their_tokens():
+    """Tokens 3 and 4 are the two BPE pieces of one word: background and object. Unmerged, Eq. 8 gives them
+    opposite signs; merged, both carry their mean (a uniform map) and get the same sign. No other token moves."""
+    obj = _object()
+    maps = torch.zeros(1, 8, H, W)
+    maps[0, 0] = 0.7 * obj + 0.1
+    maps[0, 1] = 1.0 / (H * W)
+    maps[0, 2] = obj
+    maps[0, 3] = 1.0 - obj
+    maps[0, 4] = obj
+    maps[0, 5] = 0.5
+    n = torch.tensor([6])
+    word_ids = torch.tensor([[0, 1, 2, 3, 3, 4, 5, 6]])
+    cfg = MaskConfig(smooth_size=1)
+    _, _, unmerged = instdiffedit_mask(maps, n, (H, W), cfg)
+    _, _, merged = instdiffedit_mask(merge_word_pieces(maps, word_ids), n, (H, W), cfg)
+    assert unmerged[0].tolist() == [0.0, -1.0, 1.0, -1.0, 1.0, 0.0, 0.0, 0.0]
+    assert merged[0].tolist() == [0.0, -1.0, 1.0, -1.0, -1.0, 0.0, 0.0, 0.0]

@@ -110,3 +110,14 @@ def test_device_and_dtype_choice():
 def test_default_spec_loads_something(tiny):
     b = load_bundle("default", device="cpu")
     assert b.name in ("default", "tiny")
+
+
+def test_word_ids_share_one_id_across_the_bpe_pieces_of_a_word(tiny):
+    # "qzx" is not in the tiny vocabulary, so it splits into letters; the last piece ends the word
+    pieces = tiny.tokenizer.convert_ids_to_tokens(tiny.tokenize(["a qzx cat"])[0, :7].tolist())
+    assert pieces == ["<|startoftext|>", "a</w>", "q", "z", "x</w>", "cat</w>", "<|endoftext|>"]
+    ids = tiny.word_ids(["a qzx cat", "a red circle"])
+    assert ids.shape == (2, 77) and ids.dtype == torch.long
+    assert ids[0, :9].tolist() == [0, 1, 2, 2, 2, 3, 4, 5, 6]  # start, a, q z x, cat, end, padding…
+    assert ids[0, 6:].tolist() == list(range(4, 75))  # end token and every padding position: their own ids
+    assert ids[1].tolist() == list(range(77))  # one piece per word: every position its own id

@@ -23,8 +23,8 @@ from instdiff.sparse import (
     installed_state,
     opening,
     otsu_threshold,
+    pool_any,
     remove_sparse,
-    resize_mask,
     sparse_unet,
     token_alignment,
 )
@@ -237,8 +237,8 @@ def test_small_edit_keeps_everything_outside_the_mask(generated: tuple) -> None:
     # image space without compositing: outside the mask grown by a margin, the change is small next to inside
     raw = FISEditSession(bundle, FISEditConfig(num_steps=8, mask_steps=3, mask_from=2, composite=False))
     res2 = raw.edit(run, "a green star on a blue background", mask=mask)
-    big = dilate(resize_mask(mask[:, 0], (32, 32)), 8)[:, None].expand_as(image)
-    small = resize_mask(mask[:, 0], (32, 32))[:, None].expand_as(image)
+    big = dilate(pool_any(mask[:, 0], (32, 32)), 8)[:, None].expand_as(image)
+    small = pool_any(mask[:, 0], (32, 32))[:, None].expand_as(image)
     d = (res2.images - image).abs()
     assert d[~big].mean() < 0.25 * d[small].mean()
     assert res.extras["sparse_steps"] == 8 and res.extras["macs"]["ratio"] > 1.0
@@ -252,8 +252,11 @@ def test_difference_mask_edit_and_pairs(generated: tuple) -> None:
     assert res.unet_calls == 2 * 8
     assert set(res.timings) >= {"encode", "mask", "denoise", "decode", "total"}
     pairs = fisedit_edit_pairs(
-        bundle, ["a red circle", "a blue square"], ["a red star", "a blue square"],
-        FISEditConfig(num_steps=4, mask_steps=2, mask_from=1), seeds=[0, 1],
+        bundle,
+        ["a red circle", "a blue square"],
+        ["a red star", "a blue square"],
+        FISEditConfig(num_steps=4, mask_steps=2, mask_from=1),
+        seeds=[0, 1],
     )
     assert pairs.images.shape == (2, 3, 32, 32) and pairs.masks.shape == (2, 1, 32, 32)
     assert not pairs.masks[1].any()  # unchanged prompt: nothing to edit
@@ -334,12 +337,12 @@ def test_difference_mask_from_constructed_steps() -> None:
     assert int(difference_mask([specks], open_radius=1, margin=0).sum()) == 2  # not opened away
 
 
-def test_resize_mask_any_active_pixel_activates() -> None:
+def test_pool_any_any_active_pixel_activates() -> None:
     m = torch.zeros(1, 16, 16, dtype=torch.bool)
     m[0, 5, 9] = True
-    assert resize_mask(m, (8, 8)).nonzero().tolist() == [[0, 2, 4]]
-    assert resize_mask(m, (4, 4)).nonzero().tolist() == [[0, 1, 2]]
-    assert resize_mask(m, (2, 2)).nonzero().tolist() == [[0, 0, 1]]
+    assert pool_any(m, (8, 8)).nonzero().tolist() == [[0, 2, 4]]
+    assert pool_any(m, (4, 4)).nonzero().tolist() == [[0, 1, 2]]
+    assert pool_any(m, (2, 2)).nonzero().tolist() == [[0, 0, 1]]
 
 
 # ---- APSC block-size heuristic ---------------------------------------------------------------------------------------

@@ -375,7 +375,7 @@ def mask_quality(args: argparse.Namespace) -> dict[str, Any]:
     from instdiff.imageio import from_model_tensor
     from instdiff.masks import iou
     from instdiff.models import load_bundle
-    from instdiff.sparse import FISEditConfig, FISEditSession, latent_difference, otsu_threshold, resize_mask
+    from instdiff.sparse import FISEditConfig, FISEditSession, latent_difference, otsu_threshold, pool_any
 
     bundle = load_bundle(args.mq_model, device="cpu", dtype="fp32")
     pairs = synthetic.make_edit_pairs(args.mq_pairs, seed=0, size=bundle.resolution, kinds=("colour", "object"))
@@ -418,7 +418,7 @@ def mask_quality(args: argparse.Namespace) -> dict[str, Any]:
             }
             if found:
                 obj = torch.from_numpy(np.any([d.mask for d in found], axis=0))[None]
-                obj_lat = resize_mask(obj, (h, w))
+                obj_lat = pool_any(obj, (h, w))
                 row.update(iou_object=float(iou(mask, obj_lat)[0]), object_area=float(obj_lat.float().mean()))
             out["pairs"].append(row)
             log.info(

@@ -3,19 +3,25 @@
 Public API:
 
 * engine: :class:`SparseConfig`, :class:`SparseMode`, :func:`apply_sparse` → :class:`SparseState`,
-  :func:`remove_sparse`, :func:`sparse_unet` (context manager);
+  :func:`remove_sparse`, :func:`sparse_unet` (context manager), :func:`installed_state`;
 * cache: :class:`ActivationCache`;
-* masks: :func:`difference_mask`, :func:`otsu_threshold`, :func:`opening`, :func:`dilate`, :func:`resize_mask`;
-* block-size heuristic (APSC): :func:`choose_block_size`, :class:`ConvShape`;
+* masks: :func:`difference_mask`, :func:`latent_difference`, :func:`otsu_threshold`, :func:`opening`,
+  :func:`erode`, :func:`dilate`, :func:`pool_any` (a cell is active if any of its pixels is),
+  :func:`mask_to_latent`;
+* block-size heuristic (APSC): :func:`choose_block_size`, :class:`ConvShape`, :class:`BlockSet`,
+  :class:`TokenSet`;
 * editing: :class:`FISEditConfig`, :class:`FISEditSession` (``generate`` / ``edit``), :class:`RunCache`,
-  :func:`fisedit_edit_pairs`.
+  :func:`fisedit_edit_pairs`, :func:`token_alignment`.
+
+Modules: ``config`` (settings), ``blocks`` (tiles and the cost model), ``cache``, ``mask``, ``state`` (the
+explicit engine state), ``processors`` (attention), ``layers`` (wrapper modules), ``engine`` (apply / remove),
+``session`` (the FISEdit loop).
 """
 
 from instdiff.sparse.blocks import BlockSet, ConvShape, TokenSet, choose_block_size
 from instdiff.sparse.cache import ActivationCache
 from instdiff.sparse.config import SparseConfig, SparseMode
-from instdiff.sparse.editor import FISEditConfig, FISEditSession, RunCache, fisedit_edit_pairs, token_alignment
-from instdiff.sparse.engine import SparseState, apply_sparse, installed_state, remove_sparse, sparse_unet
+from instdiff.sparse.engine import apply_sparse, installed_state, remove_sparse, sparse_unet
 from instdiff.sparse.mask import (
     difference_mask,
     dilate,
@@ -24,8 +30,10 @@ from instdiff.sparse.mask import (
     mask_to_latent,
     opening,
     otsu_threshold,
-    resize_mask,
+    pool_any,
 )
+from instdiff.sparse.session import FISEditConfig, FISEditSession, RunCache, fisedit_edit_pairs, token_alignment
+from instdiff.sparse.state import SparseState
 
 __all__ = [
     "ActivationCache",
@@ -49,8 +57,8 @@ __all__ = [
     "mask_to_latent",
     "opening",
     "otsu_threshold",
+    "pool_any",
     "remove_sparse",
-    "resize_mask",
     "sparse_unet",
     "token_alignment",
 ]

@@ -39,6 +39,7 @@ def active_blocks(mask: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def divides(block: int, height: int, width: int) -> bool:
+    """Whether ``block`` tiles a ``height``×``width`` map exactly."""
     return height % block == 0 and width % block == 0
 
 
@@ -67,10 +68,21 @@ def choose_block_size(
     gather_cost: float,
     block_overhead: float = 0.0,
 ) -> tuple[int | None, dict[int, float]]:
-    """APSC: the block size minimising the summed cost of ``convs`` on the output mask (N, H, W), or ``None``.
+    """APSC (FISEdit §"Adaptive Pixel-Wise Sparse Convolution"): the block size minimising the summed cost.
 
-    ``None`` means the dense convolution is estimated cheaper than every candidate. Returns the choice and the
-    estimated cost of each candidate considered (block size → cost; key 0 is the dense cost).
+    Ties go to the larger block.
+
+    Args:
+        mask: (N, H, W) bool output mask.
+        convs: the convolutions run on every tile.
+        candidates: block sizes to consider (those that do not divide the map are skipped).
+        gather_cost: multiply-accumulates per moved element (:func:`conv_cost`'s γ).
+        block_overhead: multiply-accumulates per tile (δ).
+
+    Returns:
+        ``(block, costs)``: the best block size, or ``None`` when the dense convolution is estimated cheaper
+        than every candidate; and the estimated cost of each candidate considered (block size → cost; key 0 is
+        the dense cost).
     """
     rows, height, width = mask.shape
     costs: dict[int, float] = {0: sum(dense_conv_cost(rows, height, width, c) for c in convs)}
@@ -148,6 +160,7 @@ class Windows:
     valid: torch.Tensor | None
 
     def valid_as(self, like: torch.Tensor) -> torch.Tensor | None:
+        """``valid`` (nb, 1, P, P) in ``like``'s dtype, or ``None`` when every position is inside the map."""
         return None if self.valid is None else self.valid.to(like.dtype)
 
 
@@ -183,8 +196,10 @@ class TokenSet:
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> TokenSet:
+        """Active positions of ``mask`` (H, W) bool."""
         return cls(mask.reshape(-1).nonzero()[:, 0].contiguous())
 
     @property
     def count(self) -> int:
+        """M, the number of active tokens."""
         return int(self.pos.numel())

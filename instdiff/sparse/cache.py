@@ -25,6 +25,10 @@ class ActivationCache:
     (``None``: no limit); once reached, new entries go to the host tier (pinned memory when ``device`` is CUDA).
     On a CPU ``device`` the host tier is plain memory; the split still follows the budget, so the policy is the
     same (and testable) everywhere.
+
+    Args:
+        device: where consumers want the tensors.
+        budget_bytes: most bytes kept on ``device``; ``None`` for no limit.
     """
 
     def __init__(self, device: torch.device | str, budget_bytes: int | None = None) -> None:
@@ -61,6 +65,7 @@ class ActivationCache:
         self._host_bytes += size
 
     def drop(self, step: int, name: str) -> None:
+        """Forget the entry (step, name) if there is one."""
         for tier, attr in ((self._device, "_device_bytes"), (self._host, "_host_bytes")):
             t = tier.get(step, {}).pop(name, None)
             if t is not None:
@@ -68,6 +73,7 @@ class ActivationCache:
 
     # ---- reading ---------------------------------------------------------------------------
     def has(self, step: int, name: str) -> bool:
+        """Whether (step, name) is stored in either tier."""
         return name in self._device.get(step, {}) or name in self._host.get(step, {})
 
     def is_persistent(self, step: int, name: str) -> bool:
@@ -97,7 +103,11 @@ class ActivationCache:
         self._staged[step] = (staged, ev)
 
     def get(self, step: int, name: str) -> torch.Tensor:
-        """The tensor for (step, name) on the device; waits for its prefetch, or copies it now if none ran."""
+        """The tensor for (step, name) on the device; waits for its prefetch, or copies it now if none ran.
+
+        Raises:
+            KeyError: nothing stored under (step, name).
+        """
         dev = self._device.get(step, {})
         if name in dev:
             return dev[name]
@@ -123,9 +133,11 @@ class ActivationCache:
 
     # ---- accounting ------------------------------------------------------------------------
     def steps(self) -> list[int]:
+        """Steps with at least one entry, ascending."""
         return sorted(set(self._device) | set(self._host))
 
     def names(self, step: int) -> list[str]:
+        """Names stored for ``step``, sorted."""
         return sorted(set(self._device.get(step, {})) | set(self._host.get(step, {})))
 
     def items(self) -> Iterator[tuple[int, str, torch.Tensor]]:
@@ -137,22 +149,27 @@ class ActivationCache:
 
     @property
     def device_bytes(self) -> int:
+        """Bytes held in the accelerator tier."""
         return self._device_bytes
 
     @property
     def host_bytes(self) -> int:
+        """Bytes held in the host tier."""
         return self._host_bytes
 
     def nbytes(self) -> int:
+        """Bytes held in both tiers (Σ numel · element_size)."""
         return self._device_bytes + self._host_bytes
 
     def bytes_per_step(self) -> dict[int, int]:
+        """Bytes held per step, by ascending step."""
         out: dict[int, int] = {}
         for step, _, t in self.items():
             out[step] = out.get(step, 0) + t.numel() * t.element_size()
         return dict(sorted(out.items()))
 
     def summary(self) -> dict[str, object]:
+        """Sizes for reports: totals per tier, per step, the largest step and the number of entries."""
         per_step = self.bytes_per_step()
         return {
             "total_bytes": self.nbytes(),
@@ -164,6 +181,7 @@ class ActivationCache:
         }
 
     def clear(self) -> None:
+        """Drop every entry and staged copy."""
         self._device.clear()
         self._host.clear()
         self._staged.clear()

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from instdiff.errors import ConfigError
+
 
 class SparseMode(StrEnum):
     """How an installed engine runs the steps it is told are sparse.
@@ -29,19 +31,26 @@ class SparseMode(StrEnum):
 class SparseConfig:
     """Knobs of :func:`instdiff.sparse.apply_sparse`.
 
-    ``block_sizes``: candidate block sizes of the APSC heuristic (1 = pixel-wise gather); sizes that do not
-    divide a feature map are skipped for it.
-    ``dense_fraction``: a layer whose active fraction at its resolution is above this runs dense.
-    ``min_resolution_ratio``: layers whose feature map is smaller than this fraction of the latent's side stay
-    dense and are not cached (0.5: for SD at 64×64 latents, the 64 and 32 maps are sparse, 16 and 8 dense).
-    ``gather_cost``: cost of moving one element (gather / scatter), in multiply-accumulates; ``None`` picks a
-    device default (32 on the CPU, 256 on CUDA: the ratio of arithmetic to memory throughput).
-    ``block_overhead``: fixed cost of one gathered block, in multiply-accumulates.
-    ``force_block``: use this block size for every sparse convolution instead of the heuristic (the constant
-    block-gather strategy of SBNet, FISEdit Table 1 "w/o APSC"); it also disables the cost model's dense option
-    (the ``dense_fraction`` / ``min_resolution_ratio`` rules still apply). Sizes that do not divide a map fall
-    back to 1.
-    ``sparse_conv`` / ``sparse_attention``: ablation switches (resnets and convolutions / transformer blocks).
+    Attributes:
+        mode: dense / sparse / profile (:class:`SparseMode`).
+        block_sizes: candidate block sizes of the APSC heuristic (1 = pixel-wise gather); sizes that do not
+            divide a feature map are skipped for it.
+        dense_fraction: a layer whose active fraction at its resolution is above this runs dense.
+        min_resolution_ratio: layers whose feature map is smaller than this fraction of the latent's side stay
+            dense and are not cached (0.5: for SD at 64×64 latents, the 64 and 32 maps are sparse, 16 and 8
+            dense).
+        gather_cost: cost of moving one element (gather / scatter), in multiply-accumulates; ``None`` picks a
+            device default (32 on the CPU, 256 on CUDA: the ratio of arithmetic to memory throughput).
+        block_overhead: fixed cost of one gathered block, in multiply-accumulates.
+        force_block: use this block size for every sparse convolution instead of the heuristic (the constant
+            block-gather strategy of SBNet, FISEdit Table 1 "w/o APSC"); it also disables the cost model's
+            dense option (the ``dense_fraction`` / ``min_resolution_ratio`` rules still apply). Sizes that do
+            not divide a map fall back to 1.
+        sparse_conv: ablation switch for ResNet blocks and convolutions.
+        sparse_attention: ablation switch for transformer blocks.
+
+    Raises:
+        ConfigError: a value outside the ranges above.
     """
 
     mode: SparseMode = SparseMode.SPARSE
@@ -56,19 +65,26 @@ class SparseConfig:
 
     def __post_init__(self) -> None:
         if not self.block_sizes or any(int(b) < 1 for b in self.block_sizes):
-            raise ValueError(f"block_sizes must be positive integers, got {self.block_sizes!r}")
+            raise ConfigError(f"block_sizes must be positive integers, got {self.block_sizes!r}")
         if not 0.0 <= self.dense_fraction <= 1.0:
-            raise ValueError(f"dense_fraction must lie in [0, 1], got {self.dense_fraction}")
+            raise ConfigError(f"dense_fraction must lie in [0, 1], got {self.dense_fraction}")
         if not 0.0 <= self.min_resolution_ratio <= 1.0:
-            raise ValueError(f"min_resolution_ratio must lie in [0, 1], got {self.min_resolution_ratio}")
+            raise ConfigError(f"min_resolution_ratio must lie in [0, 1], got {self.min_resolution_ratio}")
         if self.force_block is not None and self.force_block < 1:
-            raise ValueError(f"force_block must be a positive block size, got {self.force_block}")
+            raise ConfigError(f"force_block must be a positive block size, got {self.force_block}")
         if self.gather_cost is not None and self.gather_cost < 0:
-            raise ValueError(f"gather_cost must be >= 0, got {self.gather_cost}")
+            raise ConfigError(f"gather_cost must be >= 0, got {self.gather_cost}")
         object.__setattr__(self, "mode", SparseMode(self.mode))
 
     def gather_cost_for(self, device_type: str) -> float:
-        """The element-move cost used by the block-size heuristic on a device of this type."""
+        """The element-move cost the block-size heuristic uses on a device of this type.
+
+        Args:
+            device_type: ``torch.device.type``, e.g. ``"cuda"`` or ``"cpu"``.
+
+        Returns:
+            Multiply-accumulates per moved element.
+        """
         if self.gather_cost is not None:
             return float(self.gather_cost)
         return 256.0 if device_type == "cuda" else 32.0

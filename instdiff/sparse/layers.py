@@ -1,4 +1,4 @@
-"""Wrapper modules and attention processors of the sparse engine.
+"""Wrapper modules of the sparse engine (convolutions, GroupNorm, ResNet blocks, transformers).
 
 Each wrapper holds the original module (``inner``) and, in a dense step, simply calls it (recording what later
 sparse steps need when the step records). In a sparse step with a sparse plan it computes only the active
@@ -11,7 +11,8 @@ region, following FISEdit §"Sparse Computation":
   (§"Approximate Normalization"), applied to the gathered tiles together with the SiLU that follows;
 * self-attention takes queries from the active tokens only and keys / values from the whole map, where the
   inactive tokens' keys / values come from the cache; cross-attention uses the new prompt; the feed-forward
-  and the norms run on active tokens (§"Approximate Attention", Fig. 4);
+  and the norms run on active tokens (§"Approximate Attention", Fig. 4; the attention itself is in
+  :mod:`instdiff.sparse.processors`);
 * the result is written into the cached full-size output of this step, which the wrapper returns.
 """
 
@@ -23,14 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from instdiff.sparse.blocks import BlockSet, ConvShape, TokenSet, gather_flat, gather_windows, tiles_to_flat
-from instdiff.sparse.engine import SparseState
+from instdiff.sparse.processors import active_self_attention, attention_supported, cross_attention
+from instdiff.sparse.state import SparseState
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def conv_supported(conv: nn.Module) -> bool:
 
 
 def conv_shape(conv: nn.Conv2d) -> ConvShape:
+    """The cost model's view of ``conv`` (channels, kernel, stride, padding)."""
     return ConvShape(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0])
 
 
@@ -72,21 +74,6 @@ def resnet_supported(r: ResnetBlock2D) -> bool:
         and r.conv2.stride[0] == 1
         and r.conv2.padding[0] == 1
         and (r.conv_shortcut is None or (conv_supported(r.conv_shortcut) and r.conv_shortcut.kernel_size[0] == 1))
-    )
-
-
-def attention_supported(attn: Attention) -> bool:
-    """Plain multi-head attention: no spatial / group / q-k norms, no residual inside, no output rescale."""
-    return (
-        isinstance(attn, Attention)
-        and attn.spatial_norm is None
-        and attn.group_norm is None
-        and getattr(attn, "norm_q", None) is None
-        and getattr(attn, "norm_k", None) is None
-        and not attn.residual_connection
-        and attn.rescale_output_factor == 1.0
-        and getattr(attn, "norm_cross", None) is None
-        and isinstance(attn.to_out[0], nn.Linear)
     )
 
 
@@ -152,20 +139,8 @@ def _conv_macs(rows: int, h: int, w: int, conv: nn.Conv2d) -> float:
     return float(rows * h * w * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1])
 
 
-def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Multi-head SDPA: q (N, L, D), k / v (N, S, D) → (N, L, D)."""
-    n, lq, d = q.shape
-    hd = d // attn.heads
-    q = q.view(n, lq, attn.heads, hd).transpose(1, 2)
-    k = k.view(n, -1, attn.heads, hd).transpose(1, 2)
-    v = v.view(n, -1, attn.heads, hd).transpose(1, 2)
-    # AttnProcessor2_0 leaves SDPA's default scale 1/sqrt(hd); only a different attn.scale is passed on
-    scale = None if abs(attn.scale - hd**-0.5) < 1e-12 else attn.scale
-    o = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (N, heads, L, hd)
-    return o.transpose(1, 2).reshape(n, lq, d)
-
-
 def _linear_macs(tokens: int, layer: nn.Module) -> float:
+    """Multiply-accumulates of every ``nn.Linear`` inside ``layer`` applied to ``tokens`` rows."""
     return float(sum(tokens * m.in_features * m.out_features for m in layer.modules() if isinstance(m, nn.Linear)))
 
 
@@ -180,15 +155,20 @@ class _Wrapper(nn.Module):
 
     @property
     def state(self) -> SparseState:
+        """The engine state shared by every wrapper."""
         return self._state_ref
 
     def key(self, what: str) -> str:
+        """Cache name of one of this module's tensors: ``"{path}:{what}"``."""
         return f"{self.path}:{what}"
 
     def install_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Forward pre-hooks on inner modules that record what sparse steps need; returns their handles."""
         return []
 
     def _norm_stats_hook(self, name: str) -> Any:
+        """A pre-hook recording a GroupNorm's per-(sample, channel) affine under ``name`` in recording steps."""
+
         def hook(module: nn.GroupNorm, args: tuple) -> None:
             x = args[0]
             if self.state.should_record(x.shape[-2]):
@@ -197,6 +177,8 @@ class _Wrapper(nn.Module):
         return hook
 
     def _input_hook(self, name: str) -> Any:
+        """A pre-hook recording a module's input under ``name`` in recording steps."""
+
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             if self.state.should_record(x.shape[-2]):
@@ -219,10 +201,12 @@ class SparseConv(_Wrapper):
         self.shape = conv_shape(inner)
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
+        """Output (H, W) of the convolution on an (h, w) input."""
         s = self.shape
         return (h + 2 * s.padding - s.kernel) // s.stride + 1, (w + 2 * s.padding - s.kernel) // s.stride + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, Cin, H, W) → (N, Cout, Hout, Wout): dense, or active tiles written into the cached output."""
         st = self.state
         n, _, h, w = x.shape
         ho, wo = self.out_size(h, w)
@@ -237,6 +221,7 @@ class SparseConv(_Wrapper):
         return self._sparse(x, plan, dense)
 
     def _sparse(self, x: torch.Tensor, bs: BlockSet, dense: float) -> torch.Tensor:
+        """Convolve the haloed windows of the active tiles and write them into this step's cached output."""
         st = self.state
         n = x.shape[0]
         win = bs.windows(self.shape, x.shape[-2], x.shape[-1])
@@ -261,6 +246,7 @@ class SparseGroupNorm(_Wrapper):
         return [self.inner.register_forward_pre_hook(self._norm_stats_hook("gn"))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) → (N, C, H, W): the cached statistics in sparse steps, the original norm otherwise."""
         st = self.state
         if st.sparse_step and st.affine_plan(self.path, (x.shape[-2], x.shape[-1]), [self.key("gn")]):
             with st.timed("norm"):
@@ -301,6 +287,7 @@ class SparseResnet(_Wrapper):
         ]
 
     def dense_macs(self, n: int, h: int, w: int, temb: torch.Tensor | None) -> float:
+        """Multiply-accumulates of the dense block on (n, ·, h, w) inputs (memoised)."""
         key = (n, h, w, temb is None)
         if key not in self._macs_memo:
             self._macs_memo[key] = self._dense_macs(n, h, w, temb)
@@ -316,6 +303,7 @@ class SparseResnet(_Wrapper):
         return m
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """(N, Cin, H, W) and time embedding (N, Ct) → (N, Cout, H, W), dense or on active tiles."""
         st = self.state
         n, _, h, w = input_tensor.shape
         dense = self.dense_macs(n, h, w, temb)
@@ -329,6 +317,7 @@ class SparseResnet(_Wrapper):
         return self._sparse(input_tensor, temb, plan, dense)
 
     def _sparse(self, x: torch.Tensor, temb: torch.Tensor | None, bs: BlockSet, dense: float) -> torch.Tensor:
+        """The block on the active tiles of ``bs`` (see the class docstring), written into the cached output."""
         st, r = self.state, self.inner
         n, _, h, w = x.shape
         b = bs.block
@@ -424,6 +413,10 @@ class SparseTransformer(_Wrapper):
     def install_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         return [self.inner.norm.register_forward_pre_hook(self._norm_stats_hook("gn"))]
 
+    def is_recording(self) -> bool:
+        """Whether the current call records (its self-attention recorders then keep keys and values)."""
+        return self.recording_now
+
     def macs(self, tokens: int, rows: int, hw: int, enc_len: int) -> dict[str, float]:
         """MACs of this transformer computing ``tokens`` query tokens over ``rows`` maps of ``hw`` tokens each
         (keys of self-attention: all ``hw``; of cross-attention: ``enc_len`` prompt tokens)."""
@@ -435,6 +428,7 @@ class SparseTransformer(_Wrapper):
         return {"conv": tokens * self.c_proj, "attention": attn, "ff": tokens * self.c_ff}
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """(N, C, H, W) → the inner transformer's output type; dense, or on active tokens in sparse steps."""
         st = self.state
         n, _, h, w = hidden_states.shape
         ehs = kwargs.get("encoder_hidden_states", args[0] if args else None)
@@ -458,6 +452,7 @@ class SparseTransformer(_Wrapper):
         return Transformer2DModelOutput(sample=out) if kwargs.get("return_dict", True) else (out,)
 
     def _sparse(self, x: torch.Tensor, ehs: torch.Tensor | None, ts: TokenSet, dense: dict[str, float]) -> torch.Tensor:
+        """The transformer on the active tokens of ``ts``, written into the cached output (N, C, H, W)."""
         st, t = self.state, self.inner
         n, c, h, w = x.shape
         pos = ts.pos
@@ -483,25 +478,19 @@ class SparseTransformer(_Wrapper):
     def _block(
         self, blk: BasicTransformerBlock, apath: str, hid: torch.Tensor, ehs: torch.Tensor | None, pos: torch.Tensor
     ) -> torch.Tensor:
+        """One ``BasicTransformerBlock`` on active tokens ``hid`` (N, M, D): self-attention, cross-attention, FF."""
         st = self.state
         # self-attention: queries of active tokens, keys / values of the whole map
         nh = blk.norm1(hid)  # (N, M, D)
-        a1 = blk.attn1
         with st.timed("attention"):
-            q, k, v = a1.to_q(nh), a1.to_k(nh), a1.to_v(nh)
-            keys, values = st.fetch(f"{apath}:k"), st.fetch(f"{apath}:v")  # (N, HW, D)
-            st.write_tokens(keys, pos, k)
-            st.write_tokens(values, pos, v)
-            o = a1.to_out[1](a1.to_out[0](_attend(a1, q, keys, values)))
+            o = active_self_attention(st, blk.attn1, apath, nh, pos)
         hid = hid + o
         # cross-attention with the (new) prompt
         if blk.attn2 is not None:
             nh = blk.norm2(hid)
-            a2 = blk.attn2
             enc = ehs if ehs is not None else nh
             with st.timed("attention"):
-                o = _attend(a2, a2.to_q(nh), a2.to_k(enc), a2.to_v(enc))  # (N, M, D)
-                o = a2.to_out[1](a2.to_out[0](o))
+                o = cross_attention(blk.attn2, nh, enc)  # (N, M, D)
             hid = hid + o
         # feed-forward
         return hid + blk.ff(blk.norm3(hid))
@@ -515,84 +504,7 @@ def _proj(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _proj_macs(layer: nn.Module, tokens: int) -> float:
+    """Multiply-accumulates of a 1×1 convolution or linear projection on ``tokens`` rows."""
     if isinstance(layer, nn.Conv2d):
         return float(tokens * layer.in_channels * layer.out_channels)
     return _linear_macs(tokens, layer)
-
-
-# ---- attention processors -------------------------------------------------------------------------------
-class SelfAttentionRecorder:
-    """Processor of a wrapped transformer's self-attention: identical to the original processor, and in recording
-    steps it computes the attention itself (same ops as ``AttnProcessor2_0``) to keep the keys / values (N, HW, D)
-    that later sparse steps use for inactive tokens."""
-
-    def __init__(self, state: SparseState, path: str, original: Any, owner: SparseTransformer) -> None:
-        self.state = state
-        self.path = path
-        self.original = original
-        self.owner = owner
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        plain = encoder_hidden_states is None and attention_mask is None and hidden_states.ndim == 3
-        if not (self.owner.recording_now and plain):
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)  # (N, HW, D)
-        self.state.record(f"{self.path}:k", k)
-        self.state.record(f"{self.path}:v", v)
-        o = _attend(attn, q, k, v).to(q.dtype)
-        return attn.to_out[1](attn.to_out[0](o))
-
-
-class CrossAttentionProcessor:
-    """Processor of every cross-attention: the original one, except while cross-attention control is active
-    (FISEdit §"Target Area Capture", after prompt-to-prompt): then it records the conditional rows' attention
-    maps (N', heads, HW, T) or replaces the maps of unchanged words with the recorded ones."""
-
-    def __init__(self, state: SparseState, path: str, original: Any) -> None:
-        self.state = state
-        self.path = path
-        self.original = original
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        ctl = self.state.ca
-        if (
-            ctl is None
-            or self.state.step is None
-            or encoder_hidden_states is None
-            or attention_mask is not None
-            or hidden_states.ndim != 3
-            or not attention_supported(attn)
-        ):
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        n, length, d = hidden_states.shape
-        heads = attn.heads
-        q = attn.to_q(hidden_states).view(n, length, heads, -1).transpose(1, 2)  # (N, h, L, hd)
-        k = attn.to_k(encoder_hidden_states).view(n, -1, heads, q.shape[-1]).transpose(1, 2)  # (N, h, T, hd)
-        v = attn.to_v(encoder_hidden_states).view(n, -1, heads, q.shape[-1]).transpose(1, 2)
-        probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1).to(q.dtype)  # (N, h, L, T)
-        name = f"{self.path}:probs"
-        if ctl.mode == "record":
-            self.state.record(name, probs[ctl.rows])
-        elif ctl.mode == "replace" and ctl.source is not None and ctl.source.has(self.state.step, name):
-            src = ctl.source.get(self.state.step, name)  # (N', h, L, T)
-            cond = probs[ctl.rows]
-            cond[..., ctl.dst] = src[..., ctl.src].to(cond.dtype)
-            probs[ctl.rows] = cond
-        o = (probs @ v).transpose(1, 2).reshape(n, length, -1)
-        return attn.to_out[1](attn.to_out[0](o))

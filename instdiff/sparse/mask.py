@@ -5,39 +5,70 @@ prompt, compare the latents with the cached ones (the difference is clear around
 threshold the accumulated difference. Here: |Δlatent| summed over channels, normalised per step by its maximum,
 summed over the chosen steps, thresholded (Otsu by default, or a fixed fraction of the maximum), cleaned with a
 small morphological opening and grown by a safety margin. Masks are then max-pooled to every UNet resolution,
-so that any active latent pixel activates the feature-map pixel (and hence the block) that covers it.
+so that any active latent pixel activates the feature-map pixel (and hence the block) that covers it
+(:func:`pool_any`; :func:`instdiff.masks.resize_mask` is the area / nearest resize of the editors' masks).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from instdiff.errors import ConfigError, EditInputError
+
+log = logging.getLogger(__name__)
+
 
 def latent_difference(edited: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
-    """Per-pixel change (N, H, W) = Σ_c |edited − cached| of latents (N, C, H, W)."""
+    """Per-pixel change of the latents: Σ_c |edited − cached|.
+
+    Args:
+        edited: (N, C, H, W) latents of the edited run.
+        cached: (N, C, H, W) latents of the cached run at the same step.
+
+    Returns:
+        (N, H, W) float32.
+    """
     return (edited.float() - cached.float()).abs().sum(dim=1)
 
 
 def normalize_per_sample(d: torch.Tensor) -> torch.Tensor:
-    """Divide each map of (N, H, W) by its maximum (maps that are all zero stay zero)."""
+    """Divide each map of (N, H, W) by its maximum (maps that are all zero stay zero); returns (N, H, W)."""
     peak = d.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     return d / peak[:, None, None]
 
 
 def accumulate_differences(diffs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_steps normalise(Δ_step): (N, H, W) from a sequence of per-step difference maps (N, H, W)."""
+    """Σ_steps normalise(Δ_step), each step's map divided by its maximum.
+
+    Args:
+        diffs: per-step difference maps, each (N, H, W).
+
+    Returns:
+        (N, H, W) float32.
+
+    Raises:
+        ValueError: no maps (the session always runs at least one detection step).
+    """
     if not diffs:
         raise ValueError("no difference maps to accumulate: the mask needs at least one detection step")
     return torch.stack([normalize_per_sample(d.float()) for d in diffs]).sum(0)
 
 
 def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
-    """Otsu's threshold of each map of (N, H, W): the level maximising the between-class variance. Returns (N,).
+    """Otsu's threshold of each map: the level maximising the between-class variance (Otsu 1979).
 
     The histogram spans [min, max] of each map; the threshold is the upper edge of the last bin of the lower class.
+
+    Args:
+        values: (N, H, W) maps.
+        bins: histogram bins.
+
+    Returns:
+        (N,) float32 thresholds, in the maps' units.
     """
     n = values.shape[0]
     flat = values.reshape(n, -1).float()
@@ -84,12 +115,23 @@ def difference_mask(
     margin: int = 1,
     min_peak: float = 1e-6,
 ) -> torch.Tensor:
-    """FISEdit's difference mask (N, H, W) bool from per-step latent differences (each (N, H, W)).
+    """FISEdit's difference mask from per-step latent differences (§"Fine-Grained Mask Generation").
 
-    ``threshold``: ``None`` for Otsu on the accumulated map, else a fraction in (0, 1] of each map's maximum.
-    ``open_radius``: radius of the opening that removes isolated pixels; ``margin``: dilation radius after it.
     Samples whose raw differences never exceed ``min_peak`` (an unchanged prompt) get an empty mask; where the
     opening would remove every pixel, the thresholded pixels are kept.
+
+    Args:
+        diffs: per-step difference maps, each (N, H, W) (:func:`latent_difference`).
+        threshold: ``None`` for Otsu on the accumulated map, else a fraction in (0, 1] of each map's maximum.
+        open_radius: radius of the opening that removes isolated pixels, in latent pixels.
+        margin: dilation radius after the opening, in latent pixels.
+        min_peak: largest raw difference that still counts as "no change".
+
+    Returns:
+        (N, H, W) bool at latent resolution.
+
+    Raises:
+        ConfigError: a fixed threshold outside (0, 1].
     """
     acc = accumulate_differences(diffs)  # (N, H, W)
     peak = torch.stack([d.float().flatten(1).amax(1) for d in diffs]).amax(0)  # (N,)
@@ -97,7 +139,7 @@ def difference_mask(
         level = otsu_threshold(acc)
     else:
         if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"a fixed mask threshold is a fraction of the maximum in (0, 1], got {threshold}")
+            raise ConfigError(f"a fixed mask threshold is a fraction of the maximum in (0, 1], got {threshold}")
         level = acc.flatten(1).amax(1) * threshold
     mask = acc > level[:, None, None]
     opened = opening(mask, open_radius)
@@ -107,9 +149,20 @@ def difference_mask(
     return mask & (peak > min_peak)[:, None, None]
 
 
-def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A bool mask (N, H, W) at another size: max-pooled when shrinking (any active pixel activates), nearest when
-    growing. Halving steps use ceil mode, matching the UNet's stride-2 downsamplers on odd sizes."""
+def pool_any(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A bool mask at another size where a cell is active if any pixel it covers is.
+
+    Max-pooled when shrinking (so every feature-map pixel, and hence every block, that covers an active latent
+    pixel is computed), nearest when growing. Halving steps use ceil mode, matching the UNet's stride-2
+    downsamplers on odd sizes. Not :func:`instdiff.masks.resize_mask` (area-thresholded, for editor masks).
+
+    Args:
+        mask: (N, H, W) bool.
+        size: (h, w) target size.
+
+    Returns:
+        (N, h, w) bool.
+    """
     h, w = size
     if tuple(mask.shape[-2:]) == (h, w):
         return mask
@@ -125,15 +178,26 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def mask_to_latent(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
-    """A user mask (N, 1, H, W) / (N, H, W) / (H, W), bool or float (> 0.5 is set), as (N, h, w) bool latents."""
+    """A user's mask on the latent grid (any pixel of a latent cell set sets the cell).
+
+    Args:
+        mask: (N, 1, H, W), (N, H, W) or (H, W); bool, or float where > 0.5 is set; any resolution.
+        latent_size: (h, w) of the latents.
+
+    Returns:
+        (N, h, w) bool.
+
+    Raises:
+        EditInputError: a shape other than the above.
+    """
     m = mask
     if m.dim() == 2:
         m = m[None]
     if m.dim() == 4:
         if m.shape[1] != 1:
-            raise ValueError(f"a mask has one channel; got shape {tuple(mask.shape)}")
+            raise EditInputError(f"a mask has one channel; got shape {tuple(mask.shape)}")
         m = m[:, 0]
     if m.dim() != 3:
-        raise ValueError(f"a mask is (H, W), (N, H, W) or (N, 1, H, W); got shape {tuple(mask.shape)}")
+        raise EditInputError(f"a mask is (H, W), (N, H, W) or (N, 1, H, W); got shape {tuple(mask.shape)}")
     m = m > 0.5 if m.is_floating_point() else m.bool()
-    return resize_mask(m, latent_size)
+    return pool_any(m, latent_size)

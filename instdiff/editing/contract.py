@@ -1,0 +1,213 @@
+"""The editor contract: ``edit(bundle, images, source_prompts, target_prompts, cfg, seeds) -> EditResult``.
+
+Every method is called the same way and returns the same result type (one sampler signature, as in
+k-diffusion), so the CLI, the batch job and the benchmarks never special-case a method. Editors register
+themselves in :data:`EDITORS` with :func:`register`; :func:`edit` checks the inputs once for all of them.
+Also here: :func:`generate` (text-to-image, for prompt-pair datasets and FISEdit's sources) and
+:func:`expected_unet_calls` (the closed-form cost of a config).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from instdiff.bundle import ModelBundle
+from instdiff.config import EditConfig, Inpaint, Method
+from instdiff.errors import EditInputError
+from instdiff.masks import steps_for_strength
+from instdiff.sampling import UNetCounter, embeddings, guided_eps, initial_latents, schedule
+from instdiff.types import EditResult
+
+log = logging.getLogger(__name__)
+
+EditorFn = Callable[[ModelBundle, torch.Tensor, Sequence[str], Sequence[str], EditConfig, Sequence[int]], EditResult]
+"""``(bundle, images, source_prompts, target_prompts, cfg, seeds) -> EditResult``, inputs already checked."""
+
+EDITORS: dict[Method, EditorFn] = {}
+"""The registered editors by method (filled by the editor modules of :mod:`instdiff.editing`)."""
+
+
+def register(method: Method) -> Callable[[EditorFn], EditorFn]:
+    """Decorator: register an editor function for ``method`` in :data:`EDITORS`.
+
+    Args:
+        method: the method the function implements.
+
+    Returns:
+        A decorator that registers its function and returns it unchanged.
+    """
+
+    def deco(fn: EditorFn) -> EditorFn:
+        EDITORS[Method(method)] = fn
+        return fn
+
+    return deco
+
+
+# ---- input checks -----------------------------------------------------------------------------------------
+def size_multiple(bundle: ModelBundle) -> int:
+    """Image sides must be multiples of this: VAE factor × 2^(UNet down blocks − 1), in pixels."""
+    return bundle.vae_scale_factor * 2 ** (len(bundle.unet.config.block_out_channels) - 1)
+
+
+def check_images(bundle: ModelBundle, images: torch.Tensor) -> None:
+    """Refuse images an editor cannot take.
+
+    Args:
+        bundle: the model (its size multiple).
+        images: should be (B, 3, H, W) float in [-1, 1] with H, W multiples of :func:`size_multiple`.
+
+    Raises:
+        EditInputError: another type or shape, sides not multiples of the step, values outside [-1, 1].
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise EditInputError(f"images must be a (B, 3, H, W) tensor in [-1, 1]; got {shape}")
+    m = size_multiple(bundle)
+    h, w = images.shape[-2:]
+    if h % m or w % m:
+        raise EditInputError(
+            f"image size {w}x{h} is not a multiple of {m} (VAE factor × UNet downsampling); "
+            "resize or pad first (instdiff.imageio.fit_to_multiple does either)"
+        )
+    if images.min() < -1.001 or images.max() > 1.001:
+        raise EditInputError("image values must be in [-1, 1] (use instdiff.imageio.to_model_tensor)")
+
+
+def check_prompts(bundle: ModelBundle, prompts: Sequence[str], what: str) -> None:
+    """Refuse empty prompts; warn about prompts longer than CLIP's 77 tokens (they are truncated).
+
+    Args:
+        bundle: the tokenizer.
+        prompts: the prompts to check.
+        what: which prompts, for the message (``"source"``, ``"target"``, ``"generation"``).
+
+    Raises:
+        EditInputError: a prompt that is not a string or is blank.
+    """
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise EditInputError(f"{what} prompt #{i} is empty; a non-empty text is required")
+        n = bundle.token_count(p)
+        limit = bundle.tokenizer.model_max_length
+        if n > limit:
+            log.warning("%s prompt #%d has %d tokens; CLIP reads %d, the rest is truncated", what, i, n, limit)
+
+
+# ---- the contract -----------------------------------------------------------------------------------------
+def edit(
+    bundle: ModelBundle,
+    images: torch.Tensor,
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    cfg: EditConfig = EditConfig(),
+    seeds: Sequence[int] | None = None,
+) -> EditResult:
+    """Edit a batch of images with ``cfg.method``.
+
+    Args:
+        bundle: the models.
+        images: (B, 3, H, W) float in [-1, 1] (see :func:`check_images`).
+        source_prompts: B prompts describing the inputs (read only by the methods that need them).
+        target_prompts: B prompts describing the wanted outputs.
+        cfg: the method and its options.
+        seeds: one seed per image; ``None`` uses ``cfg.seed`` for all.
+
+    Returns:
+        The edited images (B, 3, H, W) in [-1, 1], masks (B, 1, H, W) bool, timings in seconds, UNet
+        evaluations per image and method-specific extras.
+
+    Raises:
+        EditInputError: bad images, prompt or seed counts that do not match the images, empty prompts, an
+            unregistered method.
+    """
+    check_images(bundle, images)
+    b = images.shape[0]
+    if len(source_prompts) != b or len(target_prompts) != b:
+        raise EditInputError(
+            f"got {b} images, {len(source_prompts)} source and {len(target_prompts)} target prompts; one each per image"
+        )
+    check_prompts(bundle, target_prompts, "target")
+    method = Method(cfg.method)
+    if cfg.needs_source_prompt:
+        check_prompts(bundle, source_prompts, "source")
+    seeds = list(seeds) if seeds is not None else [cfg.seed] * b
+    if len(seeds) != b:
+        raise EditInputError(f"got {len(seeds)} seeds for {b} images")
+    try:
+        fn = EDITORS[method]
+    except KeyError:
+        raise EditInputError(
+            f"unknown method {cfg.method!r}; accepted: {', '.join(m.value for m in EDITORS)}"
+        ) from None
+    with torch.inference_mode():
+        return fn(bundle, images.to(bundle.device, bundle.dtype), source_prompts, target_prompts, cfg, seeds)
+
+
+@torch.inference_mode()
+def generate(
+    bundle: ModelBundle,
+    prompts: Sequence[str],
+    steps: int = 50,
+    guidance: float = 7.5,
+    seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Text-to-image with DDIM and classifier-free guidance at the model's native size.
+
+    Starts from :func:`instdiff.sampling.initial_latents`, as FISEdit's session does, so a seed gives the same
+    x_T here and there (FISEdit edits its own generations of the source prompts).
+
+    Args:
+        bundle: the models.
+        prompts: B prompts.
+        steps: DDIM steps.
+        guidance: classifier-free guidance scale.
+        seeds: one seed per prompt; ``None`` uses 0, 1, …
+
+    Returns:
+        (B, 3, H, W) float32 images in [-1, 1] on the CPU.
+
+    Raises:
+        EditInputError: an empty prompt.
+    """
+    check_prompts(bundle, prompts, "generation")
+    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+    side = bundle.unet.config.sample_size
+    counter = UNetCounter(len(prompts))
+    sched, ts = schedule(bundle, steps, 1.0)
+    x = initial_latents(bundle, sched, seeds, (bundle.latent_channels, side, side))
+    cond, uncond = embeddings(bundle, prompts, 1)
+    for t in ts:
+        eps = guided_eps(counter, bundle.unet, sched.scale_model_input(x, t), t, cond, uncond, guidance)
+        x = sched.step(eps, t, x).prev_sample
+    return bundle.decode_latents(x).cpu()
+
+
+def expected_unet_calls(cfg: EditConfig) -> float:
+    """UNet evaluations per image implied by ``cfg`` (used by tests and reports).
+
+    Args:
+        cfg: an InstDiffEdit, SDEdit or DiffEdit config (the count does not depend on whether InstDiffEdit's
+            final step uses the inpainting UNet or latent blending).
+
+    Returns:
+        Evaluations (batch rows) per image: 2 per guided step.
+
+    Raises:
+        ValueError: FISEdit, whose count depends on the mask it finds.
+    """
+    k = steps_for_strength(cfg.steps, cfg.strength)
+    method = Method(cfg.method)
+    if method is Method.SDEDIT:
+        return 2.0 * k
+    if method is Method.DIFFEDIT:
+        return 2.0 * cfg.diffedit_noises + k + 2.0 * k
+    if method is Method.INSTDIFFEDIT:
+        calls = 2.0 * cfg.n_noises * k
+        if Inpaint(cfg.inpaint) is not Inpaint.NONE:
+            calls += 2.0 * steps_for_strength(cfg.inpaint_steps or cfg.steps, cfg.inpaint_strength)
+        return calls
+    raise ValueError(f"no closed form for {method.value}")
