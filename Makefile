@@ -29,6 +29,7 @@ test-slow: setup
 
 lint: setup
 	$(BIN)/ruff check instdiff pipelines cluster tests
+	$(BIN)/ruff format --check instdiff pipelines cluster tests
 
 $(DEMO_DATA): | setup
 	$(BIN)/instdiff make-dataset shapes --n $(DEMO_N) --out $(DEMO_DATA)

@@ -24,6 +24,26 @@ MAX_TOKENS = 77
 """CLIP's sequence length (start token, up to 75 word pieces, end token)."""
 
 
+def token_ids(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids as every part of the project tokenizes: padded to the tokenizer's length (77 for CLIP), over-long
+    prompts truncated.
+
+    Args:
+        tokenizer: a CLIP tokenizer.
+        prompts: B prompts.
+
+    Returns:
+        (B, 77) int64 token ids on the CPU.
+    """
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 @dataclass
 class ModelBundle:
     """Tokenizer, text encoder, VAE, UNet, scheduler and an optional inpainting UNet, on one device.
@@ -84,14 +104,7 @@ class ModelBundle:
         Returns:
             (B, 77) long on the CPU.
         """
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return ids
+        return token_ids(self.tokenizer, prompts)
 
     def word_ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """Which word each token position belongs to, from CLIP's BPE pieces (a piece ending in ``</w>`` ends a

@@ -32,7 +32,7 @@ DEFAULT_MAX_PIXELS = 4096 * 4096  # decoded images larger than this are refused 
 
 # ---- choices ---------------------------------------------------------------------------------------------------
 class Method(StrEnum):
-    """An editor. Every one is called through the same contract (``instdiff.editors.edit``)."""
+    """An editor. Every one is called through the same contract (``instdiff.editing.edit``)."""
 
     INSTDIFFEDIT = "instdiffedit"
     SDEDIT = "sdedit"

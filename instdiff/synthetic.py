@@ -223,9 +223,7 @@ class ShapeSpec:
         if self.kind not in SHAPES:
             raise ValueError(f"unknown shape {self.kind!r}; expected one of {SHAPES}")
         if self.color not in COLORS:
-            raise ValueError(
-                f"unknown colour {self.color!r}; expected one of {tuple(COLORS)}"
-            )
+            raise ValueError(f"unknown colour {self.color!r}; expected one of {tuple(COLORS)}")
         if not self.size > 0.0:
             raise ValueError(f"shape size must be positive, got {self.size}")
 
@@ -248,9 +246,7 @@ def background_phrase(background: str, texture: str = "plain") -> str:
     return f"{_article(words[0])} {' '.join(words)}"
 
 
-def caption_for(
-    objects: Sequence[ShapeSpec], background: str, texture: str = "plain"
-) -> str:
+def caption_for(objects: Sequence[ShapeSpec], background: str, texture: str = "plain") -> str:
     """Build the caption of a scene.
 
     Format: ``"A on BG"``, ``"A and B on BG"`` or ``"A, B and C on BG"``
@@ -276,9 +272,7 @@ def caption_for(
 def _check_background(background: str, texture: str) -> None:
     """Raise ``ValueError`` for an unknown background colour or texture."""
     if background not in BACKGROUNDS:
-        raise ValueError(
-            f"unknown background {background!r}; expected one of {tuple(BACKGROUNDS)}"
-        )
+        raise ValueError(f"unknown background {background!r}; expected one of {tuple(BACKGROUNDS)}")
     if texture not in TEXTURES:
         raise ValueError(f"unknown texture {texture!r}; expected one of {TEXTURES}")
 
@@ -313,10 +307,7 @@ def color_allowed_on(color: str, background: str) -> bool:
     if color == background:
         return False
     rgb = COLORS[color]
-    return all(
-        _distance(rgb, tone) >= _MIN_COLOR_DISTANCE
-        for tone in background_tones(background)
-    )
+    return all(_distance(rgb, tone) >= _MIN_COLOR_DISTANCE for tone in background_tones(background))
 
 
 def allowed_colors(background: str) -> tuple[str, ...]:
@@ -343,10 +334,7 @@ def _unit_polygon(kind: str) -> np.ndarray | None:
         return _TRIANGLE_RADIUS * np.stack([np.cos(theta), np.sin(theta)], axis=1)
     if kind == "star":
         theta = np.deg2rad(-90.0 + 36.0 * np.arange(10))
-        radius = (
-            np.where(np.arange(10) % 2 == 0, 1.0, _STAR_INNER_RATIO)
-            * _STAR_OUTER_RADIUS
-        )
+        radius = np.where(np.arange(10) % 2 == 0, 1.0, _STAR_INNER_RATIO) * _STAR_OUTER_RADIUS
         return np.stack([radius * np.cos(theta), radius * np.sin(theta)], axis=1)
     if kind == "cross":
         a, w = _CROSS_ARM, _CROSS_HALF_WIDTH
@@ -537,18 +525,14 @@ def render_scene(
         The rendered :class:`Scene`.
     """
     if int(size) != size or size < _MIN_IMAGE_SIZE:
-        raise ValueError(
-            f"image size must be an integer >= {_MIN_IMAGE_SIZE}, got {size}"
-        )
+        raise ValueError(f"image size must be an integer >= {_MIN_IMAGE_SIZE}, got {size}")
     size = int(size)
     _check_background(background, texture)
     objects = list(objects)
     image, _, visible = _compose(objects, background, texture, size)
     if antialias:
         big, _, _ = _compose(objects, background, texture, size * _SUPERSAMPLE)
-        blocks = big.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE, 3).astype(
-            np.float64
-        )
+        blocks = big.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE, 3).astype(np.float64)
         image = np.rint(blocks.mean(axis=(1, 3))).astype(np.uint8)
     return Scene(
         image=image,
@@ -575,11 +559,7 @@ def _random_shape(
 ) -> ShapeSpec | None:
     """Sample the geometry of one shape fully inside the frame (``None`` if it cannot fit)."""
     extent = float(rng.uniform(*size_range))
-    angle = (
-        float(rng.uniform(-max_angle, max_angle))
-        if max_angle > 0 and kind != "circle"
-        else 0.0
-    )
+    angle = float(rng.uniform(-max_angle, max_angle)) if max_angle > 0 and kind != "circle" else 0.0
     probe = ShapeSpec(kind, color, 0.0, 0.0, extent, angle)
     x0, y0, x1, y1 = _extent(probe)
     lo_x, hi_x = _FRAME_MARGIN - x0, 1.0 - _FRAME_MARGIN - x1
@@ -658,12 +638,8 @@ def random_scene(
                 break
         if len(objects) == n_objects:
             return render_scene(objects, background, texture, size, antialias)
-        logger.debug(
-            "random_scene: placement failed, resampling (attempt %d)", attempt + 1
-        )
-    raise RuntimeError(
-        f"could not place {n_objects} objects at size {size} with min_visible={min_visible}"
-    )
+        logger.debug("random_scene: placement failed, resampling (attempt %d)", attempt + 1)
+    raise RuntimeError(f"could not place {n_objects} objects at size {size} with min_visible={min_visible}")
 
 
 def _index_rng(seed: int, stream: int, index: int) -> np.random.Generator:
@@ -680,9 +656,7 @@ def make_scenes(n: int, seed: int = 0, size: int = 64, **kw: Any) -> list[Scene]
     ``(seed, i)``, so it is the same for any ``n > i``.  Extra keyword
     arguments are passed to :func:`random_scene`.
     """
-    return [
-        random_scene(_index_rng(seed, _SCENE_STREAM, i), size, **kw) for i in range(n)
-    ]
+    return [random_scene(_index_rng(seed, _SCENE_STREAM, i), size, **kw) for i in range(n)]
 
 
 # --------------------------------------------------------------------------
@@ -740,22 +714,14 @@ def apply_edit(
     objects = list(scene.objects)
     background = scene.background
     if object_index is None:
-        if (
-            target_background is None
-            or target_kind is not None
-            or target_color is not None
-        ):
-            raise ValueError(
-                "a background edit needs target_background and no object targets"
-            )
+        if target_background is None or target_kind is not None or target_color is not None:
+            raise ValueError("a background edit needs target_background and no object targets")
         background = target_background
     else:
         if target_background is not None:
             raise ValueError("an object edit cannot also change the background")
         if not 0 <= object_index < len(objects):
-            raise ValueError(
-                f"object_index {object_index} out of range for {len(objects)} objects"
-            )
+            raise ValueError(f"object_index {object_index} out of range for {len(objects)} objects")
         old = objects[object_index]
         objects[object_index] = ShapeSpec(
             kind=old.kind if target_kind is None else target_kind,
@@ -779,8 +745,7 @@ def _propose_target(
         options = [
             bg
             for bg in BACKGROUNDS
-            if bg != scene.background
-            and all(color_allowed_on(o.color, bg) for o in scene.objects)
+            if bg != scene.background and all(color_allowed_on(o.color, bg) for o in scene.objects)
         ]
         if not options:
             return None, None, None, None
@@ -788,11 +753,7 @@ def _propose_target(
     index = int(rng.integers(len(scene.objects)))
     obj = scene.objects[index]
     others = {o.color for j, o in enumerate(scene.objects) if j != index}
-    colors = [
-        c
-        for c in allowed_colors(scene.background)
-        if c != obj.color and c not in others
-    ]
+    colors = [c for c in allowed_colors(scene.background) if c != obj.color and c not in others]
     if kind == "colour":
         if not colors:
             return None, None, None, None
@@ -880,9 +841,7 @@ def make_edit_pair(
                 edit_mask=mask,
                 object_index=obj_index,
             )
-        logger.debug(
-            "make_edit_pair: no valid %s edit for this scene, resampling", kind
-        )
+        logger.debug("make_edit_pair: no valid %s edit for this scene, resampling", kind)
     raise RuntimeError(f"could not build a {kind!r} edit pair at size {size}")
 
 

@@ -37,8 +37,13 @@ class S3Server:
     def client(self):  # type: ignore[no-untyped-def]
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key_id,
-                            aws_secret_access_key=self.secret_access_key, region_name=self.region)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            region_name=self.region,
+        )
 
 
 def _free_port() -> int:
@@ -58,9 +63,14 @@ def s3_server() -> Iterator[S3Server]:
     mp = pytest.MonkeyPatch()
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         mp.delenv(name, raising=False)
-    env = {"AWS_ENDPOINT_URL": info.endpoint_url, "AWS_ACCESS_KEY_ID": info.access_key_id,
-           "AWS_SECRET_ACCESS_KEY": info.secret_access_key, "AWS_REGION": info.region,
-           "AWS_DEFAULT_REGION": info.region, "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        "AWS_ENDPOINT_URL": info.endpoint_url,
+        "AWS_ACCESS_KEY_ID": info.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": info.secret_access_key,
+        "AWS_REGION": info.region,
+        "AWS_DEFAULT_REGION": info.region,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     for name, value in env.items():
         mp.setenv(name, value)
     assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")

@@ -7,8 +7,26 @@ from cluster.benchmarks import attention_probe
 
 def test_probe_writes_aucs_and_mask_ious(tmp_path):
     out = tmp_path / "probe.json"
-    assert attention_probe.main(["--models", "tiny", "--scenes", "4", "--pairs", "6", "--timesteps", "500",
-                                 "--phi", "0.2", "0.5", "--out", str(out)]) == 0
+    assert (
+        attention_probe.main(
+            [
+                "--models",
+                "tiny",
+                "--scenes",
+                "4",
+                "--pairs",
+                "6",
+                "--timesteps",
+                "500",
+                "--phi",
+                "0.2",
+                "0.5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(out.read_text())
     res = doc["results"]["tiny"]
     layers = res["localisation"]["500"]

@@ -127,8 +127,7 @@ def test_layers_point_down():
     """instdiff never imports pipelines or cluster; pipelines never imports cluster."""
     graph = import_graph()
     rank = {"instdiff": 0, "pipelines": 1, "cluster": 2}
-    upward = [(a, b) for a, targets in graph.items() for b in targets
-              if rank[b.split(".")[0]] > rank[a.split(".")[0]]]
+    upward = [(a, b) for a, targets in graph.items() for b in targets if rank[b.split(".")[0]] > rank[a.split(".")[0]]]
     assert not upward, f"imports that point up a layer: {upward}"
 
 

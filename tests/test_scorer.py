@@ -75,8 +75,9 @@ def test_background_phrase_in_region():
 def test_objects_found_on_captions():
     scene = synthetic.make_scenes(1, seed=10_002)[0]
     assert objects_found(scene.image, scene.objects)
-    other = synthetic.ShapeSpec("cross" if scene.objects[0].kind != "cross" else "circle", scene.objects[0].color,
-                                0.5, 0.5, 0.2)
+    other = synthetic.ShapeSpec(
+        "cross" if scene.objects[0].kind != "cross" else "circle", scene.objects[0].color, 0.5, 0.5, 0.2
+    )
     assert not objects_found(scene.image, [other])
 
 

@@ -126,9 +126,7 @@ def _assert_pair_valid(pair: EditPair) -> None:
             new.size,
             new.angle,
         )
-        assert [o for j, o in enumerate(src.objects) if j != k] == [
-            o for j, o in enumerate(tgt.objects) if j != k
-        ]
+        assert [o for j, o in enumerate(src.objects) if j != k] == [o for j, o in enumerate(tgt.objects) if j != k]
         assert new.color != tgt.background
         if pair.kind == "colour":
             assert old.kind == new.kind and old.color != new.color
@@ -339,9 +337,7 @@ def test_make_edit_pairs_deterministic() -> None:
         assert _scenes_equal(a.source, b.source) and _scenes_equal(a.target, b.target)
         assert np.array_equal(a.edit_mask, b.edit_mask)
     assert [p.id for p in first] == [f"shapes-7-{i:06d}" for i in range(4)]
-    assert not any(
-        _scenes_equal(a.source, b.source) for a, b in zip(first, other, strict=True)
-    )
+    assert not any(_scenes_equal(a.source, b.source) for a, b in zip(first, other, strict=True))
 
 
 def test_edit_pairs_exact() -> None:
@@ -356,9 +352,7 @@ def test_edit_pairs_exact() -> None:
 def test_edit_kind_selection() -> None:
     pairs = make_edit_pairs(4, seed=2, kinds=("colour",))
     assert all(p.kind == "colour" for p in pairs)
-    pair = make_edit_pair(
-        np.random.default_rng(5), index=2, kinds=("object", "background")
-    )
+    pair = make_edit_pair(np.random.default_rng(5), index=2, kinds=("object", "background"))
     assert pair.kind == "object" and pair.id == "shapes-000002"
 
 
@@ -373,9 +367,7 @@ def test_apply_edit_roundtrip() -> None:
     )
     edited = apply_edit(scene, 0, target_kind="square", target_color="yellow")
     assert edited.objects[0] == ShapeSpec("square", "yellow", 0.4, 0.4, 0.2)
-    assert edited.caption.startswith(
-        "a yellow square and a blue star on a striped gray"
-    )
+    assert edited.caption.startswith("a yellow square and a blue star on a striped gray")
     restored = apply_edit(edited, 0, target_kind="circle", target_color="red")
     assert _scenes_equal(scene, restored)
     recoloured = apply_edit(scene, None, target_background="beige")
@@ -411,9 +403,7 @@ def test_tensor_conversion() -> None:
     image = np.zeros((4, 4, 3), dtype=np.uint8)
     image[0, 0] = (255, 0, 128)
     converted = image_to_tensor(image)
-    assert converted[:, 0, 0].tolist() == pytest.approx(
-        [1.0, -1.0, 128 / 127.5 - 1.0], abs=1e-6
-    )
+    assert converted[:, 0, 0].tolist() == pytest.approx([1.0, -1.0, 128 / 127.5 - 1.0], abs=1e-6)
     assert converted[:, 1, 1].tolist() == [-1.0, -1.0, -1.0]
     restored = ((tensor + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.array_equal(restored, scene.image)

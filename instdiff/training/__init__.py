@@ -21,6 +21,7 @@ token grounding loss), :mod:`~instdiff.training.report` (loss plot, sample grid,
 :mod:`~instdiff.training.recipe` (:func:`train_shapes`). This package re-exports their public names.
 """
 
+from instdiff.bundle import token_ids
 from instdiff.errors import TrainConfigError
 from instdiff.training.config import (
     HELD_OUT_SEED,
@@ -33,7 +34,7 @@ from instdiff.training.config import (
     UNetConfig,
     VaeConfig,
 )
-from instdiff.training.data import ShapesData, random_inpaint_masks, render_training_data, token_ids
+from instdiff.training.data import ShapesData, random_inpaint_masks, render_training_data
 from instdiff.training.networks import build_models, count_parameters, shapes_vocabulary, widen_to_inpaint
 from instdiff.training.recipe import train_shapes
 from instdiff.training.report import (

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPTokenizer
 
 from instdiff import synthetic
 from instdiff.training.config import SCENES_PER_CHUNK
@@ -78,25 +77,6 @@ def render_training_data(n: int, data_seed: int = 0, size: int = 64, workers: in
     return ShapesData(images, labels, captions)
 
 
-def token_ids(tokenizer: CLIPTokenizer, captions: Sequence[str]) -> torch.Tensor:
-    """Token ids of captions, padded and truncated to the tokenizer's length (as the editors tokenize prompts).
-
-    Args:
-        tokenizer: the bundle's CLIP tokenizer.
-        captions: N captions.
-
-    Returns:
-        (N, 77) int64 token ids.
-    """
-    return tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
 def random_inpaint_masks(
     labels: torch.Tensor, mix: Sequence[float], factor: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -152,4 +132,4 @@ def random_inpaint_masks(
     return F.interpolate(lat, scale_factor=factor, mode="nearest")
 
 
-__all__ = ["ShapesData", "random_inpaint_masks", "render_training_data", "token_ids"]
+__all__ = ["ShapesData", "random_inpaint_masks", "render_training_data"]

@@ -27,10 +27,11 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from instdiff import synthetic
+from instdiff.bundle import token_ids
 from instdiff.imageio import from_model_tensor, to_model_tensor
 from instdiff.models import ModelBundle, load_pretrained, pick_device, save_bundle
 from instdiff.training.config import HELD_OUT_SEED, TrainConfig
-from instdiff.training.data import ShapesData, render_training_data, token_ids
+from instdiff.training.data import ShapesData, render_training_data
 from instdiff.training.grounding import region_fractions, token_targets
 from instdiff.training.networks import build_models, widen_to_inpaint
 from instdiff.training.report import (
