@@ -93,6 +93,7 @@ class Phrase:
 
     @property
     def is_background(self) -> bool:
+        """True for a background phrase (no shape)."""
         return self.shape is None
 
 
@@ -109,6 +110,7 @@ class Detection:
 
     @property
     def phrase(self) -> str:
+        """The detection as a phrase, e.g. ``"a red circle"``."""
         return f"{'an' if self.color[0] in 'aeiou' else 'a'} {self.color} {self.kind}"
 
 

@@ -30,6 +30,7 @@ CliError = UsageError  # the name this module exported before instdiff.errors ex
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``instdiff`` argument parser with every subcommand of :data:`SUBCOMMANDS` registered."""
     parser = argparse.ArgumentParser(
         prog="instdiff",
         description="Fast automatic text-driven image editing (InstDiffEdit, FISEdit) on SD-family models.",

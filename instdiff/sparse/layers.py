@@ -243,6 +243,7 @@ class SparseGroupNorm(_Wrapper):
     inner: nn.GroupNorm
 
     def install_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Forward hooks that record what later sparse steps read from the cache; returns their handles."""
         return [self.inner.register_forward_pre_hook(self._norm_stats_hook("gn"))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,6 +280,7 @@ class SparseResnet(_Wrapper):
         self.needs = [self.key(k) for k in ("gn1", "gn2", "act2", "out")]
 
     def install_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Forward hooks that record what later sparse steps read from the cache; returns their handles."""
         r = self.inner
         return [
             r.norm1.register_forward_pre_hook(self._norm_stats_hook("gn1")),
@@ -411,6 +413,7 @@ class SparseTransformer(_Wrapper):
         self.c_ff = sum(_linear_macs(1, b.ff) for b in inner.transformer_blocks)
 
     def install_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Forward hooks that record what later sparse steps read from the cache; returns their handles."""
         return [self.inner.norm.register_forward_pre_hook(self._norm_stats_hook("gn"))]
 
     def is_recording(self) -> bool:

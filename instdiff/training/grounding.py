@@ -95,9 +95,11 @@ class _KeepProbs:
         self.probs: torch.Tensor | None = None
 
     def wants(self) -> bool:
+        """Always record (the store protocol of :class:`~instdiff.attention.AttentionStore`)."""
         return True
 
     def add(self, probs: torch.Tensor, hw: tuple[int, int]) -> None:
+        """Keep the last probabilities (B, HW, T), graph included."""
         self.probs = probs  # (B, HW, T)
 
 
@@ -113,6 +115,7 @@ class GroundingAttnProcessor(RecordingAttnProcessor):
 
     @property
     def probs(self) -> torch.Tensor | None:
+        """(B, HW, T) probabilities of the last forward pass, or ``None``."""
         return self.store.probs
 
     @probs.setter

@@ -37,10 +37,13 @@ def run_filenames(run_id: str) -> Any:
     from ray.data.datasource import FilenameProvider
 
     class RunFilenames(FilenameProvider):
+        """File names of one run's Parquet parts."""
+
         def __init__(self) -> None:
             super().__init__(file_format="parquet")
 
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            """``part-<run_id>-<write_uuid>-<task_index>.parquet`` (Ray's ``FilenameProvider`` hook)."""
             return f"part-{run_id}-{write_uuid}-{task_index:06d}.parquet"
 
     return RunFilenames()
