@@ -34,6 +34,11 @@ class InputNotFoundError(InstdiffError, FileNotFoundError):
     """A file or folder the user named does not exist."""
 
 
+class StorageError(InstdiffError, OSError):
+    """A file or store that exists but cannot be used: unreadable Parquet, unreachable endpoint, a folder
+    where a file is needed (or the reverse)."""
+
+
 class ImageInputError(InstdiffError, ValueError):
     """An image or mask that cannot be decoded or used (format, size, mode)."""
 
@@ -62,6 +67,7 @@ __all__ = [
     "InstdiffError",
     "ModelLoadError",
     "PhraseError",
+    "StorageError",
     "TrainConfigError",
     "UsageError",
     "WeightsUnavailableError",
