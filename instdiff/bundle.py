@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from instdiff.errors import ModelLoadError
+from instdiff.errors import DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -209,21 +209,64 @@ class ModelBundle:
 
 
 # ---- device / dtype ---------------------------------------------------------------------------
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""Device types a bundle can be loaded on."""
+
+
+def available_devices() -> list[str]:
+    """The devices this machine has, as specs :func:`pick_device` takes (for messages and reports).
+
+    Returns:
+        ``"cpu"``, then ``"cuda:0"`` … for each visible CUDA device, then ``"mps"`` when MPS is available.
+    """
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if _mps_available():
+        found.append("mps")
+    return found
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """Choose the device: ``None``/``"auto"`` → cuda, then mps, then cpu; anything else goes to ``torch.device``.
+    """Choose the device: ``None``/``"auto"`` → cuda, then mps, then cpu; else a spec such as ``"cpu"``,
+    ``"cuda"``, ``"cuda:1"`` or ``"mps"`` that this machine has.
+
+    Args:
+        device: the spec, a ``torch.device`` or ``None``.
+
+    Returns:
+        The device.
 
     Raises:
-        ModelLoadError: CUDA asked for but not available.
+        DeviceError: (a ``ConfigError`` and a ``ModelLoadError``) a spec that is not a device, a device type
+            other than cpu / cuda / mps, CUDA or MPS asked for but not available, a CUDA index this machine does
+            not have; the message lists what this machine has.
     """
     if device is None or device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
+    has = f"this machine has: {', '.join(available_devices())}"
+    accepted = f"accepted: auto, {', '.join(DEVICE_TYPES)}, cuda:N"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"device {device!r} is not a device; {accepted}; {has}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise DeviceError(f"device {device!r}: models cannot run on {dev.type!r}; {accepted}; {has}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
+        raise DeviceError(f"device {device!r} was asked for but CUDA is not available; use 'cpu' or 'auto' ({has})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {device!r} was asked for but there is no CUDA device {dev.index}; {has}")
+    if dev.type == "mps" and not _mps_available():
+        raise DeviceError(f"device {device!r} was asked for but MPS is not available; use 'cpu' or 'auto' ({has})")
     return dev
 
 
@@ -240,14 +283,25 @@ _DTYPES = {
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """Choose the dtype: ``None``/``"auto"`` → fp16 on CUDA and MPS, fp32 on the CPU; or fp32/fp16/bf16 names.
 
+    Args:
+        dtype: a name, a floating-point ``torch.dtype`` (fp32, fp16 or bf16) or ``None``.
+        device: the device the dtype is for (``auto``).
+
+    Returns:
+        The dtype.
+
     Raises:
-        ModelLoadError: an unknown dtype name.
+        DeviceError: (a ``ConfigError`` and a ``ModelLoadError``) an unknown dtype name, or a ``torch.dtype``
+            other than fp32, fp16 and bf16.
     """
+    accepted = f"accepted: auto, {', '.join(sorted(_DTYPES))}"
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise DeviceError(f"dtype {dtype} cannot hold model weights; {accepted}")
         return dtype
     if dtype is None or dtype == "auto":
         return torch.float16 if device.type in ("cuda", "mps") else torch.float32
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; accepted: auto, {', '.join(sorted(_DTYPES))}") from None
+        raise DeviceError(f"unknown dtype {dtype!r}; {accepted}") from None

@@ -1,4 +1,4 @@
-"""Typed configuration at the bottom of the project: choices, editor settings, and the one YAML → dataclass parser.
+"""Typed configuration at the bottom of the project: choices and editor settings.
 
 Torch-free on purpose (a leaf module): the batch job's configs are unpickled on Ray workers that never load
 torch, and every other module may import this one without a cycle.
@@ -6,17 +6,20 @@ torch, and every other module may import this one without a cycle.
 * enums: :class:`Method` (which owns the rule "needs a source prompt"), :class:`Inpaint`, :class:`PromptMode`,
   :class:`Refinement`, :class:`SizePolicy`;
 * :class:`MaskConfig` (InstDiffEdit Eq. 6–9 and the official code's variants) and :class:`EditConfig` (all
-  editor options), validated in ``__post_init__``: a bad value raises :class:`~instdiff.errors.ConfigError`
-  naming the field and the accepted values;
+  editor options), validated in ``__post_init__``: a value of the wrong type or out of range raises
+  :class:`~instdiff.errors.ConfigError` naming the field and the accepted values;
 * :func:`from_mapping` turns a parsed YAML mapping into a frozen dataclass, checking every key and type
   (training, batch and bench configs all use it), with :func:`load_yaml`, :func:`apply_override`,
-  :func:`parse_assignment` and :func:`to_plain` around it.
+  :func:`parse_assignment` and :func:`to_plain` around it; :func:`check_fields`, called first in the
+  ``__post_init__`` of every config dataclass, checks each field against its annotation with :func:`coerce`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
 import types
 import typing
 from collections.abc import Mapping
@@ -25,9 +28,10 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
-from instdiff.errors import ConfigError, InputNotFoundError
+from instdiff.errors import ConfigError, InputNotFoundError, StorageError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # decoded images larger than this are refused (decompression bombs)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the seeds torch.Generator.manual_seed takes (negative: modulo 2^64)
 
 
 # ---- choices ---------------------------------------------------------------------------------------------------
@@ -132,7 +136,7 @@ class MaskConfig:
     smooth_resolution: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "refinement", _enum(Refinement, self.refinement, "refinement"))
+        check_fields(self)
         _check(
             -1.0 <= self.gamma2 <= self.gamma1 <= 1.0,
             f"gamma1, gamma2: need -1 <= gamma2 <= gamma1 <= 1 (cosine thresholds); got {self.gamma1}, {self.gamma2}",
@@ -187,12 +191,14 @@ class EditConfig:
     diffedit_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        for name, cls in (("method", Method), ("prompt_mode", PromptMode), ("inpaint", Inpaint)):
-            object.__setattr__(self, name, _enum(cls, getattr(self, name), name))
-        _check(isinstance(self.mask, MaskConfig), f"mask: expected a MaskConfig; got {self.mask!r}")
+        check_fields(self)
         _check(self.steps >= 1, f"steps: must be >= 1; got {self.steps}")
         _check(0.0 < self.strength <= 1.0, f"strength: must be in (0, 1]; got {self.strength}")
         _check(math.isfinite(self.guidance), f"guidance: must be a finite number; got {self.guidance}")
+        _check(
+            SEED_MIN <= self.seed <= SEED_MAX,
+            f"seed: must be in [{SEED_MIN}, {SEED_MAX}] (what torch.Generator.manual_seed takes); got {self.seed}",
+        )
         _check(self.n_noises >= 1, f"n_noises: must be >= 1; got {self.n_noises}")
         _check(
             self.attention_downsample is None or self.attention_downsample >= 1,
@@ -240,9 +246,10 @@ def _type_name(tp: Any) -> str:
 def coerce(tp: Any, value: Any, key: str) -> Any:
     """Check and convert one parsed-YAML ``value`` to the annotated type ``tp``.
 
-    Understands ``X | None`` and other unions, nested dataclasses (from mappings), enums (from their values),
-    ``bool``, ``int``, ``float`` (ints accepted), ``str``, ``tuple[T, ...]`` and ``list[T]`` (from sequences),
-    ``dict[str, T]`` and ``Any``.
+    Understands ``X | None`` and other unions, nested dataclasses (an instance passes unchanged; a mapping is
+    built with :func:`from_mapping`), enums (from their values), ``bool``, ``int`` (any integral number but a
+    bool), ``float`` (any real number but a bool, converted), ``str``, ``tuple[T, ...]``, fixed-length
+    ``tuple[A, B]`` (the length is checked) and ``list[T]`` (from sequences), ``dict[str, T]`` and ``Any``.
 
     Raises:
         ConfigError: naming ``key``, the value given and what is accepted.
@@ -264,12 +271,20 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             except ConfigError:
                 continue
         accepted = " or ".join(_type_name(o) for o in options if o is not type(None))
+        if type(None) in options:
+            accepted += " or null"
         raise ConfigError(f"{key}: got {value!r}; accepted: {accepted}")
     if origin in (tuple, list):
         if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list; got {value!r}")
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
-        items = [coerce(args[0] if len(args) == 1 else args[i], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        args = typing.get_args(tp)
+        if origin is list or not args or Ellipsis in args:
+            item = args[0] if args else Any
+            items = [coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        else:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected a list of {len(args)} items; got {len(value)}: {list(value)!r}")
+            items = [coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))]
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
@@ -278,6 +293,8 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         inner = args[1] if len(args) == 2 else Any
         return {str(k): coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
         if value is None:
             value = {}
         if not isinstance(value, Mapping):
@@ -290,11 +307,11 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected true or false; got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
         raise ConfigError(f"{key}: expected an integer; got {value!r}")
     if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{key}: expected a number; got {value!r}")
     if tp is str:
@@ -302,6 +319,37 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected a string; got {value!r}")
     raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_fields(obj: Any, error: type[ConfigError] = ConfigError) -> None:
+    """Check every field of the (frozen) dataclass instance ``obj`` with :func:`coerce`, storing converted values.
+
+    Called first in every config's ``__post_init__``, so ``EditConfig(steps="4")`` is refused like ``steps: "4"``
+    in YAML; enum values become members, ints floats for float fields, lists tuples, mappings nested configs.
+
+    Args:
+        obj: a dataclass instance.
+        error: the :class:`~instdiff.errors.ConfigError` subclass to raise (e.g. ``TrainConfigError``).
+
+    Raises:
+        ConfigError: (``error``) a value of the wrong type, naming the field and what is accepted.
+    """
+    hints = _field_hints(type(obj))
+    try:
+        for f in fields(obj):
+            tp, value = hints[f.name], getattr(obj, f.name)
+            if value is None and dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{f.name}: expected a {tp.__name__} (or a mapping of its keys); got None")
+            object.__setattr__(obj, f.name, coerce(tp, value, f.name))
+    except ConfigError as exc:
+        if isinstance(exc, error):
+            raise
+        raise error(str(exc)) from None
 
 
 def from_mapping(cls: type, data: Mapping[str, Any], where: str = "", exclude: tuple[str, ...] = ()) -> Any:
@@ -324,7 +372,7 @@ def from_mapping(cls: type, data: Mapping[str, Any], where: str = "", exclude: t
         raise ConfigError(
             f"{prefix}{unknown[0]}: unknown key; accepted keys{' in ' + where if where else ''}: {', '.join(names)}"
         )
-    hints = typing.get_type_hints(cls)
+    hints = _field_hints(cls)
     kwargs = {}
     for f in fields(cls):
         if f.name in data:
@@ -344,22 +392,48 @@ def load_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
 
     Raises:
         InputNotFoundError: the file does not exist.
-        ConfigError: not valid YAML, or its top level is not a mapping.
+        StorageError: the path is a folder, or the file cannot be read.
+        ConfigError: not UTF-8 text, not valid YAML (one line: where and what), or its top level is not a
+            mapping.
     """
     import yaml
 
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise StorageError(f"{what} file {str(p)!r} is a folder; a YAML file is needed")
+    if not p.exists():
         raise InputNotFoundError(f"{what} file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); a {what} is a YAML text file") from None
+    except OSError as exc:
+        raise StorageError(f"{what} file {str(p)!r} cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{p}: not valid YAML ({_yaml_problem(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{p}: a {what} must be a mapping of keys; got {type(data).__name__}")
     return dict(data)
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error as one line: ``line L, column C: problem (context)`` (PyYAML's own text has caret marks)."""
+    mark, problem, context = (getattr(exc, a, None) for a in ("problem_mark", "problem", "context"))
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    text = f"{where}{problem}{f' ({context})' if context else ''}" if problem else str(exc)
+    return " ".join(text.split())
+
+
+def _check_key(dotted: str, where: str) -> list[str]:
+    """The parts of a dotted key; refuses empty parts (``a..b``, ``.a``, ``..``)."""
+    parts = dotted.split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError(f"{where}: the key {dotted!r} has an empty part; write SECTION.KEY, e.g. method.steps")
+    return parts
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any, shorthands: Mapping[str, str] | None = None) -> None:
@@ -369,9 +443,9 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any, shorthands: Ma
     batch config's ``method: diffedit`` means ``method: {name: diffedit}``).
 
     Raises:
-        ConfigError: a part of the path is a value, not a section.
+        ConfigError: an empty part in ``dotted``, or a part of the path is a value, not a section.
     """
-    parts = dotted.split(".")
+    parts = _check_key(dotted, dotted)
     node = data
     for part in parts[:-1]:
         child = node.get(part)
@@ -391,7 +465,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     """``"method.steps=4"`` → ``("method.steps", 4)``; the value is read as YAML (so 4 → int, null → None).
 
     Raises:
-        ConfigError: no ``=``, an empty key, or a value that is not valid YAML.
+        ConfigError: no ``=``, an empty key or key part, or a value that is not valid YAML.
     """
     import yaml
 
@@ -401,10 +475,11 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set {text!r}: the key is empty")
+    _check_key(key, f"--set {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: cannot read the value ({exc})") from None
+        raise ConfigError(f"--set {text!r}: cannot read the value ({_yaml_problem(exc)})") from None
     return key, value
 
 
@@ -430,9 +505,12 @@ __all__ = [
     "Method",
     "PromptMode",
     "Refinement",
+    "SEED_MAX",
+    "SEED_MIN",
     "SizePolicy",
     "accepted_keys",
     "apply_override",
+    "check_fields",
     "coerce",
     "from_mapping",
     "load_yaml",

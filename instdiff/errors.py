@@ -51,6 +51,12 @@ class ModelLoadError(InstdiffError, RuntimeError):
     """A model bundle that cannot be loaded: missing folder, wrong layout, offline hub id, wrong channels."""
 
 
+class DeviceError(ConfigError, ModelLoadError):
+    """A device or dtype spec this machine cannot use (unknown name, CUDA or MPS absent); the message says what is
+    accepted and what this machine has. Both a :class:`ConfigError` (the user's choice) and a
+    :class:`ModelLoadError` (the model cannot be placed there), so either ``except`` catches it."""
+
+
 class WeightsUnavailableError(InstdiffError, RuntimeError):
     """Metric weights (LPIPS trunk, Inception) that are neither cached nor downloadable."""
 
@@ -61,6 +67,7 @@ class PhraseError(InstdiffError, ValueError):
 
 __all__ = [
     "ConfigError",
+    "DeviceError",
     "EditInputError",
     "ImageInputError",
     "InputNotFoundError",

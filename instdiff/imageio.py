@@ -74,8 +74,10 @@ def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS)
     except ImageInputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # PIL names the stream it read (an object repr with a memory address): say what the bytes are not
+        reason = "not a known image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise ImageInputError(
-            f"cannot decode image ({type(exc).__name__}: {exc}); accepted: PNG, JPEG, WebP, BMP, TIFF"
+            f"cannot decode image ({type(exc).__name__}: {reason}); accepted: PNG, JPEG, WebP, BMP, TIFF"
         ) from None
     return _to_rgb(img, notes), notes
 

@@ -187,6 +187,64 @@ def test_bad_inputs_are_refused_clearly(bundle, pairs, caplog):
     assert any("truncated" in rec.message for rec in caplog.records)
 
 
+@pytest.mark.parametrize("seed", [2**70, -(2**63) - 1, 2**64, "x", 1.5, None, True])
+def test_seeds_torch_cannot_take_are_refused(bundle, pairs, seed):
+    images, src, tgt = pairs
+    with pytest.raises(EditInputError, match="seed #0"):
+        edit(bundle, images[:1], src[:1], tgt[:1], fast(Method.SDEDIT), seeds=[seed])
+    with pytest.raises(EditInputError, match="seed #0"):
+        generate(bundle, ["a red circle"], steps=1, seeds=[seed])
+
+
+def test_negative_and_largest_seeds_are_accepted(bundle):
+    low = generate(bundle, ["a red circle"], steps=1, seeds=[-1])
+    high = generate(bundle, ["a red circle"], steps=1, seeds=[2**64 - 1])
+    assert torch.equal(low, high)  # torch uses a negative seed modulo 2^64
+    assert generate(bundle, ["a red circle"], steps=1, seeds=[-(2**63)]).shape == (1, 3, 32, 32)
+
+
+def test_images_that_are_not_numbers_or_no_images_are_refused(bundle, pairs):
+    images, src, tgt = pairs
+    cfg = fast(Method.SDEDIT)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(EditInputError, match="finite"):
+            edit(bundle, torch.full((1, 3, 32, 32), bad), src[:1], tgt[:1], cfg)
+    with pytest.raises(EditInputError, match="empty batch"):
+        edit(bundle, torch.zeros(0, 3, 32, 32), [], [], cfg)
+
+
+def test_prompts_that_are_not_strings_are_named_as_such(bundle, pairs):
+    images, src, tgt = pairs
+    with pytest.raises(EditInputError, match="target prompt #0 must be a string; got int 5"):
+        edit(bundle, images[:1], src[:1], [5], fast(Method.SDEDIT))
+    with pytest.raises(EditInputError, match="target prompts must be a list of strings"):
+        edit(bundle, images[:1], src[:1], "x", fast(Method.SDEDIT))
+    with pytest.raises(EditInputError, match="generation prompt #0 must be a string"):
+        generate(bundle, [None], steps=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, "steps must be an integer >= 1; got 0"),
+        ({"steps": 2.5}, "steps must be an integer >= 1"),
+        ({"guidance": float("nan")}, "guidance must be a finite number; got nan"),
+        ({"guidance": "7"}, "guidance must be a finite number"),
+        ({"seeds": [1, 2]}, "got 2 seeds for 1 prompts"),
+    ],
+)
+def test_generate_refuses_bad_settings(bundle, kwargs, message):
+    with pytest.raises(EditInputError, match=message):
+        generate(bundle, ["a red circle"], **kwargs)
+
+
+def test_generate_refuses_no_prompts_and_empty_ones(bundle):
+    with pytest.raises(EditInputError, match="no prompts given"):
+        generate(bundle, [], steps=1)
+    with pytest.raises(EditInputError, match="generation prompt #0 is empty"):
+        generate(bundle, [" "], steps=1)
+
+
 def test_fisedit_through_the_contract_matches_generated_sources(bundle):
     src, tgt = ["a red circle on a gray background"], ["a blue circle on a gray background"]
     sources = generate(bundle, src, steps=4, guidance=7.5, seeds=[3])

@@ -73,6 +73,12 @@ def test_corrupt_bytes_are_refused(data):
         decode_image(data)
 
 
+def test_an_unknown_format_is_named_without_an_object_repr():
+    with pytest.raises(ImageInputError, match=r"cannot decode image \(UnidentifiedImageError: not a known") as exc:
+        decode_image(b"not an image at all")
+    assert "0x" not in str(exc.value) and "<" not in str(exc.value)
+
+
 def test_missing_file_and_pixel_limit(tmp_path):
     with pytest.raises(ImageInputError, match="does not exist"):
         decode_image(tmp_path / "nope.png")

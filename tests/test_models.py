@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from instdiff.errors import ConfigError
 from instdiff.models import (
     ModelLoadError,
     build_word_tokenizer,
@@ -105,6 +106,27 @@ def test_device_and_dtype_choice():
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+@pytest.mark.parametrize("spec", ["nonsense", "meta", "cuda:99", "mps", "cuda"])
+def test_unusable_devices_are_config_errors_that_say_what_the_machine_has(spec):
+    if spec == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if spec == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(ConfigError, match=r"this machine has: cpu") as exc:
+        pick_device(spec)
+    assert isinstance(exc.value, ModelLoadError)  # callers that catch model-load errors still do
+    with pytest.raises(ConfigError, match="this machine has"):
+        load_bundle("tiny", device=spec)
+
+
+def test_unknown_dtypes_are_config_errors():
+    with pytest.raises(ConfigError, match="accepted: auto"):
+        pick_dtype("int8", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="cannot hold model weights"):
+        pick_dtype(torch.int8, torch.device("cpu"))
+    assert pick_dtype(torch.bfloat16, torch.device("cpu")) is torch.bfloat16
 
 
 def test_default_spec_loads_something(tiny):

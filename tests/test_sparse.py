@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from instdiff.errors import ConfigError, EditInputError
 from instdiff.models import tiny_bundle
 from instdiff.sparse import (
     ActivationCache,
@@ -281,6 +282,86 @@ def test_cross_attention_control_runs(generated: tuple) -> None:
     assert not any(n.endswith(":probs") for n in run.activations.names(4))
     res = session.edit(run, "a red star")
     assert res.images.shape == (1, 3, 32, 32)
+
+
+def test_a_cache_from_another_model_or_size_is_refused(generated: tuple) -> None:
+    bundle, _, _, run = generated
+    settings = dict(num_steps=8, mask_steps=3, mask_from=2)
+    other = tiny_bundle(seed=1)
+    other.name = "another-model"
+    with pytest.raises(EditInputError, match=r"made by model 'tiny'.*this session's model is 'another-model'"):
+        FISEditSession(other, FISEditConfig(**settings)).edit(run, "a green star on a blue background")
+    bigger = FISEditSession(bundle, FISEditConfig(**settings, image_size=64))
+    with pytest.raises(EditInputError, match=r"cache holds 8x8 latents \(32x32 px\); this session makes 16x16"):
+        bigger.edit(run, "a green star on a blue background")
+    with pytest.raises(EditInputError, match="16x16"):
+        bigger.regenerate(run, "a green star on a blue background")
+    controlled = FISEditSession(bundle, FISEditConfig(**settings, cross_attention_control=True))
+    with pytest.raises(EditInputError, match="cross-attention maps of its first 0 steps; .* needs the first 3"):
+        controlled.edit(run, "a green star on a blue background")
+    with pytest.raises(EditInputError, match="8 steps and guidance 7.5; this session uses 6"):
+        FISEditSession(bundle, FISEditConfig(num_steps=6, mask_steps=3, mask_from=2)).edit(run, "a green star")
+
+
+def test_a_cache_from_another_sparse_mode_is_edited(generated: tuple) -> None:
+    """Every mode records the same activations, so the engine's mode need not match the generation's: the dense
+    baseline edits a cache recorded by the sparse engine (same latents outside the mask)."""
+    bundle, _, _, run = generated
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    mask[..., 2:5, 3:6] = True
+    dense = FISEditSession(bundle, FISEditConfig(num_steps=8, mask_steps=3, mask_from=2, sparse={"mode": "dense"}))
+    lat = dense.edit(run, "a green star on a blue background", mask=mask).extras["latents"]
+    outside = ~mask.expand_as(lat)
+    assert torch.equal(lat[outside], run.latents(8)[outside]) and not torch.equal(lat, run.latents(8))
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (torch.ones(5, 5), r"at the image's 32x32 or the latents' 8x8; got shape \(5, 5\)"),
+        (torch.ones(3, 32, 32), r"got shape \(3, 32, 32\)"),
+        (torch.ones(1, 2, 8, 8), r"got shape \(1, 2, 8, 8\)"),
+        (torch.ones(8), r"got shape \(8,\)"),
+        (torch.full((8, 8), float("nan")), "mask values must be finite"),
+        ([[1.0]], "mask must be a tensor"),
+    ],
+)
+def test_a_mask_of_another_shape_or_not_finite_is_refused(generated: tuple, mask, message) -> None:
+    _, session, _, run = generated
+    with pytest.raises(EditInputError, match=message):
+        session.edit(run, "a green star on a blue background", mask=mask)
+
+
+def test_masks_at_image_and_latent_size_give_the_same_edit(generated: tuple) -> None:
+    _, session, _, run = generated
+    small = torch.zeros(8, 8, dtype=torch.bool)
+    small[2:5, 3:6] = True
+    big = small.repeat_interleave(4, 0).repeat_interleave(4, 1)[None].float()
+    a = session.edit(run, "a green star on a blue background", mask=small)
+    b = session.edit(run, "a green star on a blue background", mask=big)
+    assert torch.equal(a.extras["mask_latent"], b.extras["mask_latent"])
+
+
+def test_session_prompts_and_seeds_are_checked(generated: tuple) -> None:
+    bundle, session, _, run = generated
+    with pytest.raises(EditInputError, match="target prompt #0 is empty"):
+        session.edit(run, "")
+    with pytest.raises(EditInputError, match="target prompt #0 must be a string"):
+        session.edit(run, 5)
+    with pytest.raises(EditInputError, match="generation prompt #0 is empty"):
+        session.generate("", 0)
+    with pytest.raises(EditInputError, match="seed 1180591620717411303424 is out of range"):
+        session.generate("a red circle", 2**70)
+    with pytest.raises(EditInputError, match="seed must be an integer"):
+        session.generate("a red circle", "0")
+    with pytest.raises(EditInputError, match="source prompt #1 is empty"):
+        fisedit_edit_pairs(
+            bundle, ["a red circle", ""], ["a red star", "x"], FISEditConfig(num_steps=2, mask_steps=1, mask_from=1)
+        )
+    with pytest.raises(EditInputError, match="seed #0 must be an integer"):
+        fisedit_edit_pairs(bundle, ["a"], ["b"], FISEditConfig(num_steps=2, mask_steps=1, mask_from=1), seeds=["x"])
+    with pytest.raises(ConfigError, match="expected a FISEditConfig"):
+        FISEditSession(bundle, {"num_steps": 4})
 
 
 def test_token_alignment() -> None:

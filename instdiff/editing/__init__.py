@@ -8,7 +8,8 @@
   image, DDIM inversion with the source prompt, masked decoding with the target prompt.
 * :mod:`~instdiff.editing.fisedit` — FISEdit (Yu et al. 2024): an adapter over :mod:`instdiff.sparse`.
 
-The contract, the registry and the input checks are in :mod:`~instdiff.editing.contract`; the loop pieces the
+The contract, the registry and the image checks are in :mod:`~instdiff.editing.contract` (the prompt and
+seed checks, shared with the FISEdit session, in :mod:`instdiff.inputs`); the loop pieces the
 editors share (noise, guidance, schedule, inpainting, inversion) in :mod:`instdiff.sampling`. Importing this
 package registers every editor (the editor functions are ``EDITORS[method]``, or e.g.
 ``instdiff.editing.sdedit.sdedit``). Images are (B, 3, H, W) float tensors in [-1, 1]; masks come back at image
@@ -23,7 +24,6 @@ from instdiff.editing.contract import (
     EDITORS,
     EditorFn,
     check_images,
-    check_prompts,
     edit,
     expected_unet_calls,
     generate,
@@ -32,6 +32,7 @@ from instdiff.editing.contract import (
 )
 from instdiff.editing.instdiffedit import edit_words
 from instdiff.errors import EditInputError
+from instdiff.inputs import check_prompts
 from instdiff.sampling import ddim_invert, inpaint, make_noise, to_epsilon
 from instdiff.types import EditResult
 

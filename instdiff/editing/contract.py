@@ -4,12 +4,16 @@ Every method is called the same way and returns the same result type (one sample
 k-diffusion), so the CLI, the batch job and the benchmarks never special-case a method. Editors register
 themselves in :data:`EDITORS` with :func:`register`; :func:`edit` checks the inputs once for all of them.
 Also here: :func:`generate` (text-to-image, for prompt-pair datasets and FISEdit's sources) and
-:func:`expected_unet_calls` (the closed-form cost of a config).
+:func:`expected_unet_calls` (the closed-form cost of a config). The prompt and seed checks are
+:mod:`instdiff.inputs` (shared with the FISEdit session; :mod:`instdiff.editing` re-exports
+:func:`~instdiff.inputs.check_prompts`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,6 +21,7 @@ import torch
 from instdiff.bundle import ModelBundle
 from instdiff.config import EditConfig, Inpaint, Method
 from instdiff.errors import EditInputError
+from instdiff.inputs import check_prompts, check_seeds
 from instdiff.masks import steps_for_strength
 from instdiff.sampling import UNetCounter, embeddings, guided_eps, initial_latents, schedule
 from instdiff.types import EditResult
@@ -58,14 +63,17 @@ def check_images(bundle: ModelBundle, images: torch.Tensor) -> None:
 
     Args:
         bundle: the model (its size multiple).
-        images: should be (B, 3, H, W) float in [-1, 1] with H, W multiples of :func:`size_multiple`.
+        images: should be (B, 3, H, W) float in [-1, 1] with B >= 1 and H, W multiples of :func:`size_multiple`.
 
     Raises:
-        EditInputError: another type or shape, sides not multiples of the step, values outside [-1, 1].
+        EditInputError: another type or shape, an empty batch, sides not multiples of the step, values outside
+            [-1, 1] or not finite (NaN, infinity).
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise EditInputError(f"images must be a (B, 3, H, W) tensor in [-1, 1]; got {shape}")
+    if images.shape[0] == 0:
+        raise EditInputError("images is an empty batch (B = 0); give at least one (3, H, W) image")
     m = size_multiple(bundle)
     h, w = images.shape[-2:]
     if h % m or w % m:
@@ -73,28 +81,10 @@ def check_images(bundle: ModelBundle, images: torch.Tensor) -> None:
             f"image size {w}x{h} is not a multiple of {m} (VAE factor × UNet downsampling); "
             "resize or pad first (instdiff.imageio.fit_to_multiple does either)"
         )
+    if not bool(torch.isfinite(images).all()):
+        raise EditInputError("image values must be finite numbers in [-1, 1]; got NaN or infinity")
     if images.min() < -1.001 or images.max() > 1.001:
         raise EditInputError("image values must be in [-1, 1] (use instdiff.imageio.to_model_tensor)")
-
-
-def check_prompts(bundle: ModelBundle, prompts: Sequence[str], what: str) -> None:
-    """Refuse empty prompts; warn about prompts longer than CLIP's 77 tokens (they are truncated).
-
-    Args:
-        bundle: the tokenizer.
-        prompts: the prompts to check.
-        what: which prompts, for the message (``"source"``, ``"target"``, ``"generation"``).
-
-    Raises:
-        EditInputError: a prompt that is not a string or is blank.
-    """
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise EditInputError(f"{what} prompt #{i} is empty; a non-empty text is required")
-        n = bundle.token_count(p)
-        limit = bundle.tokenizer.model_max_length
-        if n > limit:
-            log.warning("%s prompt #%d has %d tokens; CLIP reads %d, the rest is truncated", what, i, n, limit)
 
 
 # ---- the contract -----------------------------------------------------------------------------------------
@@ -114,15 +104,16 @@ def edit(
         source_prompts: B prompts describing the inputs (read only by the methods that need them).
         target_prompts: B prompts describing the wanted outputs.
         cfg: the method and its options.
-        seeds: one seed per image; ``None`` uses ``cfg.seed`` for all.
+        seeds: one integer seed per image (as ``torch.Generator.manual_seed`` takes); ``None`` uses ``cfg.seed``
+            for all.
 
     Returns:
         The edited images (B, 3, H, W) in [-1, 1], masks (B, 1, H, W) bool, timings in seconds, UNet
         evaluations per image and method-specific extras.
 
     Raises:
-        EditInputError: bad images, prompt or seed counts that do not match the images, empty prompts, an
-            unregistered method.
+        EditInputError: bad images, prompt or seed counts that do not match the images, prompts that are not
+            strings or are empty, seeds that are not integers or out of range, an unregistered method.
     """
     check_images(bundle, images)
     b = images.shape[0]
@@ -134,9 +125,7 @@ def edit(
     method = Method(cfg.method)
     if cfg.needs_source_prompt:
         check_prompts(bundle, source_prompts, "source")
-    seeds = list(seeds) if seeds is not None else [cfg.seed] * b
-    if len(seeds) != b:
-        raise EditInputError(f"got {len(seeds)} seeds for {b} images")
+    seeds = check_seeds(seeds if seeds is not None else [cfg.seed] * b, b, "images")
     try:
         fn = EDITORS[method]
     except KeyError:
@@ -163,18 +152,25 @@ def generate(
     Args:
         bundle: the models.
         prompts: B prompts.
-        steps: DDIM steps.
-        guidance: classifier-free guidance scale.
-        seeds: one seed per prompt; ``None`` uses 0, 1, …
+        steps: DDIM steps, >= 1.
+        guidance: classifier-free guidance scale, a finite number.
+        seeds: one integer seed per prompt; ``None`` uses 0, 1, …
 
     Returns:
         (B, 3, H, W) float32 images in [-1, 1] on the CPU.
 
     Raises:
-        EditInputError: an empty prompt.
+        EditInputError: no prompts, a prompt that is not a string or is empty, steps < 1, a guidance that is not
+            a finite number, seeds that are not one integer per prompt in range.
     """
     check_prompts(bundle, prompts, "generation")
-    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+    if len(prompts) == 0:
+        raise EditInputError("no prompts given; generate needs at least one")
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
+        raise EditInputError(f"steps must be an integer >= 1; got {steps!r}")
+    if not isinstance(guidance, numbers.Real) or isinstance(guidance, bool) or not math.isfinite(guidance):
+        raise EditInputError(f"guidance must be a finite number; got {guidance!r}")
+    seeds = check_seeds(seeds if seeds is not None else range(len(prompts)), len(prompts), "prompts")
     side = bundle.unet.config.sample_size
     counter = UNetCounter(len(prompts))
     sched, ts = schedule(bundle, steps, 1.0)

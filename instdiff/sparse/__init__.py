@@ -13,14 +13,15 @@ Public API:
 * editing: :class:`FISEditConfig`, :class:`FISEditSession` (``generate`` / ``edit``), :class:`RunCache`,
   :func:`fisedit_edit_pairs`, :func:`token_alignment`.
 
-Modules: ``config`` (settings), ``blocks`` (tiles and the cost model), ``cache``, ``mask``, ``state`` (the
-explicit engine state), ``processors`` (attention), ``layers`` (wrapper modules), ``engine`` (apply / remove),
-``session`` (the FISEdit loop).
+Modules: ``config`` (engine and session settings), ``blocks`` (tiles and the cost model), ``cache`` (the
+activation cache and a generation's :class:`RunCache`), ``mask``, ``state`` (the explicit engine state),
+``processors`` (attention), ``layers`` (wrapper modules), ``engine`` (apply / remove), ``session`` (the FISEdit
+loop).
 """
 
 from instdiff.sparse.blocks import BlockSet, ConvShape, TokenSet, choose_block_size
-from instdiff.sparse.cache import ActivationCache
-from instdiff.sparse.config import SparseConfig, SparseMode
+from instdiff.sparse.cache import ActivationCache, RunCache
+from instdiff.sparse.config import FISEditConfig, SparseConfig, SparseMode
 from instdiff.sparse.engine import apply_sparse, installed_state, remove_sparse, sparse_unet
 from instdiff.sparse.mask import (
     difference_mask,
@@ -32,7 +33,7 @@ from instdiff.sparse.mask import (
     otsu_threshold,
     pool_any,
 )
-from instdiff.sparse.session import FISEditConfig, FISEditSession, RunCache, fisedit_edit_pairs, token_alignment
+from instdiff.sparse.session import FISEditSession, fisedit_edit_pairs, token_alignment
 from instdiff.sparse.state import SparseState
 
 __all__ = [

@@ -6,12 +6,16 @@ FISEdit §"Cache-Based Editing Pipeline": the sparse pass needs activations of e
 computes. Entries that did not fit are copied to the accelerator only for the step that uses them.
 
 Accounting is exact: :meth:`ActivationCache.nbytes` sums ``numel · element_size`` over the tensors held.
+:class:`RunCache` is what a FISEdit generation leaves for its edits: its inputs, an :class:`ActivationCache`
+(per-step latents under :data:`LATENTS` and layer activations) and its image.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -187,3 +191,56 @@ class ActivationCache:
         self._staged.clear()
         self._put_events.clear()
         self._device_bytes = self._host_bytes = 0
+
+
+LATENTS = "latents"
+"""Cache name of the per-step UNet input latents."""
+
+
+@dataclass
+class RunCache:
+    """What a generation leaves for later edits: its inputs, per-step latents and activations, and its image.
+
+    Attributes:
+        prompt: the generated prompt.
+        seed: its seed.
+        token_ids: its 77 token ids (for cross-attention control's word alignment).
+        embeddings: (2, 77, D) text conditioning rows [uncond, cond] with guidance, else (1, 77, D) [cond].
+        timesteps: (T,) the DDIM timesteps.
+        guidance_scale: the guidance it was made with.
+        activations: per step i, ``latents`` (the UNet input x_i; step T holds the final latents) and the layer
+            activations named by module path.
+        image: (1, 3, H, W) the generated image in [-1, 1].
+        timings: seconds per stage.
+        made_with: what an edit of it must agree on besides steps and guidance: ``model`` (the bundle's name)
+            and ``cross_attention_steps`` (the steps whose cross-attention maps were recorded: ``mask_steps``
+            with cross-attention control, else 0). The latent size is the cached latents'.
+    """
+
+    prompt: str
+    seed: int
+    token_ids: list[int]
+    embeddings: torch.Tensor
+    timesteps: torch.Tensor
+    guidance_scale: float
+    activations: ActivationCache
+    image: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+    made_with: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of denoising steps."""
+        return int(self.timesteps.numel())
+
+    def latents(self, step: int) -> torch.Tensor:
+        """x_step (1, C, h, w): the UNet input of ``step``; ``step == num_steps`` gives the final latents."""
+        return self.activations.get(step, LATENTS)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache (both tiers)."""
+        return self.activations.nbytes()
+
+    def summary(self) -> dict[str, Any]:
+        """The cache's size summary (:meth:`~instdiff.sparse.cache.ActivationCache.summary`)."""
+        return self.activations.summary()

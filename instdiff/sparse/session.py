@@ -9,6 +9,10 @@ are the cached ones at every step, so the unchanged region is reproduced exactly
 The loop pieces are :mod:`instdiff.sampling`'s: the initial latents of a seed and classifier-free guidance are
 the same functions :func:`instdiff.editing.generate` uses, so a session's generation equals ``generate``'s (up to
 float rounding of the text encoder's batching: the session encodes ``["", prompt]`` in one call).
+
+The session's settings (:class:`~instdiff.sparse.config.FISEditConfig`) and what a generation leaves for its
+edits (:class:`~instdiff.sparse.cache.RunCache`) are defined next to the engine's settings and the activation
+cache, and re-exported here.
 """
 
 from __future__ import annotations
@@ -16,126 +20,22 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from instdiff.bundle import ModelBundle
 from instdiff.errors import ConfigError, EditInputError
+from instdiff.inputs import check_prompts, check_seed, check_seeds
 from instdiff.sampling import Clock, UNetCounter, guided_eps, initial_latents, make_scheduler
-from instdiff.sparse.cache import ActivationCache
-from instdiff.sparse.config import SparseConfig
+from instdiff.sparse.cache import LATENTS, ActivationCache, RunCache
+from instdiff.sparse.config import FISEditConfig
 from instdiff.sparse.engine import sparse_unet
 from instdiff.sparse.mask import difference_mask, dilate, latent_difference, mask_to_latent
 from instdiff.sparse.state import CrossAttentionControl
 from instdiff.types import EditResult
 
 log = logging.getLogger(__name__)
-
-LATENTS = "latents"
-"""Cache name of the per-step UNet input latents."""
-
-
-@dataclass(frozen=True)
-class FISEditConfig:
-    """Settings of a FISEdit session (Yu et al., AAAI 2024).
-
-    Attributes:
-        num_steps: DDIM steps (generation and edits share them).
-        guidance_scale: classifier-free guidance scale; ≤ 1 runs the conditional branch alone.
-        mask_steps: k, the dense steps of an edit that find the difference mask (paper: the difference is clear
-            by steps 5–10 of 50).
-        mask_from: the first step whose latent difference enters the map.
-        threshold: ``None`` for Otsu, else a fixed fraction in (0, 1] of the map's maximum.
-        open_radius: opening radius, in latent pixels.
-        margin: dilation margin, in latent pixels.
-        min_difference: an edit whose latents never differ by more than this (Σ over channels) from the cached
-            run is "no change" and returns the cached image.
-        dense_steps_with_mask: dense steps before going sparse when the caller gives the mask (0: all sparse).
-        composite: paste the edited region into the cached image, so that pixels outside it are the cached ones
-            exactly.
-        composite_margin: dilation of the upsampled latent mask for the paste, in image pixels (``None``: the
-            VAE factor).
-        cross_attention_control: keep the cached cross-attention maps of unchanged words during the mask steps.
-        cache_budget_bytes: accelerator memory for the cache; the rest goes to (pinned) host memory.
-        image_size: generated side in pixels (``None``: the model's native size).
-        sparse: the sparse engine's settings.
-
-    Raises:
-        ConfigError: steps or step ranges that do not fit together.
-    """
-
-    num_steps: int = 50
-    guidance_scale: float = 7.5
-    mask_steps: int = 10
-    mask_from: int = 5
-    threshold: float | None = None
-    open_radius: int = 1
-    margin: int = 1
-    min_difference: float = 1e-4
-    dense_steps_with_mask: int = 0
-    composite: bool = True
-    composite_margin: int | None = None
-    cross_attention_control: bool = False
-    cache_budget_bytes: int | None = None
-    image_size: int | None = None
-    sparse: SparseConfig = field(default_factory=SparseConfig)
-
-    def __post_init__(self) -> None:
-        if self.num_steps < 1:
-            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
-        if not 1 <= self.mask_steps <= self.num_steps:
-            raise ConfigError(f"mask_steps must lie in [1, num_steps={self.num_steps}], got {self.mask_steps}")
-        if not 1 <= self.mask_from <= self.mask_steps:
-            raise ConfigError(f"mask_from must lie in [1, mask_steps={self.mask_steps}], got {self.mask_from}")
-        if not 0 <= self.dense_steps_with_mask < self.num_steps:
-            raise ConfigError(f"dense_steps_with_mask must lie in [0, num_steps), got {self.dense_steps_with_mask}")
-
-
-@dataclass
-class RunCache:
-    """What a generation leaves for later edits: its inputs, per-step latents and activations, and its image.
-
-    Attributes:
-        prompt: the generated prompt.
-        seed: its seed.
-        token_ids: its 77 token ids (for cross-attention control's word alignment).
-        embeddings: (2, 77, D) text conditioning rows [uncond, cond] with guidance, else (1, 77, D) [cond].
-        timesteps: (T,) the DDIM timesteps.
-        guidance_scale: the guidance it was made with.
-        activations: per step i, ``latents`` (the UNet input x_i; step T holds the final latents) and the layer
-            activations named by module path.
-        image: (1, 3, H, W) the generated image in [-1, 1].
-        timings: seconds per stage.
-    """
-
-    prompt: str
-    seed: int
-    token_ids: list[int]
-    embeddings: torch.Tensor
-    timesteps: torch.Tensor
-    guidance_scale: float
-    activations: ActivationCache
-    image: torch.Tensor
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def num_steps(self) -> int:
-        """T, the number of denoising steps."""
-        return int(self.timesteps.numel())
-
-    def latents(self, step: int) -> torch.Tensor:
-        """x_step (1, C, h, w): the UNet input of ``step``; ``step == num_steps`` gives the final latents."""
-        return self.activations.get(step, LATENTS)
-
-    def nbytes(self) -> int:
-        """Bytes held by the cache (both tiers)."""
-        return self.activations.nbytes()
-
-    def summary(self) -> dict[str, Any]:
-        """The cache's size summary (:meth:`~instdiff.sparse.cache.ActivationCache.summary`)."""
-        return self.activations.summary()
 
 
 def token_alignment(source: Sequence[int], target: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -165,9 +65,14 @@ class FISEditSession:
     Args:
         bundle: the models.
         cfg: the session's settings (``None``: the defaults).
+
+    Raises:
+        ConfigError: ``cfg`` is not a :class:`FISEditConfig`.
     """
 
     def __init__(self, bundle: ModelBundle, cfg: FISEditConfig | None = None) -> None:
+        if cfg is not None and not isinstance(cfg, FISEditConfig):
+            raise ConfigError(f"cfg: expected a FISEditConfig; got {type(cfg).__name__}")
         self.bundle = bundle
         self.cfg = cfg or FISEditConfig()
 
@@ -210,12 +115,19 @@ class FISEditSession:
 
         Args:
             prompt: the prompt to generate.
-            seed: the seed of the initial latents (:func:`instdiff.sampling.initial_latents`).
+            seed: the integer seed of the initial latents (:func:`instdiff.sampling.initial_latents`).
 
         Returns:
             ``(image, cache)``: the image (1, 3, H, W) in [-1, 1] and what later edits need.
+
+        Raises:
+            EditInputError: a prompt that is not a string or is empty, a seed that is not an integer or out of
+                range.
+            ConfigError: an ``image_size`` that is not a multiple of the model's VAE factor.
         """
         b, cfg = self.bundle, self.cfg
+        check_prompts(b, [prompt], "generation")
+        seed = check_seed(seed)
         clock = Clock(b.device)
         counter = UNetCounter(1)
         # 1. text conditioning and initial latents
@@ -249,6 +161,7 @@ class FISEditSession:
             cache,
             image,
             clock.done(),
+            {"model": b.name, "cross_attention_steps": cfg.mask_steps if cfg.cross_attention_control else 0},
         )
         log.info("generated %r (seed %d): cache %.1f MB", prompt, seed, cache.nbytes() / 2**20)
         return image, run
@@ -259,10 +172,10 @@ class FISEditSession:
         """Re-generate ``cache``'s image for ``new_prompt``, sparsely after the first k dense steps.
 
         Args:
-            cache: a generation of this session's settings.
+            cache: a generation of this session's settings (see :meth:`check_cache`).
             new_prompt: the edited prompt.
-            mask: the region to change, (H, W) / (1, H, W) / (1, 1, H, W) at image or latent resolution; it
-                overrides the difference mask (and the dense detection steps).
+            mask: the region to change, (H, W) / (1, H, W) / (1, 1, H, W) at image or latent resolution, bool or
+                float (> 0.5 is set); it overrides the difference mask (and the dense detection steps).
 
         Returns:
             The edit: images (1, 3, H, W), masks (1, 1, H, W) bool, timings, UNet evaluations; extras hold the
@@ -270,14 +183,14 @@ class FISEditSession:
             computed), the per-step UNet times and the cache summary.
 
         Raises:
-            EditInputError: a cache made with other steps or guidance, or a mask of another shape.
+            EditInputError: a cache this session cannot edit (:meth:`check_cache`), a prompt that is not a string
+                or is empty, a mask of another shape or with values that are not finite.
         """
         b, cfg = self.bundle, self.cfg
-        if cache.num_steps != cfg.num_steps or cache.guidance_scale != cfg.guidance_scale:
-            raise EditInputError(
-                f"the cache was made with {cache.num_steps} steps and guidance {cache.guidance_scale}; this session "
-                f"uses {cfg.num_steps} and {cfg.guidance_scale}"
-            )
+        self.check_cache(cache)
+        check_prompts(b, [new_prompt], "target")
+        if mask is not None:
+            self._check_mask(mask, cache)
         clock = Clock(b.device)
         counter = UNetCounter(1)
         # 1. text conditioning of the new prompt
@@ -379,8 +292,14 @@ class FISEditSession:
 
         Returns:
             ``(image (1, 3, H, W) in [-1, 1], final latents (1, C, h, w))``.
+
+        Raises:
+            EditInputError: a cache this session cannot edit (:meth:`check_cache`), a prompt that is not a string
+                or is empty.
         """
         b, cfg = self.bundle, self.cfg
+        self.check_cache(cache)
+        check_prompts(b, [new_prompt], "target")
         counter = UNetCounter(1)
         emb = self._embed(new_prompt)
         sched = make_scheduler(b, cfg.num_steps)
@@ -394,6 +313,69 @@ class FISEditSession:
                 x = sched.step(eps, t, x).prev_sample.to(b.dtype)
             st.ca = None
         return b.decode_latents(x), x
+
+    def check_cache(self, cache: RunCache) -> None:
+        """Refuse a cache that this session cannot edit: one made with other steps or guidance, by another model,
+        at another latent size, or without the cross-attention maps this session's control needs.
+
+        Sparse settings need not agree: every mode records the same activations, and a layer whose cached
+        activations are missing runs dense.
+
+        Args:
+            cache: a :class:`RunCache` from :meth:`generate`.
+
+        Raises:
+            EditInputError: naming what the cache was made with and what this session uses.
+            ConfigError: this session's ``image_size`` is not a multiple of the model's VAE factor.
+        """
+        b, cfg = self.bundle, self.cfg
+        if not isinstance(cache, RunCache):
+            raise EditInputError(f"cache: expected a RunCache from FISEditSession.generate; got {type(cache).__name__}")
+        if cache.num_steps != cfg.num_steps or cache.guidance_scale != cfg.guidance_scale:
+            raise EditInputError(
+                f"the cache was made with {cache.num_steps} steps and guidance {cache.guidance_scale}; this session "
+                f"uses {cfg.num_steps} and {cfg.guidance_scale}"
+            )
+        model = cache.made_with.get("model", b.name)
+        latents = cache.latents(0)
+        dim = cache.embeddings.shape[-1]
+        if model != b.name or latents.shape[1] != b.latent_channels or dim != b.text_encoder.config.hidden_size:
+            raise EditInputError(
+                f"the cache was made by model {model!r} ({latents.shape[1]} latent channels, text width {dim}); this "
+                f"session's model is {b.name!r} ({b.latent_channels} latent channels, text width "
+                f"{b.text_encoder.config.hidden_size})"
+            )
+        h, w = latents.shape[-2:]
+        mine = self._latent_size()
+        if (h, w) != mine:
+            f = b.vae_scale_factor
+            raise EditInputError(
+                f"the cache holds {w}x{h} latents ({w * f}x{h * f} px); this session makes {mine[1]}x{mine[0]} "
+                f"latents (image_size {cfg.image_size or b.resolution} px)"
+            )
+        recorded = int(cache.made_with.get("cross_attention_steps", 0))
+        if cfg.cross_attention_control and recorded < cfg.mask_steps:
+            raise EditInputError(
+                f"the cache holds cross-attention maps of its first {recorded} steps; this session's cross-attention "
+                f"control needs the first {cfg.mask_steps} (generate with cross_attention_control on and mask_steps "
+                f">= {cfg.mask_steps})"
+            )
+
+    def _check_mask(self, mask: torch.Tensor, cache: RunCache) -> None:
+        """Refuse a caller's mask that is not (H, W), (1, H, W) or (1, 1, H, W) at the cache's image or latent
+        size, or that holds NaN or infinity."""
+        latent = tuple(cache.latents(0).shape[-2:])
+        image = tuple(cache.image.shape[-2:])
+        if not isinstance(mask, torch.Tensor):
+            raise EditInputError(f"mask must be a tensor (H, W), (1, H, W) or (1, 1, H, W); got {type(mask).__name__}")
+        shape = tuple(mask.shape)
+        if not 2 <= mask.ndim <= 4 or any(d != 1 for d in shape[:-2]) or shape[-2:] not in (latent, image):
+            raise EditInputError(
+                f"mask must be (H, W), (1, H, W) or (1, 1, H, W) at the image's {image[1]}x{image[0]} or the "
+                f"latents' {latent[1]}x{latent[0]}; got shape {shape}"
+            )
+        if (mask.is_floating_point() or mask.is_complex()) and not bool(torch.isfinite(mask).all()):
+            raise EditInputError("mask values must be finite (bool, or float where > 0.5 is set); got NaN or infinity")
 
     def _control(self, cache: RunCache, new_prompt: str, rows: int) -> CrossAttentionControl | None:
         """Cross-attention control replacing the maps of the words ``new_prompt`` shares with the cache's."""
@@ -440,15 +422,17 @@ def fisedit_edit_pairs(
         ``rows`` plus ``source_images`` (B, 3, H, W).
 
     Raises:
-        EditInputError: no pairs, or prompt and seed counts that differ.
+        EditInputError: no pairs, prompt and seed counts that differ, prompts that are not strings or are empty,
+            seeds that are not integers or out of range.
     """
     if len(source_prompts) != len(target_prompts):
         raise EditInputError(f"{len(source_prompts)} source prompts but {len(target_prompts)} target prompts")
     if not source_prompts:
         raise EditInputError("no prompt pairs given")
-    seed_list = [int(seeds)] * len(source_prompts) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if len(seed_list) != len(source_prompts):
-        raise EditInputError(f"{len(seed_list)} seeds for {len(source_prompts)} prompt pairs")
+    n = len(source_prompts)
+    seed_list = [check_seed(seeds)] * n if isinstance(seeds, int) else check_seeds(seeds, n, "prompt pairs")
+    check_prompts(bundle, source_prompts, "source")
+    check_prompts(bundle, target_prompts, "target")
     session = FISEditSession(bundle, cfg)
     images, masks, sources, rows = [], [], [], []
     timings: dict[str, float] = {}

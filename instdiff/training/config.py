@@ -2,7 +2,8 @@
 
 YAML files in ``configs/train/`` are parsed into :class:`TrainConfig` by the project's one parser,
 :func:`instdiff.config.from_mapping` (every key and type checked; lists become tuples where a field is a tuple).
-Values the trainer cannot use are refused by :meth:`TrainConfig.validate`. Both raise
+Every section checks its fields' types on construction (:func:`instdiff.config.check_fields`), also when built
+in Python. Values the trainer cannot use are refused by :meth:`TrainConfig.validate`. All raise
 :class:`~instdiff.errors.TrainConfigError`.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from instdiff.config import from_mapping, load_yaml, to_plain
+from instdiff.config import check_fields, from_mapping, load_yaml, to_plain
 from instdiff.errors import ConfigError, TrainConfigError
 
 SCENES_PER_CHUNK = 250  # scenes rendered from one seed: chunk c is make_scenes(250, seed=data_seed + c)
@@ -39,6 +40,9 @@ class VaeConfig:
     lr: float = 1e-3
     max_seconds: float | None = None
 
+    def __post_init__(self) -> None:
+        check_fields(self, TrainConfigError)
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -48,6 +52,9 @@ class TextConfig:
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
     intermediate_size: int = 512
+
+    def __post_init__(self) -> None:
+        check_fields(self, TrainConfigError)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,9 @@ class UNetConfig:
     grounding_weight: float = 0.0
     grounding_downsample: tuple[int, ...] = (1, 2)
 
+    def __post_init__(self) -> None:
+        check_fields(self, TrainConfigError)
+
 
 @dataclass(frozen=True)
 class InpaintConfig:
@@ -99,6 +109,9 @@ class InpaintConfig:
     mask_mix: tuple[float, ...] = (0.3, 0.15, 0.3, 0.15, 0.1)
     max_seconds: float | None = None
 
+    def __post_init__(self) -> None:
+        check_fields(self, TrainConfigError)
+
 
 @dataclass(frozen=True)
 class SampleConfig:
@@ -108,6 +121,9 @@ class SampleConfig:
     steps: int = 50
     guidance: float = 5.0
     n_probe: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, TrainConfigError)
 
 
 @dataclass(frozen=True)
@@ -139,6 +155,9 @@ class TrainConfig:
     samples: SampleConfig = field(default_factory=SampleConfig)
     editor_defaults: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, TrainConfigError)
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> TrainConfig:

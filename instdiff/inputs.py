@@ -1,0 +1,100 @@
+"""Checks of what callers hand the editors and the FISEdit session: prompts and seeds.
+
+Below :mod:`instdiff.editing` and :mod:`instdiff.sparse` (both import it; it imports only the bundle, the
+config constants and the errors), so the editor contract and the FISEdit session refuse bad input with the
+same messages. Image checks stay with the contract (:func:`instdiff.editing.check_images`).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from instdiff.bundle import ModelBundle
+from instdiff.config import SEED_MAX, SEED_MIN
+from instdiff.errors import EditInputError
+
+log = logging.getLogger(__name__)
+
+
+def check_prompts(bundle: ModelBundle, prompts: Sequence[str], what: str) -> None:
+    """Refuse prompts that are not strings or are blank; warn about prompts longer than CLIP's 77 tokens (they
+    are truncated).
+
+    Args:
+        bundle: the tokenizer.
+        prompts: the prompts to check (a sequence of strings, not one string).
+        what: which prompts, for the message (``"source"``, ``"target"``, ``"generation"``).
+
+    Raises:
+        EditInputError: a single string instead of a sequence, a prompt that is not a string, or a blank one.
+    """
+    if isinstance(prompts, str | bytes):
+        raise EditInputError(f"{what} prompts must be a list of strings, one per image; got one string {prompts!r}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise EditInputError(f"{what} prompt #{i} must be a string; got {type(p).__name__} {p!r}")
+        if not p.strip():
+            raise EditInputError(f"{what} prompt #{i} is empty; a non-empty text is required")
+        n = bundle.token_count(p)
+        limit = bundle.tokenizer.model_max_length
+        if n > limit:
+            log.warning("%s prompt #%d has %d tokens; CLIP reads %d, the rest is truncated", what, i, n, limit)
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """One seed as ``torch.Generator.manual_seed`` takes it.
+
+    Args:
+        seed: an integer (anything ``operator.index`` takes, e.g. a NumPy integer; not a bool) in
+            [:data:`~instdiff.config.SEED_MIN`,
+            :data:`~instdiff.config.SEED_MAX`] (negative seeds are used modulo 2^64).
+        what: the seed's name in the message, e.g. ``"seed #2"``.
+
+    Returns:
+        The seed as a Python int.
+
+    Raises:
+        EditInputError: not an integer, or outside that range.
+    """
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or isinstance(seed, bool):
+        raise EditInputError(f"{what} must be an integer; got {type(seed).__name__} {seed!r}")
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise EditInputError(
+            f"{what} {value} is out of range; accepted: {SEED_MIN} to {SEED_MAX} (torch.Generator.manual_seed)"
+        )
+    return value
+
+
+def check_seeds(seeds: Iterable[Any], n: int, what: str = "images") -> list[int]:
+    """One seed per item, each checked with :func:`check_seed`.
+
+    Args:
+        seeds: the seeds (any iterable but a string).
+        n: how many are needed.
+        what: what they are for, in the message (``"images"``, ``"prompts"``).
+
+    Returns:
+        ``n`` Python ints.
+
+    Raises:
+        EditInputError: not a list, a count other than ``n``, or a bad seed.
+    """
+    try:
+        if isinstance(seeds, str | bytes):
+            raise TypeError
+        values = list(seeds)
+    except TypeError:
+        raise EditInputError(f"seeds must be a list of integers, one each; got {type(seeds).__name__}") from None
+    if len(values) != n:
+        raise EditInputError(f"got {len(values)} seeds for {n} {what}")
+    return [check_seed(s, f"seed #{i}") for i, s in enumerate(values)]
+
+
+__all__ = ["check_prompts", "check_seed", "check_seeds"]
