@@ -47,13 +47,28 @@ def configure_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def one_line(message: object) -> str:
+    """A message on one line: its lines stripped, empty ones dropped, the rest joined with ``"; "``."""
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 def run_command(prog: str, func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Run ``func(args)``; an :class:`InstdiffError` becomes one line on stderr and exit code 2."""
+    """Run ``func(args)``; an :class:`InstdiffError` becomes one line on stderr and exit code 2.
+
+    Args:
+        prog: the program name the line starts with (``instdiff edit``).
+        func: the command.
+        args: its parsed arguments.
+
+    Returns:
+        ``func``'s exit code (``None``: 0), or 2 after a project error (a multi-line message is printed on one
+        line, see :func:`one_line`).
+    """
     try:
         return int(func(args) or 0)
     except InstdiffError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 
-__all__ = ["add_model_args", "configure_logging", "run_command"]
+__all__ = ["add_model_args", "configure_logging", "one_line", "run_command"]

@@ -156,6 +156,14 @@ def _parse_method(data: Any, seed: int) -> EditConfig:
     return from_mapping(EditConfig, {**data, "method": method, "seed": seed}, "method")
 
 
+def _image_size_ok(size: Any) -> bool:
+    return size is None or size == "model" or (isinstance(size, int) and not isinstance(size, bool) and size >= 1)
+
+
+def _image_size_message(size: Any) -> str:
+    return f"image.size: {size!r} is not accepted; accepted: a positive integer (longer side in px), 'model', or null"
+
+
 def _check_values(cfg: BatchConfig) -> None:
     """Range checks the types alone do not express; raises :class:`ConfigError` naming the key."""
     checks: list[tuple[bool, str]] = [
@@ -178,14 +186,16 @@ def _check_values(cfg: BatchConfig) -> None:
             f"image.size_policy: {cfg.image.size_policy!r} is not accepted; accepted: {', '.join(SIZE_POLICIES)}",
         ),
         (cfg.seed >= 0, f"seed: must be >= 0; got {cfg.seed}"),
-    ]
-    size = cfg.image.size
-    checks.append(
         (
-            size is None or size == "model" or (isinstance(size, int) and size >= 1),
-            f"image.size: {size!r} is not accepted; accepted: a positive integer (longer side in px), 'model', or null",
-        )
-    )
+            cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1,
+            f"ray.num_cpus: must be null or >= 1; got {cfg.ray.num_cpus}",
+        ),
+        (
+            cfg.ray.object_store_memory is None or cfg.ray.object_store_memory >= 1,
+            f"ray.object_store_memory: must be null or >= 1 (bytes); got {cfg.ray.object_store_memory}",
+        ),
+        (_image_size_ok(cfg.image.size), _image_size_message(cfg.image.size)),
+    ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -206,6 +216,9 @@ def parse_config(data: Mapping[str, Any]) -> BatchConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(f"a batch config must be a mapping of keys; got {type(data).__name__}")
     data = dict(data)
+    image = data.get("image")
+    if isinstance(image, Mapping) and "size" in image and not _image_size_ok(image["size"]):
+        raise ConfigError(_image_size_message(image["size"]))  # one message for a wrong type or range
     seed = coerce(int, data.get("seed", 0), "seed")
     method = _parse_method(data.pop("method", None), seed)
     cfg = from_mapping(BatchConfig, data, "", exclude=("method",))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from instdiff.config import EditConfig, MaskConfig, Method
 from instdiff.errors import UsageError
+from pipelines import storage
 from pipelines.commands import add_model_args
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         0.
 
     Raises:
-        UsageError: ``--out`` is not a ``.png`` file.
+        UsageError: ``--out`` or ``--mask-out`` is not a ``.png`` file.
+        StorageError: ``--out`` or ``--mask-out`` is a folder, or a file is in the way of its parent folders.
         ImageInputError: the image cannot be decoded or brought to the model's geometry.
         ModelLoadError: the model cannot be loaded.
     """
@@ -82,8 +84,12 @@ def run(args: argparse.Namespace) -> int:
     from instdiff.models import load_bundle
 
     out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out must be a .png file, got {args.out!r}")
+    for flag, path in (("--out", args.out), ("--mask-out", args.mask_out)):
+        if path is None:
+            continue
+        if Path(path).suffix.lower() != ".png":
+            raise UsageError(f"{flag} must be a .png file, got {path!r}")
+        storage.check_output(path, flag)
     array, notes = imageio.decode_image(args.image)
     bundle = load_bundle(
         args.model,

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from collections.abc import Sequence
 
 import pyarrow as pa
 
+from instdiff.config import DEFAULT_MAX_PIXELS
 from instdiff.errors import UsageError
 from pipelines import schema as S
 from pipelines import storage
@@ -22,6 +24,8 @@ from pipelines import storage
 log = logging.getLogger(__name__)
 
 KINDS = ("shapes",)
+MIN_SIZE = 16  # px
+MAX_SIZE = math.isqrt(DEFAULT_MAX_PIXELS)  # px: the largest square the batch job accepts by default (4096)
 
 
 def shapes_table(n: int, seed: int = 0, size: int = 64, kinds: Sequence[str] | None = None) -> pa.Table:
@@ -72,8 +76,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("kind", choices=KINDS, help="shapes: the synthetic shapes world (exact ground-truth masks)")
     p.add_argument("--n", type=int, default=64, help="number of rows")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (the embedded model works at 64)")
+    p.add_argument("--seed", type=int, default=0, help="the world's seed (>= 0)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help=f"image side in pixels, {MIN_SIZE} to {MAX_SIZE} (the embedded model works at 64)",
+    )
     p.add_argument("--out", required=True, help="output Parquet file, local or s3://bucket/key.parquet")
     p.set_defaults(func=run)
 
@@ -85,14 +94,19 @@ def run(args: argparse.Namespace) -> int:
         0.
 
     Raises:
-        UsageError: ``--n`` below 1, ``--size`` below 16 or ``--out`` not ending in ``.parquet``.
+        UsageError: ``--n`` below 1, ``--size`` outside [16, :data:`MAX_SIZE`], ``--seed`` below 0 or ``--out``
+            not ending in ``.parquet``.
+        StorageError: ``--out`` is a folder, or a file is in the way of its parent folders.
     """
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
-    if args.size < 16:
-        raise UsageError(f"--size must be at least 16 px, got {args.size}")
+    if not MIN_SIZE <= args.size <= MAX_SIZE:
+        raise UsageError(f"--size must be in [{MIN_SIZE}, {MAX_SIZE}] px, got {args.size}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if not args.out.endswith(".parquet"):
         raise UsageError(f"--out must end with .parquet, got {args.out!r}")
+    storage.check_output(args.out, "--out")
     table = shapes_table(args.n, seed=args.seed, size=args.size)
     where = storage.write_table(table, args.out, row_group_size=64)
     log.info("wrote %d rows (%d px, seed %d) to %s", table.num_rows, args.size, args.seed, where)

@@ -48,16 +48,18 @@ def read_output(output: str, storage_cfg: storage.StorageConfig | None = None) -
 
     Raises:
         InputNotFoundError: no Parquet files under ``output``.
+        StorageError: ``output`` cannot be reached, or a file under it is not Parquet (the message names it).
         SchemaError: the files are not in the batch output schema.
     """
     fs, path = storage.resolve(output, storage_cfg)
     files = storage.list_files(fs, path)
     if not files:
         raise InputNotFoundError(f"no Parquet files under {storage.display(fs, path)}")
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table()
+    with storage.reading(f"batch output {storage.display(fs, path)}"):
+        table = pads.dataset(files, filesystem=fs, format="parquet").to_table()
     problems = S.output_schema_problems(table.schema)
     if problems:
-        raise S.SchemaError(f"{output} is not a batch output: " + "; ".join(problems))
+        raise S.SchemaError(f"{output} is not a batch output: {S.summarize_problems(problems)}")
     return latest_rows(table)
 
 
@@ -327,9 +329,13 @@ def make_report(
 
     Raises:
         InputNotFoundError: no Parquet files under ``output``.
+        StorageError: ``output`` cannot be reached, a file under it is not Parquet, or the report folder is a
+            file (or below one).
         SchemaError: the files are not in the batch output schema.
     """
     table = read_output(output, storage_cfg)
+    report_dir = out_dir or default_report_dir(output)
+    storage.check_output(report_dir, "report folder", folder=True, storage_cfg=storage_cfg)
     summary = summarize(table)
     ok = table.filter(pc.equal(table[S.STATUS], S.STATUS_OK))
     rows = ok.slice(0, limit).to_pylist()
@@ -344,7 +350,7 @@ def make_report(
             log.warning("cannot read the input %s (%s); showing outputs only", input_uri, exc)
     else:
         log.warning("no input recorded for %s and no --input; showing outputs only", output)
-    out_fs, out_path = storage.resolve(out_dir or default_report_dir(output), storage_cfg)
+    out_fs, out_path = storage.resolve(report_dir, storage_cfg)
     paths = {name: storage.join(out_path, name) for name in ("index.html", "contact_sheet.png", "summary.json")}
     storage.write_bytes(
         out_fs, paths["index.html"], render_html(output, summary, rows, inputs, errors_list).encode("utf-8")

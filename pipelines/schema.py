@@ -144,8 +144,11 @@ OUTPUT_DOC: dict[str, str] = {
 METRIC_COLUMNS = (MASK_AREA, CHANGE_OUTSIDE_PRED, IOU, C_M, C_NON, UNET_CALLS, LATENCY_S)
 
 
+SHOWN_PROBLEMS = 5  # problems named in a one-line message; the rest are counted
+
+
 class SchemaError(InstdiffError, ValueError):
-    """An input table that does not match :data:`INPUT_SCHEMA`; the message lists every problem."""
+    """An input table that does not match :data:`INPUT_SCHEMA`; the message counts and names the problems."""
 
 
 @dataclass(frozen=True)
@@ -167,14 +170,21 @@ _INPUT_KINDS = {
 }
 
 
-def describe_input_schema() -> str:
-    """The accepted input schema as text, one column a line (used in error messages and ``--help``)."""
-    lines = []
+def describe_input_schema(one_line: bool = False) -> str:
+    """The accepted input schema as text (``--help`` and error messages).
+
+    Args:
+        one_line: comma-separated on one line (for error messages) instead of one indented column a line.
+
+    Returns:
+        ``name: kind (required|optional)`` for every input column.
+    """
+    columns = []
     for name in REQUIRED_INPUT + OPTIONAL_INPUT:
         kind = _INPUT_KINDS[name].name
         need = "required" if name in REQUIRED_INPUT else "optional"
-        lines.append(f"  {name}: {kind} ({need})")
-    return "\n".join(lines)
+        columns.append(f"{name}: {kind} ({need})")
+    return ", ".join(columns) if one_line else "\n".join(f"  {c}" for c in columns)
 
 
 def input_schema_problems(schema: pa.Schema) -> list[str]:
@@ -216,16 +226,32 @@ def validate_input_schema(schema: pa.Schema, source: str = "input") -> None:
         source: what the schema belongs to, for the message (e.g. ``"input data/shapes.parquet"``).
 
     Raises:
-        SchemaError: a column is missing or mistyped; the message names every problem and shows the accepted
-            schema.
+        SchemaError: a column is missing or mistyped; the one-line message counts the problems, names the
+            first :data:`SHOWN_PROBLEMS` and shows the accepted schema.
     """
     problems = input_schema_problems(schema)
     if problems:
-        listing = "\n".join(f"  - {p}" for p in problems)
         raise SchemaError(
-            f"{source} does not match the instdiff input schema:\n{listing}\n"
-            f"accepted schema:\n{describe_input_schema()}\n(other columns are ignored)"
+            f"{source} does not match the instdiff input schema: {summarize_problems(problems)}; "
+            f"accepted schema: {describe_input_schema(one_line=True)} (other columns are ignored)"
         )
+
+
+def summarize_problems(problems: list[str], noun: str = "problem", shown: int = SHOWN_PROBLEMS) -> str:
+    """A list of problems for a one-line message (the CLI's rule): how many, then the first few.
+
+    Args:
+        problems: one text per problem (non-empty).
+        noun: what is counted (``"bad row"``).
+        shown: how many to name.
+
+    Returns:
+        ``"N problem(s): a; b; c (and K more)"``.
+    """
+    text = f"{len(problems)} {noun}(s): " + "; ".join(problems[:shown])
+    if len(problems) > shown:
+        text += f" (and {len(problems) - shown} more)"
+    return text
 
 
 def output_table(columns: dict[str, list]) -> pa.Table:

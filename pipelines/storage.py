@@ -12,9 +12,11 @@ Other URI schemes pyarrow knows (``gs://``, ``hdfs://``, ...) go through ``pyarr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,7 +24,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from instdiff.errors import ConfigError, UsageError
+from instdiff.errors import ConfigError, InstdiffError, StorageError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +132,82 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def _cause(exc: BaseException) -> str:
+    """An exception's message on one line (pyarrow and the AWS SDK write several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Turn a pyarrow or OS error raised inside the block into a one-line :class:`StorageError`.
+
+    Project errors pass through unchanged.
+
+    Args:
+        what: what is being read, for the message (e.g. ``"input /data/in.parquet"``).
+
+    Raises:
+        StorageError: ``cannot read WHAT: CAUSE``.
+    """
+    try:
+        yield
+    except InstdiffError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise StorageError(f"cannot read {what}: {_cause(exc)}") from None
+
+
+def file_info(fs: pafs.FileSystem, path: str) -> pafs.FileInfo:
+    """``fs.get_file_info(path)``, with a store that cannot be reached reported as one line.
+
+    Raises:
+        StorageError: the filesystem could not be asked (unreachable endpoint, refused credentials, no
+            permission); the message names the path and the cause (which names the endpoint).
+    """
+    try:
+        return fs.get_file_info(path)
+    except OSError as exc:
+        raise StorageError(f"cannot access {display(fs, path)}: {_cause(exc)}") from None
+
+
 def exists(fs: pafs.FileSystem, path: str) -> bool:
-    """Whether ``path`` (a file or a folder) exists in ``fs``."""
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    """Whether ``path`` (a file or a folder) exists in ``fs`` (:func:`file_info`'s errors)."""
+    return file_info(fs, path).type != pafs.FileType.NotFound
 
 
 def is_dir(fs: pafs.FileSystem, path: str) -> bool:
-    """Whether ``path`` is a folder in ``fs``."""
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    """Whether ``path`` is a folder in ``fs`` (:func:`file_info`'s errors)."""
+    return file_info(fs, path).type == pafs.FileType.Directory
+
+
+def check_output(uri: str, what: str, folder: bool = False, storage_cfg: StorageConfig | None = None) -> None:
+    """Refuse a local output path that cannot be written, before any work is done.
+
+    Remote outputs (``s3://``, ...) are not checked: object stores have no folders that could be in the way.
+
+    Args:
+        uri: the output path or URI.
+        what: the flag or key that named it, for the message (``"--out"``, ``"output"``).
+        folder: the output is a folder (else a file).
+        storage_cfg: S3 settings (``None``: the AWS environment variables).
+
+    Raises:
+        StorageError: a file where a folder is wanted or the reverse, or a file in the way of the folders
+            to create.
+    """
+    fs, path = resolve(uri, storage_cfg)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    target = Path(path)
+    if target.is_dir() and not folder:
+        raise StorageError(f"{what} {path} is a folder; expected a file")
+    if target.exists() and not target.is_dir() and folder:
+        raise StorageError(f"{what} {path} is a file; expected a folder")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StorageError(f"{what} {path}: {parent} is a file, so no folder can be made there")
 
 
 def _hidden(rel: str) -> bool:
@@ -149,14 +219,21 @@ def list_files(fs: pafs.FileSystem, path: str, suffix: str = ".parquet") -> list
     """Data files under ``path`` (a file or a folder, recursively), sorted; hidden parts ('_x', '.x') skipped.
 
     A missing ``path`` gives an empty list.
+
+    Raises:
+        StorageError: the filesystem could not be asked (see :func:`file_info`).
     """
-    info = fs.get_file_info(path)
+    info = file_info(fs, path)
     if info.type == pafs.FileType.NotFound:
         return []
     if info.type == pafs.FileType.File:
         return [path]
+    try:
+        items = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as exc:
+        raise StorageError(f"cannot list {display(fs, path)}: {_cause(exc)}") from None
     out = []
-    for item in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+    for item in items:
         if item.type != pafs.FileType.File or not item.path.endswith(suffix):
             continue
         rel = item.path[len(path.rstrip("/")) + 1 :]
@@ -201,11 +278,13 @@ def write_table(
 
     Raises:
         UsageError: ``out`` does not end in ``.parquet``.
+        StorageError: ``out`` is a folder, or a file is in the way of its parent folders (:func:`check_output`).
     """
     import pyarrow.parquet as pq
 
     if not out.endswith(".parquet"):
         raise UsageError(f"the output must be a .parquet file; got {out!r}")
+    check_output(out, "output", storage_cfg=storage_cfg)
     fs, path = resolve(out, storage_cfg)
     parent = posixpath.dirname(path)
     if parent and isinstance(fs, pafs.LocalFileSystem):

@@ -89,6 +89,19 @@ def test_sections_become_typed_dataclasses():
         ({"input": "i", "output": "o", "resume": "yes"}, "resume: expected true or false"),
         ({"input": "i", "output": "o", "method": {"strength": 1.5}}, "method.strength: must be in (0, 1]"),
         ({"input": "i", "output": "o", "colour": 1}, "colour: unknown key; accepted keys: input, output"),
+        ({"input": "i", "output": "o", "ray": {"num_cpus": 0}}, "ray.num_cpus: must be null or >= 1; got 0"),
+        (
+            {"input": "i", "output": "o", "ray": {"object_store_memory": -5}},
+            "ray.object_store_memory: must be null or >= 1 (bytes); got -5",
+        ),
+        (
+            {"input": "i", "output": "o", "image": {"size": True}},
+            "image.size: True is not accepted; accepted: a positive integer (longer side in px), 'model', or null",
+        ),
+        (
+            {"input": "i", "output": "o", "image": {"size": [64]}},
+            "image.size: [64] is not accepted; accepted: a positive integer (longer side in px), 'model', or null",
+        ),
     ],
 )
 def test_config_errors_name_the_key_and_the_accepted_values(data, message):
@@ -143,3 +156,18 @@ def test_fingerprint_ignores_resources_and_round_trips_through_to_dict():
     assert parse_config({**again, "method": to_dict(a.method)}) == a
     secret = parse_config({"input": "i", "output": "o", "storage": {"access_key_id": "AK", "secret_access_key": "S"}})
     assert to_dict(secret)["storage"]["secret_access_key"] == "***"
+
+
+def test_python_m_entry_point_names_itself_in_its_messages(capsys):
+    from pipelines.batch.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--steps", "abc"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "python -m pipelines.batch: error: argument --steps: invalid int value: 'abc'" in err
+    assert "pipelines.batch batch" not in err
+    assert main(["--input", "x.parquet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "python -m pipelines.batch: error: give --config FILE, or both --input and --output"
+    )

@@ -128,6 +128,21 @@ def test_a_pool_that_leaves_no_cpu_for_reading_is_refused(ray_local, tmp_path):
         run_job(cfg)
 
 
+def test_a_model_the_actors_cannot_load_ends_the_job_with_one_line(ray_local, tmp_path, capsys):
+    pq.write_table(shapes_table(1, size=SIZE), tmp_path / "in.parquet")
+    job = {**JOB, "model": {"spec": "instdiff-test/absent", "local_files_only": True}}
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"input": str(tmp_path / "in.parquet"), "output": str(tmp_path / "out"), **job}))
+    assert main(["batch", "--config", str(config)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("instdiff batch: error:")]
+    assert len(err) == 1 and err[0].startswith(  # then the hub library's own reason
+        "instdiff batch: error: the editing actors could not load model 'instdiff-test/absent' (device 'auto'): "
+        "ModelLoadError: could not load model 'instdiff-test/absent' (offline: only local folders, 'tiny' and "
+        "'default' work): "
+    )
+    assert list((tmp_path / "out" / "_runs").glob("*.json")) == []  # no stray manifest
+
+
 @pytest.mark.slow
 def test_python_m_entry_point_joins_the_cluster_at_ray_address(ray_local, tmp_path):
     import ray

@@ -289,3 +289,99 @@ def test_decode_and_finalize_workers_never_load_the_editors():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"decode/finalize loaded: {out.stdout.strip()}"
+
+
+def _job(tmp_path, **overrides: object) -> BatchConfig:
+    """A tiny job on two shapes rows written under ``tmp_path`` (input ``in.parquet``, output ``out``)."""
+    import pyarrow.parquet as pq
+
+    if not (tmp_path / "in.parquet").exists():
+        pq.write_table(shapes_table(2, size=SIZE), tmp_path / "in.parquet")
+    return job_config(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), **overrides)
+
+
+def test_the_driver_refuses_a_missing_model_folder_or_a_bad_dtype_before_anything_is_written(tmp_path):
+    from instdiff.errors import InstdiffError, ModelLoadError
+    from pipelines.batch import run_job
+
+    with pytest.raises(ModelLoadError, match=r"model.spec: model path '/nonexistent/model' does not exist"):
+        run_job(_job(tmp_path, model={"spec": "/nonexistent/model"}))
+    with pytest.raises(InstdiffError, match="fp12"):
+        run_job(_job(tmp_path, model={"dtype": "fp12"}))
+    assert not (tmp_path / "out").exists()  # no stray _runs/<id>.json
+
+
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_an_output_that_is_a_file_or_below_one_is_refused_before_the_input_is_read(tmp_path, where):
+    from instdiff.errors import StorageError
+    from pipelines.batch import run_job
+
+    (tmp_path / "taken").write_bytes(b"x")
+    output = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "out"
+    cfg = job_config(input=str(tmp_path / "absent.parquet"), output=str(output))
+    message = "is a file; expected a folder" if where == "file" else "taken is a file, so no folder can be made"
+    with pytest.raises(StorageError, match=message):
+        run_job(cfg)
+
+
+def test_unreadable_or_unreachable_input_is_one_storage_error(tmp_path):
+    from instdiff.errors import StorageError
+    from pipelines.batch import run_job
+
+    (tmp_path / "garbage.parquet").write_bytes(b"garbage")
+    with pytest.raises(StorageError, match=r"cannot read input .*garbage.parquet: .*garbage.parquet"):
+        run_job(job_config(input=str(tmp_path / "garbage.parquet"), output=str(tmp_path / "out")))
+    cfg = job_config(
+        input="s3://no-such-bucket/in",
+        output=str(tmp_path / "out"),
+        storage={"endpoint_url": "http://127.0.0.1:9", "access_key_id": "k", "secret_access_key": "s"},
+    )
+    with pytest.raises(StorageError, match=r"cannot access s3://no-such-bucket/in: .*127\.0\.0\.1:9") as info:
+        run_job(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_resume_false_refuses_an_output_that_already_holds_data(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.batch import run_job
+    from pipelines.config import ConfigError
+
+    (tmp_path / "out").mkdir()
+    row = {f.name: None for f in S.OUTPUT_SCHEMA} | {S.ID: "a", S.STATUS: S.STATUS_OK}
+    pq.write_table(pa.Table.from_pylist([row], schema=S.OUTPUT_SCHEMA), tmp_path / "out" / "part-x.parquet")
+    with pytest.raises(ConfigError, match=r"resume: false but output .*out already holds data; use an empty output"):
+        run_job(_job(tmp_path, resume=False))
+    assert not (tmp_path / "out" / "_runs").exists()
+
+
+def test_an_actor_that_cannot_load_the_model_ends_the_job_with_its_own_error(tmp_path, monkeypatch):
+    """Ray's ActorDiedError (its message: the actor's whole traceback) becomes one ModelLoadError line."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from instdiff.errors import ModelLoadError
+    from pipelines.batch import driver
+
+    traceback_text = (
+        "\x1b[36mray::MapWorker(MapBatches(EditStage)).__init__()\x1b[39m (pid=1, ip=127.0.0.1)\n"
+        '  File "pipelines/batch/edit_stage.py", line 61, in __init__\n'
+        "    self.bundle = load_bundle(\n"
+        "instdiff.errors.ModelLoadError: cannot load model 'org/absent' from the hub\n"
+        "(offline: only local folders, 'tiny' and 'default' work)\n"
+    )
+    died = ActorDiedError(RayTaskError("__init__", traceback_text, ModelLoadError("x")))
+
+    class Dataset:
+        def write_parquet(self, *args: object, **kwargs: object) -> None:
+            raise died
+
+    monkeypatch.setattr(driver, "connect_ray", lambda cfg: False)
+    monkeypatch.setattr(driver, "check_resources", lambda cfg, local: None)
+    monkeypatch.setattr(driver, "build_dataset", lambda *args, **kwargs: Dataset())
+    with pytest.raises(ModelLoadError) as info:
+        driver.run_job(_job(tmp_path, model={"spec": "org/absent"}))
+    assert str(info.value) == (
+        "the editing actors could not load model 'org/absent' (device 'auto'): ModelLoadError: cannot load model "
+        "'org/absent' from the hub (offline: only local folders, 'tiny' and 'default' work)"
+    )
+    assert list((tmp_path / "out" / "_runs").iterdir()) == []  # the manifest of a run that wrote nothing is gone

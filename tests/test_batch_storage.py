@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from instdiff.errors import ConfigError
+from instdiff.errors import ConfigError, StorageError
 from pipelines import storage
 from pipelines.storage import StorageConfig
 
@@ -48,3 +49,40 @@ def test_s3_settings_from_environment_and_config(monkeypatch):
         storage.s3_filesystem()
     with pytest.raises(ConfigError, match="has no bucket"):
         storage.resolve("s3:///key")
+
+
+def test_an_unreachable_endpoint_is_one_storage_error_naming_path_and_endpoint():
+    cfg = StorageConfig(endpoint_url="http://127.0.0.1:9", access_key_id="k", secret_access_key="s", region="us-east-1")
+    fs, path = storage.resolve("s3://no-such-bucket/in", cfg)
+    for call in (storage.list_files, storage.exists, storage.is_dir):
+        with pytest.raises(StorageError, match=r"^cannot access s3://no-such-bucket/in: .*127\.0\.0\.1:9") as info:
+            call(fs, path)
+        assert "\n" not in str(info.value)
+
+
+def test_check_output_refuses_files_and_folders_in_the_way(tmp_path):
+    (tmp_path / "f.parquet").write_bytes(b"x")
+    (tmp_path / "d.parquet").mkdir()
+    storage.check_output(str(tmp_path / "new" / "deeper" / "x.parquet"), "--out")  # folders to be created: fine
+    storage.check_output(str(tmp_path / "d.parquet"), "output", folder=True)
+    storage.check_output("s3://bucket/anything", "output", folder=True)  # object stores are not checked
+    with pytest.raises(StorageError, match=r"^output .*f.parquet is a file; expected a folder$"):
+        storage.check_output(str(tmp_path / "f.parquet"), "output", folder=True)
+    with pytest.raises(StorageError, match=r"^--out .*d.parquet is a folder; expected a file$"):
+        storage.check_output(str(tmp_path / "d.parquet"), "--out")
+    with pytest.raises(StorageError, match=r"f.parquet is a file, so no folder can be made there$"):
+        storage.check_output(str(tmp_path / "f.parquet" / "a" / "b.parquet"), "--out")
+    with pytest.raises(StorageError, match="is a folder; expected a file"):
+        storage.write_table(pa.table({"a": [1]}), str(tmp_path / "d.parquet"))
+
+
+def test_reading_turns_arrow_and_os_errors_into_one_storage_error(tmp_path):
+    import pyarrow.parquet as pq
+
+    (tmp_path / "bad.parquet").write_bytes(b"garbage")
+    with pytest.raises(StorageError, match=r"^cannot read input x: .*bad.parquet") as info:
+        with storage.reading("input x"):
+            pq.read_table(tmp_path / "bad.parquet")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="passes through"), storage.reading("input x"):
+        raise ConfigError("passes through")

@@ -87,6 +87,21 @@ def test_config_expands_sweeps_and_merges_settings(tmp_path):
         ({"data": ["make"]}, "data: expected a mapping"),
         ({"sheet": {"runs": "SDEdit"}}, "sheet.runs"),
         ({"sheet": {"colour": 1}}, "sheet.colour: unknown key; accepted keys in sheet: rows, runs"),
+        ({"runs": 5}, "runs: expected a list of runs"),
+        ({"sweeps": 5}, "sweeps: expected a list of sweeps"),
+        ({"notes": 5}, "notes: expected a list of strings; got 5"),
+        (
+            {"sweeps": [{"name": "s", "settings": 5, "grid": {"method.strength": [0.5]}}]},
+            r"sweeps\[0\].settings: expected",
+        ),
+        ({"sweeps": [{"name": "s", "grid": {1: [0.5]}}]}, r"sweeps\[0\].grid: 1 is not a dotted batch-job key"),
+        ({"runs": [{"label": "a", "input": "x"}]}, r"runs\[0\].input: not accepted here \(the bench sets input and"),
+        ({"runs": [{"label": "a", "output": "x"}]}, r"runs\[0\].output: not accepted here"),
+        (
+            {"sweeps": [{"name": "s", "settings": {"input": "x"}, "grid": {"method.strength": [0.5]}}]},
+            r"sweeps\[0\].settings.input: not accepted here",
+        ),
+        ({"sweeps": [{"name": "s", "grid": {"output": ["a", "b"]}}]}, r"sweeps\[0\].grid.output: not accepted here"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, change, message):

@@ -99,3 +99,46 @@ def test_errors_are_one_clear_line(scene, tmp_path, capsys, args, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize(
+    ("flag", "target", "message"),
+    [
+        ("--out", "{dir}", "--out {dir} is a folder; expected a file"),
+        ("--out", "{file}/x.png", "--out {file}/x.png: {file} is a file, so no folder can be made there"),
+        ("--mask-out", "{dir}", "--mask-out {dir} is a folder; expected a file"),
+        ("--mask-out", "{file}/a/m.png", "--mask-out {file}/a/m.png: {file} is a file, so no folder can be made there"),
+        ("--mask-out", "{tmp}/m.jpg", "--mask-out must be a .png file, got '{tmp}/m.jpg'"),
+    ],
+)
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys, flag, target, message):
+    (tmp_path / "taken.png").write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()
+    subst = {"{dir}": str(tmp_path / "folder.png"), "{file}": str(tmp_path / "taken.png"), "{tmp}": str(tmp_path)}
+
+    def fill(text: str) -> str:
+        for key, value in subst.items():
+            text = text.replace(key, value)
+        return text
+
+    outputs = {"--out": str(tmp_path / "o.png"), flag: fill(target)}
+    argv = ["edit", str(tmp_path / "missing.png"), "--target", "x", "--model", "tiny"]  # the image is never read
+    for key, value in outputs.items():
+        argv += [key, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"instdiff edit: error: {fill(message)}"]
+
+
+def test_a_multi_line_error_is_printed_on_one_line(capsys):
+    import argparse
+
+    from instdiff.errors import ConfigError
+    from pipelines.commands import run_command
+
+    def fail(args: argparse.Namespace) -> int:
+        raise ConfigError("invalid YAML in job.yaml: expected ']'\n  in line 1, column 3:\n\n    [1\n      ^")
+
+    assert run_command("instdiff batch", fail, argparse.Namespace()) == 2
+    err = capsys.readouterr().err
+    assert err == "instdiff batch: error: invalid YAML in job.yaml: expected ']'; in line 1, column 3:; [1; ^\n"

@@ -290,6 +290,54 @@ def test_cli_import_refuses_a_non_parquet_out_before_reading(tmp_path, capsys):
     assert not (tmp_path / "x.csv").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["prompt-pairs", "{pairs}", "--limit", "0"], "--limit must be at least 1, got 0"),
+        (["prompt-pairs", "{pairs}", "--limit", "-1"], "--limit must be at least 1, got -1"),
+        (["listing", "{dir}"], "{dir} is a folder; expected a file"),
+        (["prompt-pairs", "{dir}"], "{dir} is a folder; expected a file"),
+        (["prompt-pairs", "{binary}"], "{binary} is not UTF-8 text (byte 0: invalid start byte); expected a text file"),
+        (["listing", "{binary}"], "{binary} is not UTF-8 text"),
+        (
+            ["prompt-pairs", "{pairs}", "--out", "{pairs}/x.parquet"],
+            "{pairs} is a file, so no folder can be made there",
+        ),
+    ],
+)
+def test_cli_import_bad_input_is_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"input": "a", "edit": "b", "output": "c"}) + "\n")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00bad")
+    subst = {
+        "{pairs}": str(tmp_path / "pairs.jsonl"),
+        "{dir}": str(tmp_path / "folder"),
+        "{binary}": str(tmp_path / "binary.jsonl"),
+    }
+
+    def fill(text: str) -> str:
+        for key, value in subst.items():
+            text = text.replace(key, value)
+        return text
+
+    out = ["--out", str(tmp_path / "x.parquet")] if "--out" not in argv else []
+    assert main(["import-dataset", *map(fill, argv), *out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("instdiff import-dataset: error: ") and fill(message) in err[0]
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_many_bad_rows_are_counted_and_the_first_five_named_on_one_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(["not json"] * 7 + [json.dumps({"input": "a", "edit": "b", "output": "c"})]) + "\n")
+    with pytest.raises(DatasetError) as err:
+        datasets.read_prompt_pairs(str(path))
+    text = str(err.value)
+    assert "\n" not in text and "7 bad row(s): line 1: not JSON" in text
+    assert "line 5: not JSON" in text and "line 6" not in text and "(and 2 more)" in text
+    assert text.endswith("fix them, or pass on_bad_row='skip' (--on-bad-row skip) to leave them out")
+
+
 def test_replace_phrase_keeps_grammar():
     got = replace_phrase("A photo of a fuzzy panda.", "fuzzy panda", "an Afghan hound")
     assert got == "A photo of an Afghan hound."

@@ -146,3 +146,21 @@ def test_contact_sheet_tiles_and_frames():
     assert (plain[6 + 2, 10 + TILE // 2] == (200, 200, 200)).all()  # letterbox
     assert (plain[6 + TILE // 2, 10 + TILE + 4 + TILE // 2] == (200, 200, 200)).all()  # missing picture
     assert (plain[5, 10 + TILE // 2] == 255).all() and (framed[5, 10 + TILE // 2] == FRAME).all()
+
+
+def test_report_on_unreadable_parquet_or_into_a_file_is_one_line(output, tmp_path, capsys):
+    garbage = tmp_path / "notparquet.parquet"
+    garbage.write_bytes(b"garbage")
+    assert main(["report", str(garbage)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"instdiff report: error: cannot read batch output {garbage}: ")
+    (output / "part-zzz.parquet").write_bytes(b"garbage")  # sorted last: pyarrow meets it only when reading
+    assert main(["report", str(output), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot read batch output {output}: " in err[0] and "part-zzz.parquet" in err[0]
+    (output / "part-zzz.parquet").unlink()
+    assert main(["report", str(output), "--out", str(garbage)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"instdiff report: error: report folder {garbage} is a file; expected a folder"
+    )

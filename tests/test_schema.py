@@ -47,8 +47,20 @@ def test_wrong_schema_names_every_problem_and_shows_the_accepted_schema():
     assert "missing column 'source_prompt' (string)" in msg
     assert "column 'meta' has type struct" in msg
     assert "target_prompt" not in msg.split("accepted schema:")[0]  # a correct column is not reported
-    assert "accepted schema:\n  id: string (required)" in msg
-    assert "  mask: binary (optional)" in msg
+    assert "4 problem(s)" in msg and "\n" not in msg  # one line (the CLI rule)
+    assert "accepted schema: id: string (required), image: binary (required)" in msg
+    assert "mask: binary (optional)" in msg
+
+
+def test_a_long_schema_problem_list_is_counted_and_cut_short():
+    bad = pa.schema([(name, pa.int8()) for name in ("id", "image", "mask", "dataset", "meta")])
+    problems = S.input_schema_problems(bad)
+    assert len(problems) == 7  # five mistyped columns, two missing ones
+    with pytest.raises(S.SchemaError) as info:
+        S.validate_input_schema(bad)
+    msg = str(info.value)
+    assert "7 problem(s): " in msg and "(and 2 more)" in msg and "\n" not in msg
+    assert problems[4] in msg and problems[5] not in msg and problems[6] not in msg  # the first five are named
 
 
 def test_output_table_has_the_output_schema_and_a_doc_for_every_column():
@@ -88,3 +100,34 @@ def test_make_dataset_command_writes_readable_parquet(tmp_path, capsys):
     assert t.num_rows == 3
     assert main(["make-dataset", "shapes", "--n", "0", "--out", str(out)]) == 2
     assert "--n must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--size", "100001"], "--size must be in [16, 4096] px, got 100001"),
+        (["--size", "8"], "--size must be in [16, 4096] px, got 8"),
+        (["--out", "{file}/m.parquet"], "--out {file}/m.parquet: {file} is a file, so no folder can be made there"),
+        (["--out", "{dir}"], "--out {dir} is a folder; expected a file"),
+    ],
+)
+def test_make_dataset_refuses_bad_flags_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
+    import pipelines.make_dataset
+
+    (tmp_path / "taken.png").write_bytes(b"x")
+    (tmp_path / "d.parquet").mkdir()
+    subst = {"{file}": str(tmp_path / "taken.png"), "{dir}": str(tmp_path / "d.parquet")}
+
+    def fill(text: str) -> str:
+        for key, value in subst.items():
+            text = text.replace(key, value)
+        return text
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the dataset was built before the flags were checked")
+
+    monkeypatch.setattr(pipelines.make_dataset, "shapes_table", no_work)
+    argv = ["make-dataset", "shapes", "--n", "2", "--out", str(tmp_path / "m.parquet"), *map(fill, flags)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"instdiff make-dataset: error: {fill(message)}"]

@@ -34,24 +34,31 @@ _FLAG_KEYS = {
 }
 
 
+_PARSER_TEXT = {
+    "description": "Edit every row of a Parquet dataset on Ray Data and write Parquet with the edited images, "
+    "masks and metrics. Connects to RAY_ADDRESS when set, else starts a local cluster. "
+    "Re-running with the same output resumes. Input schema:\n" + S.describe_input_schema(),
+    "formatter_class": argparse.RawDescriptionHelpFormatter,
+    "epilog": "examples:\n"
+    "  instdiff batch --config configs/batch/demo.yaml\n"
+    "  instdiff batch --config configs/batch/tiny.yaml --output out/tiny-8 --set method.steps=8\n"
+    "  python -m pipelines.batch --config configs/batch/demo.yaml   # the same as instdiff batch\n"
+    "  ray job submit --address http://HEAD:8265 --working-dir . -- \\\n"
+    "      python -m pipelines.batch --config configs/batch/gpu-s3.yaml\n"
+    "prints one JSON line: run_id, output, input_rows, skipped_ok, skipped_error, written, ok, error,\n"
+    "seconds, rows_per_s, files, top_errors",
+}
+MODULE_PROG = "python -m pipelines.batch"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``batch`` subcommand to ``sub`` (its ``func`` is :func:`run`)."""
-    p = sub.add_parser(
-        "batch",
-        help="bulk-edit a Parquet dataset on Ray (local or s3://)",
-        description="Edit every row of a Parquet dataset on Ray Data and write Parquet with the edited images, "
-        "masks and metrics. Connects to RAY_ADDRESS when set, else starts a local cluster. "
-        "Re-running with the same output resumes. Input schema:\n" + S.describe_input_schema(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-        "  instdiff batch --config configs/batch/demo.yaml\n"
-        "  instdiff batch --config configs/batch/tiny.yaml --output out/tiny-8 --set method.steps=8\n"
-        "  python -m pipelines.batch --config configs/batch/demo.yaml   # the same as instdiff batch\n"
-        "  ray job submit --address http://HEAD:8265 --working-dir . -- \\\n"
-        "      python -m pipelines.batch --config configs/batch/gpu-s3.yaml\n"
-        "prints one JSON line: run_id, output, input_rows, skipped_ok, skipped_error, written, ok, error,\n"
-        "seconds, rows_per_s, files, top_errors",
-    )
+    p = sub.add_parser("batch", help="bulk-edit a Parquet dataset on Ray (local or s3://)", **_PARSER_TEXT)
+    _add_arguments(p)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    """The job's flags (shared by ``instdiff batch`` and ``python -m pipelines.batch``); ``func`` is :func:`run`."""
     p.add_argument("--config", default=None, help="YAML job config (configs/batch/*.yaml); flags override it")
     p.add_argument("--input", default=None, help="input Parquet file or folder, local or s3://bucket/prefix")
     p.add_argument("--output", default=None, help="output folder, local or s3://bucket/prefix")
@@ -134,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit code (2 for any user-facing error, printed as one line on stderr).
     """
-    parser = argparse.ArgumentParser(prog="python -m pipelines.batch")
+    parser = argparse.ArgumentParser(prog=MODULE_PROG, **_PARSER_TEXT)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["batch", *(sys.argv[1:] if argv is None else argv)])
+    _add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     configure_logging(args.verbose)
-    return run_command("instdiff batch", args.func, args)
+    return run_command(MODULE_PROG, args.func, args)

@@ -9,18 +9,21 @@ The pipeline (one read, three map stages, one write; rows stream through, nothin
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from instdiff.errors import ConfigError, InputNotFoundError
+from instdiff.errors import ConfigError, InputNotFoundError, InstdiffError, ModelLoadError
 from pipelines import schema as S
 from pipelines import storage
 from pipelines.batch.decode import DecodeOptions, decode_batch
@@ -28,7 +31,7 @@ from pipelines.batch.edit_stage import EditStage
 from pipelines.batch.finalize import finalize_batch
 from pipelines.batch.ray_cluster import check_resources, connect_ray
 from pipelines.batch.resume import RUNS_DIR, PriorOutput, check_resumable, new_run_id, run_filenames, scan_output
-from pipelines.config import BatchConfig, fingerprint, to_dict
+from pipelines.config import BatchConfig, ModelConfig, fingerprint, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +66,14 @@ def plan_input(fs: Any, path: str, display: str) -> InputPlan:
 
     Raises:
         InputNotFoundError: no Parquet files at ``path``.
+        StorageError: the input cannot be reached, or a file is not Parquet.
         SchemaError: a missing or mistyped column, an unreadable id column, null or repeated ids.
     """
     files = storage.list_files(fs, path)
     if not files:
         raise InputNotFoundError(f"no Parquet files at {display}")
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    with storage.reading(f"input {display}"):
+        dataset = pads.dataset(files, filesystem=fs, format="parquet")
     S.validate_input_schema(dataset.schema, source=f"input {display}")
     try:
         ids = dataset.to_table(columns=[S.ID])[S.ID].combine_chunks()
@@ -201,8 +206,64 @@ def _write_json(fs: Any, path: str, data: dict) -> None:
     storage.write_bytes(fs, path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
+def check_model(model: ModelConfig, local: bool) -> None:
+    """Check on the driver, before Ray starts, what can be checked of the model without loading it.
+
+    The device and dtype names go through the loader's own :func:`instdiff.bundle.pick_device` and
+    :func:`~instdiff.bundle.pick_dtype`; a spec that ``instdiff.models`` reads as a local path must exist. On a
+    remote cluster (``local`` false) the workers may have a device or a folder the driver lacks, so only the
+    names are checked there.
+
+    Args:
+        model: the job's model section.
+        local: the actors run on this machine.
+
+    Raises:
+        ConfigError: a device or dtype name the loader does not accept.
+        ModelLoadError: on a local cluster, a device that is not available or a local model folder that does
+            not exist.
+    """
+    import torch
+
+    from instdiff.bundle import pick_device, pick_dtype
+    from instdiff.models import _looks_local
+
+    try:
+        pick_dtype(model.dtype, torch.device("cpu"))  # the name; "auto" resolves per device in the actor
+    except InstdiffError as exc:
+        raise type(exc)(f"model.dtype: {exc}") from None
+    try:
+        pick_device(model.device)
+    except ModelLoadError as exc:  # a known device that this machine lacks
+        if local:
+            raise ModelLoadError(f"model.device: {exc}") from None
+        log.warning("model.device %r is not available on the driver; the workers must have it", model.device)
+    except InstdiffError as exc:
+        raise type(exc)(f"model.device: {exc}") from None
+    for key, spec in (("model.spec", model.spec), ("model.inpaint", model.inpaint)):
+        if local and spec and _looks_local(spec) and not Path(spec).expanduser().exists():
+            raise ModelLoadError(
+                f"{key}: model path {spec!r} does not exist; give a diffusers folder, a hub id, 'tiny' or 'default'"
+            )
+
+
+def _actor_cause(exc: Exception) -> str:
+    """The last exception line of a remote traceback in a Ray error (``ModelLoadError: model path ...``)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = text.splitlines()
+    for k in range(len(lines) - 1, -1, -1):
+        if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*:", lines[k]):
+            cause = " ".join(" ".join(lines[k:]).split())
+            return re.sub(r"^(\w+\.)+", "", cause)  # instdiff.errors.ModelLoadError → ModelLoadError
+    return " ".join(text.split())
+
+
 def run_job(cfg: BatchConfig, run_id: str | None = None) -> JobSummary:
     """Run one bulk-edit job (resuming into ``cfg.output``) and return its summary.
+
+    Everything that can be checked without Ray is checked first (the output path, the model's device, dtype
+    and local folder, the input, what the output holds); the run's manifest ``_runs/<run_id>.json`` is written
+    only after those checks and the cluster's resource check pass.
 
     Args:
         cfg: the job config.
@@ -213,24 +274,31 @@ def run_job(cfg: BatchConfig, run_id: str | None = None) -> JobSummary:
 
     Raises:
         InputNotFoundError: no input files.
+        StorageError: the output is a file (or below one), or the input or output cannot be read.
         SchemaError: the input schema or ids are not accepted.
-        ConfigError: the output holds rows made with other settings, or data while ``resume`` is false; on a
-            local cluster, a pool that cannot run.
+        ConfigError: a device or dtype name that is not accepted; the output holds rows made with other
+            settings, or data while ``resume`` is false; on a local cluster, a pool that cannot run.
+        ModelLoadError: the editing actors cannot load the model (on a local cluster, a missing model folder
+            or an unavailable device is found before Ray starts).
     """
-    import ray
-
     run_id = run_id or new_run_id()
+    local = not os.environ.get("RAY_ADDRESS")
     in_fs, in_path = storage.resolve(cfg.input, cfg.storage)
     out_fs, out_path = storage.resolve(cfg.output, cfg.storage)
     out_display = storage.display(out_fs, out_path)
-    # 1. the input: schema, ids
+    # 1. up-front checks: the output path and the model
+    storage.check_output(cfg.output, "output", folder=True, storage_cfg=cfg.storage)
+    check_model(cfg.model, local)
+    # 2. the input: schema, ids
     plan = plan_input(in_fs, in_path, storage.display(in_fs, in_path))
-    # 2. resume: what the output already holds, under which settings
-    prior = scan_output(out_fs, out_path) if cfg.resume else PriorOutput()
+    # 3. resume: what the output already holds, under which settings
     if cfg.resume:
+        prior = scan_output(out_fs, out_path)
         check_resumable(prior, cfg, out_display)
-    elif prior.files:
+    elif storage.list_files(out_fs, out_path):
         raise ConfigError(f"resume: false but output {out_display} already holds data; use an empty output")
+    else:
+        prior = PriorOutput()
     done = set(prior.ok_ids) | (set() if cfg.retry_errors else prior.error_ids)
     input_ids = set(plan.ids.to_pylist())
     skip_ok = len(input_ids & prior.ok_ids)
@@ -245,44 +313,19 @@ def run_job(cfg: BatchConfig, run_id: str | None = None) -> JobSummary:
         len(input_ids & prior.error_ids),
         todo,
     )
-    _write_json(
-        out_fs,
-        storage.join(out_path, RUNS_DIR, f"{run_id}.json"),
-        {
-            "run_id": run_id,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "input": cfg.input,
-            "fingerprint": fingerprint(cfg),
-            "config": to_dict(cfg),
-        },
-    )
     t0 = time.perf_counter()
     if todo > 0:
-        # 3. the pipeline: read → decode → edit (actors) → encode + metrics → write
+        # 4. the pipeline: read → decode → edit (actors) → encode + metrics → write
         started = connect_ray(cfg)
-        check_resources(cfg, local=started or not os.environ.get("RAY_ADDRESS"))
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = cfg.ray.progress_bars
-        previous_v2 = getattr(ctx, "use_datasource_v2", None)
-        if previous_v2 is not None:
-            ctx.use_datasource_v2 = cfg.ray.datasource_v2
+        check_resources(cfg, local=started or local)
+        _write_manifest(out_fs, out_path, run_id, cfg)
         skip = pa.array(sorted(done & input_ids), type=pa.string()) if done else None
         retried = sorted(prior.error_ids & input_ids) if cfg.retry_errors else []
-        try:
-            ds = build_dataset(cfg, plan, in_fs, skip, run_id, pa.array(retried, type=pa.string()))
-            ds.write_parquet(
-                out_path,
-                filesystem=out_fs,
-                filename_provider=run_filenames(run_id),
-                max_rows_per_file=cfg.write.max_rows_per_file,
-                compression=cfg.write.compression,
-                **_append_mode(),
-            )
-        finally:
-            if previous_v2 is not None:
-                ctx.use_datasource_v2 = previous_v2
+        _execute(cfg, plan, in_fs, (out_fs, out_path), skip, run_id, pa.array(retried, type=pa.string()))
+    else:
+        _write_manifest(out_fs, out_path, run_id, cfg)
     seconds = time.perf_counter() - t0
-    # 4. summary, read back from this run's files
+    # 5. summary, read back from this run's files
     summary = summarize_run(out_fs, out_path, run_id, plan.rows, skip_ok, skip_err, seconds)
     _write_json(out_fs, storage.join(out_path, RUNS_DIR, f"{run_id}.summary.json"), summary.to_dict())
     log.info(
@@ -296,6 +339,69 @@ def run_job(cfg: BatchConfig, run_id: str | None = None) -> JobSummary:
         out_display,
     )
     return summary
+
+
+def _write_manifest(fs: Any, out_path: str, run_id: str, cfg: BatchConfig) -> None:
+    """``_runs/<run_id>.json``: the run's settings (what a later run must match to resume)."""
+    _write_json(
+        fs,
+        storage.join(out_path, RUNS_DIR, f"{run_id}.json"),
+        {
+            "run_id": run_id,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "input": cfg.input,
+            "fingerprint": fingerprint(cfg),
+            "config": to_dict(cfg),
+        },
+    )
+
+
+def _execute(
+    cfg: BatchConfig,
+    plan: InputPlan,
+    in_fs: Any,
+    out: tuple[Any, str],
+    skip: pa.Array | None,
+    run_id: str,
+    retried: pa.Array,
+) -> None:
+    """Build the pipeline and write it into the output; an actor that cannot start becomes one error line.
+
+    Raises:
+        ModelLoadError: an editing actor died in its constructor (the model could not be loaded); the message
+            carries the actor's own error. The run's manifest is removed when the run wrote no rows.
+    """
+    import ray
+
+    out_fs, out_path = out
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.progress_bars
+    previous_v2 = getattr(ctx, "use_datasource_v2", None)
+    if previous_v2 is not None:
+        ctx.use_datasource_v2 = cfg.ray.datasource_v2
+    try:
+        ds = build_dataset(cfg, plan, in_fs, skip, run_id, retried)
+        ds.write_parquet(
+            out_path,
+            filesystem=out_fs,
+            filename_provider=run_filenames(run_id),
+            max_rows_per_file=cfg.write.max_rows_per_file,
+            compression=cfg.write.compression,
+            **_append_mode(),
+        )
+    except ray.exceptions.ActorDiedError as exc:
+        if not exc.actor_init_failed:
+            raise
+        if not _run_files(out_fs, out_path, run_id):  # a run that wrote nothing leaves nothing behind
+            with contextlib.suppress(OSError):
+                out_fs.delete_file(storage.join(out_path, RUNS_DIR, f"{run_id}.json"))
+        raise ModelLoadError(
+            f"the editing actors could not load model {cfg.model.spec!r} (device {cfg.model.device!r}): "
+            f"{_actor_cause(exc)}"
+        ) from None
+    finally:
+        if previous_v2 is not None:
+            ctx.use_datasource_v2 = previous_v2
 
 
 def summarize_run(
@@ -321,8 +427,7 @@ def summarize_run(
     Returns:
         The run's summary.
     """
-    prefix = f"part-{run_id}-"
-    files = [f for f in storage.list_files(fs, path) if f.rsplit("/", 1)[-1].startswith(prefix)]
+    files = _run_files(fs, path, run_id)
     if files:
         t = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=[S.STATUS, S.ERROR])
         status = t[S.STATUS].to_pylist()
@@ -344,3 +449,9 @@ def summarize_run(
         files=len(files),
         top_errors=dict(errors.most_common(10)),
     )
+
+
+def _run_files(fs: Any, path: str, run_id: str) -> list[str]:
+    """The data files run ``run_id`` wrote under ``path``."""
+    prefix = f"part-{run_id}-"
+    return [f for f in storage.list_files(fs, path) if f.rsplit("/", 1)[-1].startswith(prefix)]

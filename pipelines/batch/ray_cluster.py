@@ -21,6 +21,10 @@ def connect_ray(cfg: BatchConfig) -> bool:
 
     Returns:
         True if this call started or joined Ray; False if Ray was already initialised.
+
+    Raises:
+        ConfigError: Ray refuses the ``ray`` section's settings for a local cluster (e.g. an object store below
+            its minimum size).
     """
     import ray
 
@@ -34,11 +38,14 @@ def connect_ray(cfg: BatchConfig) -> bool:
         # a local single-user cluster: opt out of token auth unless the user chose a mode
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         log.info("RAY_ADDRESS is not set; starting a local Ray cluster")
-        ray.init(
-            num_cpus=cfg.ray.num_cpus,
-            object_store_memory=cfg.ray.object_store_memory,
-            include_dashboard=False,
-        )
+        try:
+            ray.init(
+                num_cpus=cfg.ray.num_cpus,
+                object_store_memory=cfg.ray.object_store_memory,
+                include_dashboard=False,
+            )
+        except ValueError as exc:  # Ray's own limits, e.g. its minimum object store size
+            raise ConfigError(f"ray: cannot start a local cluster with these settings: {exc}") from None
     return True
 
 

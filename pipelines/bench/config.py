@@ -26,6 +26,7 @@ TEXT_SCORES = ("auto", "shapes", "clip", "none")
 
 _TOP_KEYS = ("name", "output", "results", "engine", "data", "base", "runs", "sweeps", "metrics", "sheet", "notes")
 _SWEEP_KEYS = ("name", "label", "settings", "grid")
+_JOB_PATHS = ("input", "output")  # batch-job keys the bench sets for every run
 
 
 @dataclass(frozen=True)
@@ -149,9 +150,16 @@ def _expand_sweep(sweep: Any, k: int) -> list[RunSpec]:
             f"{where}.grid: expected a mapping of dotted keys to non-empty lists, e.g. "
             "{method.strength: [0.4, 0.5, 0.6]}"
         )
+    for key in grid:
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigError(f"{where}.grid: {key!r} is not a dotted batch-job key (a string such as method.strength)")
+        _refuse_job_paths({key.split(".", 1)[0]: None}, f"{where}.grid")
     name = str(sweep.get("name") or f"sweep{k}")
     label = str(sweep.get("label") or name + " " + " ".join(f"{key}={{{key}}}" for key in grid))
     settings = sweep.get("settings") or {}
+    if not isinstance(settings, Mapping):
+        raise ConfigError(f"{where}.settings: expected a mapping of batch-job keys; got {settings!r}")
+    _refuse_job_paths(settings, f"{where}.settings")
     runs = []
     for values in itertools.product(*grid.values()):
         params = dict(zip(grid.keys(), values, strict=True))
@@ -162,6 +170,23 @@ def _expand_sweep(sweep: Any, k: int) -> list[RunSpec]:
             text = text.replace("{" + key + "}", str(value))
         runs.append(RunSpec(text, run_settings, sweep=name, params=params))
     return runs
+
+
+def _refuse_job_paths(settings: Mapping[Any, Any], where: str) -> None:
+    """Refuse ``input``/``output`` among a run's batch-job keys: the bench sets them for every run."""
+    for key in _JOB_PATHS:
+        if key in settings:
+            raise ConfigError(f"{where}.{key}: not accepted here (the bench sets input and output of every run)")
+
+
+def _as_list(data: Mapping[str, Any], key: str, what: str) -> list[Any]:
+    """Top-level ``key`` as a list (absent or null: empty); anything else is a :class:`ConfigError`."""
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of {what}; got {value!r}")
+    return value
 
 
 def _section(data: Mapping[str, Any], cls: type, key: str) -> Any:
@@ -194,12 +219,13 @@ def _parse_sheet(data: Mapping[str, Any]) -> SheetSpec:
 def _parse_runs(data: Mapping[str, Any]) -> list[RunSpec]:
     """The plain runs, then every sweep's runs; at least one, with distinct slugs."""
     runs: list[RunSpec] = []
-    for k, run in enumerate(data.get("runs") or []):
+    for k, run in enumerate(_as_list(data, "runs", "runs (mappings with a label and batch-job keys)")):
         if not isinstance(run, Mapping) or not run.get("label"):
             raise ConfigError(f"runs[{k}]: expected a mapping with a label and batch-job keys")
+        _refuse_job_paths(run, f"runs[{k}]")
         settings = {key: value for key, value in run.items() if key != "label"}
         runs.append(RunSpec(str(run["label"]), settings))
-    for k, sweep in enumerate(data.get("sweeps") or []):
+    for k, sweep in enumerate(_as_list(data, "sweeps", "sweeps (mappings with name, label, settings, grid)")):
         runs.extend(_expand_sweep(sweep, k))
     if not runs:
         raise ConfigError("runs/sweeps: the benchmark needs at least one run")
@@ -242,12 +268,12 @@ def parse_bench_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | N
         raise ConfigError(f"metrics.text_score: {metrics.text_score!r}; accepted: {', '.join(TEXT_SCORES)}")
     sheet = _parse_sheet(data)
     base = data.get("base") or {}
-    if not isinstance(base, Mapping) or "input" in base or "output" in base:
+    if not isinstance(base, Mapping) or any(key in base for key in _JOB_PATHS):
         raise ConfigError("base: expected a mapping of batch-job keys without input/output (the bench sets them)")
     runs = _parse_runs(data)
     notes = data.get("notes") or []
-    if isinstance(notes, str) or not all(isinstance(n, str) for n in notes):
-        raise ConfigError("notes: expected a list of strings")
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise ConfigError(f"notes: expected a list of strings; got {notes!r}")
     cfg = BenchConfig(
         name=name,
         output=str(data.get("output") or f"out/bench/{slugify(name)}"),

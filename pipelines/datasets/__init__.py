@@ -30,8 +30,8 @@ headers, mask PNGs), :mod:`~pipelines.datasets.prompts` (class prompts, phrase r
 Bad rows: a row is *bad* when a file it names is missing or unreadable, a mask cannot be decoded, a field is
 missing or empty, or a list line has the wrong number of fields. The policy is chosen with ``on_bad_row``:
 
-* ``"error"`` (default): nothing is returned; :class:`DatasetError` lists every bad row (line and reason).
-  A benchmark should never silently run on a subset.
+* ``"error"`` (default): nothing is returned; :class:`DatasetError` counts the bad rows and names the first
+  few (line and reason). A benchmark should never silently run on a subset.
 * ``"skip"``: bad rows are left out; a warning logs how many and the first few reasons, and the table's
   schema metadata (:data:`SKIPPED_KEY`, read by :func:`skipped_rows`) holds the count.
 

@@ -17,6 +17,7 @@ from pipelines.datasets.files import (
     parallel,
     pick_file,
     read_file,
+    read_text,
     split_list_line,
 )
 from pipelines.datasets.images import image_size, mask_png
@@ -69,12 +70,13 @@ def read_editing_mask(
         The table in :data:`pipelines.schema.INPUT_SCHEMA`.
 
     Raises:
-        DatasetError: the list file is missing (or not the only candidate), duplicate ids, or bad rows under
-            policy ``error``.
+        DatasetError: the list file is missing (or not the only candidate) or not UTF-8 text, duplicate ids,
+            or bad rows under policy ``error``.
+        StorageError: the store cannot be reached.
     """
     loc = Location(root, storage_cfg)
     list_path = pick_file(loc, list_file, EDITING_MASK_LISTS, (".txt",), "Editing-Mask list")
-    text = read_file(loc.fs, list_path).decode("utf-8-sig")
+    text = read_text(loc.fs, list_path)
     problems = Problems(f"Editing-Mask {loc.shown(list_path)}", BadRowPolicy(on_bad_row))
     images = loc.index(image_dir)
     masks = loc.index(mask_dir)

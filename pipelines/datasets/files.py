@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from instdiff.errors import InputNotFoundError
+from instdiff.errors import InputNotFoundError, StorageError
 from pipelines import storage
 from pipelines.datasets.rows import DatasetError
 from pipelines.storage import StorageConfig
@@ -98,10 +98,39 @@ def read_file(fs: pafs.FileSystem, path: str) -> bytes:
 
     Raises:
         InputNotFoundError: the file does not exist.
+        StorageError: ``path`` is a folder, or the store cannot be reached.
     """
-    if not storage.exists(fs, path):
+    kind = storage.file_info(fs, path).type
+    if kind == pafs.FileType.NotFound:
         raise InputNotFoundError(f"{storage.display(fs, path)} does not exist")
-    return storage.read_bytes(fs, path)
+    if kind == pafs.FileType.Directory:
+        raise StorageError(f"{storage.display(fs, path)} is a folder; expected a file")
+    with storage.reading(storage.display(fs, path)):
+        return storage.read_bytes(fs, path)
+
+
+def read_text(fs: pafs.FileSystem, path: str) -> str:
+    """A whole text file (UTF-8, a byte-order mark dropped), for list files and listings.
+
+    Args:
+        fs: the filesystem.
+        path: the path inside it.
+
+    Returns:
+        The file's text.
+
+    Raises:
+        InputNotFoundError: the file does not exist.
+        StorageError: ``path`` is a folder, or the store cannot be reached.
+        DatasetError: the file is not UTF-8 text.
+    """
+    data = read_file(fs, path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"{storage.display(fs, path)} is not UTF-8 text (byte {exc.start}: {exc.reason}); expected a text file"
+        ) from None
 
 
 def lookup(index: dict[str, str], name: str, what: str, folder: str) -> str:

@@ -19,6 +19,7 @@ from pipelines.datasets.files import (
     parallel,
     pick_file,
     read_file,
+    read_text,
     split_list_line,
 )
 from pipelines.datasets.images import image_size
@@ -81,11 +82,13 @@ def read_flexit(
         The table in :data:`pipelines.schema.INPUT_SCHEMA` (``mask`` null).
 
     Raises:
-        DatasetError: the pair list is missing (or not the only candidate), or bad rows under policy ``error``.
+        DatasetError: the pair list is missing (or not the only candidate) or not UTF-8 text, or bad rows under
+            policy ``error``.
+        StorageError: the store cannot be reached.
     """
     loc = Location(root, storage_cfg)
     list_path = pick_file(loc, pairs_file, FLEXIT_LISTS, (".txt", ".csv", ".tsv"), "FlexIT pair list")
-    text = read_file(loc.fs, list_path).decode("utf-8-sig")
+    text = read_text(loc.fs, list_path)
     if image_dir is None:
         image_dir = next((d for d in FLEXIT_IMAGE_DIRS if storage.is_dir(loc.fs, storage.join(loc.path, d))), "")
     images = loc.index(image_dir)

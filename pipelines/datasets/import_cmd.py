@@ -11,7 +11,7 @@ from pipelines.datasets.formats import FORMATS, read_dataset
 from pipelines.datasets.prompt_pairs import generate_sources
 from pipelines.datasets.prompts import DEFAULT_CLASS_TEMPLATE
 from pipelines.datasets.rows import BadRowPolicy, skipped_rows
-from pipelines.storage import write_table
+from pipelines.storage import check_output, write_table
 
 if TYPE_CHECKING:
     import argparse
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--on-bad-row",
         default="error",
         choices=[m.value for m in BadRowPolicy],
-        help="error: list every bad row and write nothing (default); skip: leave them out, log a count",
+        help="error: name the bad rows and write nothing (default); skip: leave them out, log a count",
     )
     p.add_argument("--list-file", default=None, help="editing-mask/flexit: the list file (default: found in SRC)")
     p.add_argument(
@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="editing-mask/flexit: prompt for a class name ({article} {name})",
     )
     p.add_argument("--dataset", default=None, help="value of the dataset column (default: per format)")
-    p.add_argument("--limit", type=int, default=None, help="prompt-pairs: keep the first N rows")
+    p.add_argument("--limit", type=int, default=None, help="prompt-pairs: keep the first N rows (N >= 1)")
     p.add_argument(
         "--generate",
         action="store_true",
@@ -77,12 +77,16 @@ def run_import(args: argparse.Namespace) -> int:
         0; the summary line (format, rows, skipped, out, with_image, with_mask) goes to stdout.
 
     Raises:
-        UsageError: ``--out`` does not end in ``.parquet``, or ``--generate`` with a format other than
-            ``prompt-pairs``.
+        UsageError: ``--out`` does not end in ``.parquet``, ``--limit`` below 1, or ``--generate`` with a format
+            other than ``prompt-pairs``.
+        StorageError: ``--out`` is a folder (or below a file), or SRC is a folder where a file is needed.
         DatasetError: the dataset cannot be read (see the adapters).
     """
     if not args.out.endswith(".parquet"):
         raise UsageError(f"--out must end with .parquet, got {args.out!r}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    check_output(args.out, "--out")
     kw: dict[str, Any] = {"on_bad_row": args.on_bad_row}
     if args.dataset:
         kw["dataset"] = args.dataset

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines import schema, storage
-from pipelines.datasets.files import Location, parallel, read_file
+from pipelines.datasets.files import Location, parallel, read_file, read_text
 from pipelines.datasets.images import image_size, mask_png
 from pipelines.datasets.rows import BadRowPolicy, DatasetError, Problems, Row, rows_to_table
 from pipelines.storage import StorageConfig
@@ -73,12 +73,13 @@ def read_listing(
 
     Raises:
         InputNotFoundError: the listing does not exist.
-        DatasetError: an unknown suffix, a CSV header without the required columns, duplicate ids, or bad rows
-            under policy ``error``.
+        StorageError: the listing is a folder, or the store cannot be reached.
+        DatasetError: not UTF-8 text, an unknown suffix, a CSV header without the required columns, duplicate
+            ids, or bad rows under policy ``error``.
     """
     fs, list_path = storage.resolve(path, storage_cfg)
     shown = storage.display(fs, list_path)
-    text = read_file(fs, list_path).decode("utf-8-sig")
+    text = read_text(fs, list_path)
     if image_root is not None:
         base = image_root
     else:

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import schema, storage
-from pipelines.datasets.files import read_file
+from pipelines.datasets.files import read_text
 from pipelines.datasets.rows import BadRowPolicy, Problems, Row, rows_to_table
 from pipelines.storage import StorageConfig
 
@@ -50,11 +50,12 @@ def read_prompt_pairs(
 
     Raises:
         InputNotFoundError: the file does not exist.
-        DatasetError: duplicate ids, or bad lines (not a JSON object, a missing or empty field) under policy
-            ``error``.
+        StorageError: ``jsonl_path`` is a folder, or the store cannot be reached.
+        DatasetError: not UTF-8 text, duplicate ids, or bad lines (not a JSON object, a missing or empty field)
+            under policy ``error``.
     """
     fs, path = storage.resolve(jsonl_path, storage_cfg)
-    text = read_file(fs, path).decode("utf-8-sig")
+    text = read_text(fs, path)
     stem = PurePosixPath(path).stem
     problems = Problems(f"prompt pairs {storage.display(fs, path)}", BadRowPolicy(on_bad_row))
     rows: list[Row] = []

@@ -23,17 +23,17 @@ from pipelines import schema
 log = logging.getLogger(__name__)
 
 SKIPPED_KEY = b"instdiff.skipped"  # schema metadata key: how many bad rows policy "skip" left out
-_SHOWN_PROBLEMS = 20  # bad rows listed in a message; the rest are counted
 
 
 class DatasetError(InstdiffError, ValueError):
-    """A dataset that cannot be read as asked; the message lists every bad row (or what is accepted)."""
+    """A dataset that cannot be read as asked; the message counts the bad rows and names the first few (or says
+    what is accepted)."""
 
 
 class BadRowPolicy(StrEnum):
     """What an adapter does with bad rows (a missing or unreadable file, an empty field, a malformed line)."""
 
-    ERROR = "error"  # raise DatasetError listing every bad row
+    ERROR = "error"  # raise DatasetError counting the bad rows and naming the first few
     SKIP = "skip"  # leave bad rows out, log their count and the first reasons
 
 
@@ -87,20 +87,17 @@ class Problems:
             The number of bad rows (policy ``skip``; a warning lists the first reasons), 0 when there are none.
 
         Raises:
-            DatasetError: policy ``error`` and at least one bad row; the message lists them.
+            DatasetError: policy ``error`` and at least one bad row; the one-line message counts them and names
+                the first few.
         """
         if not self.items:
             return 0
-        shown = "\n".join(f"  - {w}: {r}" for w, r in self.items[:_SHOWN_PROBLEMS])
-        more = len(self.items) - _SHOWN_PROBLEMS
-        if more > 0:
-            shown += f"\n  ... and {more} more"
+        listing = schema.summarize_problems([f"{w}: {r}" for w, r in self.items], noun="bad row")
         if self.policy is BadRowPolicy.ERROR:
             raise DatasetError(
-                f"{self.source}: {len(self.items)} bad row(s):\n{shown}\n"
-                "fix them, or pass on_bad_row='skip' (--on-bad-row skip) to leave them out"
+                f"{self.source}: {listing}; fix them, or pass on_bad_row='skip' (--on-bad-row skip) to leave them out"
             )
-        log.warning("%s: skipped %d bad row(s):\n%s", self.source, len(self.items), shown)
+        log.warning("%s: skipped %s", self.source, listing)
         return len(self.items)
 
 
