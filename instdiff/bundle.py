@@ -232,6 +232,29 @@ def _mps_available() -> bool:
     return mps is not None and mps.is_available()
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """Read a device spec without asking whether this machine has it (a driver checking a job for its workers).
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a ``torch.device``.
+
+    Returns:
+        The device.
+
+    Raises:
+        DeviceError: a spec that is not a device, or a device type other than cpu / cuda / mps.
+    """
+    has = f"this machine has: {', '.join(available_devices())}"
+    accepted = f"accepted: auto, {', '.join(DEVICE_TYPES)}, cuda:N"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"device {device!r} is not a device; {accepted}; {has}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise DeviceError(f"device {device!r}: models cannot run on {dev.type!r}; {accepted}; {has}")
+    return dev
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """Choose the device: ``None``/``"auto"`` → cuda, then mps, then cpu; else a spec such as ``"cpu"``,
     ``"cuda"``, ``"cuda:1"`` or ``"mps"`` that this machine has.
@@ -253,14 +276,8 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
+    dev = parse_device(device)
     has = f"this machine has: {', '.join(available_devices())}"
-    accepted = f"accepted: auto, {', '.join(DEVICE_TYPES)}, cuda:N"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise DeviceError(f"device {device!r} is not a device; {accepted}; {has}") from None
-    if dev.type not in DEVICE_TYPES:
-        raise DeviceError(f"device {device!r}: models cannot run on {dev.type!r}; {accepted}; {has}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r} was asked for but CUDA is not available; use 'cpu' or 'auto' ({has})")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

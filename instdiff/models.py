@@ -44,6 +44,7 @@ __all__ = [
     "embedded_model_available",
     "load_bundle",
     "load_pretrained",
+    "looks_local",
     "pick_device",
     "pick_dtype",
     "save_bundle",
@@ -53,7 +54,15 @@ __all__ = [
 
 
 # ---- pretrained -----------------------------------------------------------------------------
-def _looks_local(spec: str) -> bool:
+def looks_local(spec: str) -> bool:
+    """Whether a model spec names a local folder rather than a hub id.
+
+    Args:
+        spec: ``./x``, ``/x``, ``~/x`` (always local), or ``a/b`` (local when it exists, else a hub id).
+
+    Returns:
+        True for a local path.
+    """
     return spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).expanduser().exists()
 
 
@@ -88,7 +97,7 @@ def load_pretrained(
     """
     path = Path(spec).expanduser()
     is_local = path.exists()
-    if _looks_local(spec) and not is_local:
+    if looks_local(spec) and not is_local:
         raise ModelLoadError(
             f"model path {spec!r} does not exist; give a diffusers folder, a hub id, 'tiny' or 'default'"
         )

@@ -25,7 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="input image file (PNG, JPEG, WebP, ...)")
     p.add_argument("--target", required=True, help="target prompt, e.g. 'a blue square on a gray background'")
     p.add_argument(
-        "--source", default=None, help="source prompt describing the input (needed by diffedit; defaults to the target)"
+        "--source",
+        default=None,
+        help="source prompt describing the input (required by diffedit, which contrasts the two prompts; "
+        "instdiffedit and sdedit do not read it)",
     )
     p.add_argument("--method", default="instdiffedit", choices=["instdiffedit", "sdedit", "diffedit"])
     add_model_args(p)
@@ -84,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     from instdiff.models import load_bundle
 
     out = Path(args.out)
+    if args.size is not None and args.size < 16:
+        raise UsageError(f"--size must be at least 16 px (the longer side after resizing), got {args.size}")
+    if args.source is None and Method(args.method).needs_source_prompt():
+        raise UsageError(f"--source is required by {args.method}: a description of the input image")
     for flag, path in (("--out", args.out), ("--mask-out", args.mask_out)):
         if path is None:
             continue

@@ -385,3 +385,21 @@ def test_an_actor_that_cannot_load_the_model_ends_the_job_with_its_own_error(tmp
         "'org/absent' from the hub (offline: only local folders, 'tiny' and 'default' work)"
     )
     assert list((tmp_path / "out" / "_runs").iterdir()) == []  # the manifest of a run that wrote nothing is gone
+
+
+def test_check_model_reads_device_names_everywhere_and_availability_only_locally(caplog):
+    from instdiff.errors import ConfigError, ModelLoadError
+    from pipelines.batch.driver import check_model
+    from pipelines.config import ModelConfig
+
+    with pytest.raises(ConfigError, match="model.device: device 'nonsense' is not a device"):
+        check_model(ModelConfig(spec="tiny", device="nonsense"), local=False)
+    with pytest.raises(ConfigError, match="model.dtype"):
+        check_model(ModelConfig(spec="tiny", dtype="fp12"), local=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="model.device: .*CUDA is not available"):
+            check_model(ModelConfig(spec="tiny", device="cuda"), local=True)
+        check_model(ModelConfig(spec="tiny", device="cuda"), local=False)  # the workers may have it
+    with pytest.raises(ModelLoadError, match="model.spec: model path './no-such-model' does not exist"):
+        check_model(ModelConfig(spec="./no-such-model"), local=True)
+    check_model(ModelConfig(spec="tiny"), local=True)

@@ -87,6 +87,8 @@ def test_odd_size_rgba_input_is_converted_and_restored(tmp_path):
         (["edit", "{missing}", "--target", "a red circle"], "does not exist"),
         (["edit", "{scene}", "--target", "   "], "empty"),
         (["edit", "{scene}", "--target", "x", "--model", "{missing}"], "does not exist"),
+        (["edit", "{scene}", "--target", "a red circle", "--size", "-3"], "--size must be at least 16 px"),
+        (["edit", "{scene}", "--target", "a red circle", "--method", "diffedit"], "--source is required by diffedit"),
     ],
 )
 def test_errors_are_one_clear_line(scene, tmp_path, capsys, args, message):

@@ -225,23 +225,24 @@ def check_model(model: ModelConfig, local: bool) -> None:
     """
     import torch
 
-    from instdiff.bundle import pick_device, pick_dtype
-    from instdiff.models import _looks_local
+    from instdiff.bundle import parse_device, pick_device, pick_dtype
+    from instdiff.models import looks_local
 
     try:
         pick_dtype(model.dtype, torch.device("cpu"))  # the name; "auto" resolves per device in the actor
     except InstdiffError as exc:
         raise type(exc)(f"model.dtype: {exc}") from None
     try:
-        pick_device(model.device)
-    except ModelLoadError as exc:  # a known device that this machine lacks
+        if model.device != "auto":
+            parse_device(model.device)  # the name, wherever the actors run
         if local:
-            raise ModelLoadError(f"model.device: {exc}") from None
-        log.warning("model.device %r is not available on the driver; the workers must have it", model.device)
+            pick_device(model.device)  # and this machine has it
+        elif model.device != "auto":
+            log.info("model.device %r is checked by the workers (remote cluster)", model.device)
     except InstdiffError as exc:
         raise type(exc)(f"model.device: {exc}") from None
     for key, spec in (("model.spec", model.spec), ("model.inpaint", model.inpaint)):
-        if local and spec and _looks_local(spec) and not Path(spec).expanduser().exists():
+        if local and spec and looks_local(spec) and not Path(spec).expanduser().exists():
             raise ModelLoadError(
                 f"{key}: model path {spec!r} does not exist; give a diffusers folder, a hub id, 'tiny' or 'default'"
             )
