@@ -342,7 +342,7 @@ def inpaint(
     Raises:
         EditInputError: ``inpaint='unet'`` without an inpainting UNet in the bundle.
     """
-    mode = Inpaint(cfg.inpaint)
+    mode = cfg.inpaint
     use_unet = bundle.inpaint_unet is not None and mode in (Inpaint.AUTO, Inpaint.UNET)
     if mode is Inpaint.UNET and bundle.inpaint_unet is None:
         raise EditInputError("inpaint='unet' needs a bundle with an inpainting UNet (--inpaint-model)")

@@ -453,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             methods[name]["config"] = {
                 "attention_downsample": cfg.attention_downsample,
                 "phi": cfg.mask.phi,
-                "prompt_mode": PromptMode(cfg.prompt_mode).value,
+                "prompt_mode": cfg.prompt_mode.value,
             }
             log.info("%s: %s", name, {k: v for k, v in methods[name].items() if k != "per_kind"})
             write(res)

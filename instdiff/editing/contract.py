@@ -122,7 +122,7 @@ def edit(
             f"got {b} images, {len(source_prompts)} source and {len(target_prompts)} target prompts; one each per image"
         )
     check_prompts(bundle, target_prompts, "target")
-    method = Method(cfg.method)
+    method = cfg.method
     if cfg.needs_source_prompt:
         check_prompts(bundle, source_prompts, "source")
     seeds = check_seeds(seeds if seeds is not None else [cfg.seed] * b, b, "images")
@@ -196,14 +196,14 @@ def expected_unet_calls(cfg: EditConfig) -> float:
         ValueError: FISEdit, whose count depends on the mask it finds.
     """
     k = steps_for_strength(cfg.steps, cfg.strength)
-    method = Method(cfg.method)
+    method = cfg.method
     if method is Method.SDEDIT:
         return 2.0 * k
     if method is Method.DIFFEDIT:
         return 2.0 * cfg.diffedit_noises + k + 2.0 * k
     if method is Method.INSTDIFFEDIT:
         calls = 2.0 * cfg.n_noises * k
-        if Inpaint(cfg.inpaint) is not Inpaint.NONE:
+        if cfg.inpaint is not Inpaint.NONE:
             calls += 2.0 * steps_for_strength(cfg.inpaint_steps or cfg.steps, cfg.inpaint_strength)
         return calls
     raise ValueError(f"no closed form for {method.value}")

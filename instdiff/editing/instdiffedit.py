@@ -78,7 +78,7 @@ def instdiffedit(
     x0n = x0.repeat_interleave(n, dim=0)
     # 2. condition on the target prompt (or its edit words), CFG against the empty prompt
     prompts = list(target_prompts)
-    if PromptMode(cfg.prompt_mode) is PromptMode.EDIT_WORDS:
+    if cfg.prompt_mode is PromptMode.EDIT_WORDS:
         prompts = [edit_words(s, t) for s, t in zip(source_prompts, target_prompts, strict=True)]
     cond, uncond = embeddings(bundle, prompts, n)
     limit = bundle.tokenizer.model_max_length
@@ -112,7 +112,7 @@ def instdiffedit(
     assert mask is not None
     # 4. final: inpaint the input inside the last mask with the target prompt
     with clock.stage("inpaint"):
-        if Inpaint(cfg.inpaint) is Inpaint.NONE:
+        if cfg.inpaint is Inpaint.NONE:
             latents = x.view(b, n, *x.shape[1:])[:, 0]
         else:
             latents = inpaint(

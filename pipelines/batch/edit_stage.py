@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from instdiff.config import EditConfig, Method
+from instdiff.config import EditConfig
 from pipelines import schema as S
 from pipelines.batch.rows import EDITED_SCHEMA, error_text, join_notes, pack_mask, rgb_array, row_seed
 from pipelines.config import ImageConfig, ModelConfig
@@ -98,7 +98,7 @@ class EditStage:
                 {
                     S.EDITED_RGB: None,
                     S.PRED_BITS: None,
-                    S.METHOD: Method(self.cfg.method).value,
+                    S.METHOD: self.cfg.method.value,
                     S.MODEL: self.bundle.name,
                     S.SEED: row_seed(self.cfg.seed, row[S.ID]),
                     S.UNET_CALLS: None,
