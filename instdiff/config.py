@@ -164,6 +164,9 @@ class EditConfig:
     feature map is the latent's size / this factor; ``None`` = the bundle's 16×16-class layers),
     ``prompt_mode``, ``inpaint`` / ``inpaint_steps`` (``None`` = ``steps``) / ``inpaint_strength`` for the final
     step, ``paste_back`` (composite the input back outside the final mask, in pixel space).
+    Every editor with a mask (InstDiffEdit, DiffEdit): ``feather``, the width in px, at the input's size, of the
+    soft edge laid outside the mask when an edit made at a smaller working size is pasted onto the original
+    pixels (``instdiff.composite.paste_back``; 0 = a hard edge).
     DiffEdit: ``diffedit_noises`` noises for the mask, ``diffedit_mask_strength`` (their noise level) and
     ``diffedit_threshold`` on the min-max normalised difference.
 
@@ -185,6 +188,7 @@ class EditConfig:
     inpaint_steps: int | None = None
     inpaint_strength: float = 1.0
     paste_back: bool = True
+    feather: int = 4
     # DiffEdit
     diffedit_noises: int = 10
     diffedit_mask_strength: float = 0.5
@@ -199,6 +203,7 @@ class EditConfig:
             SEED_MIN <= self.seed <= SEED_MAX,
             f"seed: must be in [{SEED_MIN}, {SEED_MAX}] (what torch.Generator.manual_seed takes); got {self.seed}",
         )
+        _check(self.feather >= 0, f"feather: must be an integer number of px >= 0; got {self.feather}")
         _check(self.n_noises >= 1, f"n_noises: must be >= 1; got {self.n_noises}")
         _check(
             self.attention_downsample is None or self.attention_downsample >= 1,

@@ -242,7 +242,10 @@ def resize_bool(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def undo_fit(array: np.ndarray, prepared: Prepared) -> np.ndarray:
-    """Bring a model-sized output back to the decoded size: crop the padding, or resize back.
+    """Bring a model-sized array back to the decoded size: crop the padding, then resize back if it was resized.
+
+    This resamples every pixel of a resized image; to bring an *edit* back, keeping the original pixels
+    outside the edit mask, use :func:`instdiff.composite.paste_back`, which calls this for the edited layer.
 
     Args:
         array: (H, W, 3) uint8 image or (H, W) bool mask at the model's size.
@@ -253,7 +256,7 @@ def undo_fit(array: np.ndarray, prepared: Prepared) -> np.ndarray:
     """
     w, h = prepared.original_size
     if prepared.pad != (0, 0):
-        return array[: array.shape[0] - prepared.pad[1], : array.shape[1] - prepared.pad[0]]
+        array = array[: array.shape[0] - prepared.pad[1], : array.shape[1] - prepared.pad[0]]
     if (array.shape[1], array.shape[0]) == (w, h):
         return array
     if array.dtype == bool:

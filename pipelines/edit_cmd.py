@@ -49,6 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phi", type=float, default=0.2, help="InstDiffEdit binarisation threshold φ (paper: 0.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--feather",
+        type=int,
+        default=EditConfig.feather,
+        help="soft edge in px, outside the mask, where an edit made at a smaller working size is pasted onto "
+        f"the original pixels; beyond it the output equals the input (default {EditConfig.feather}, 0 = hard edge)",
+    )
+    p.add_argument(
         "--size-policy",
         default="resize",
         choices=["resize", "pad"],
@@ -83,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from instdiff import imageio
+    from instdiff.composite import restore
     from instdiff.editing import edit, size_multiple
     from instdiff.models import load_bundle
 
@@ -120,11 +128,12 @@ def run(args: argparse.Namespace) -> int:
         n_noises=args.noises,
         seed=args.seed,
         mask=MaskConfig(phi=args.phi),
+        feather=args.feather,
     )
     source = args.source if args.source is not None else args.target
     result = edit(bundle, imageio.to_model_tensor(prepared.array), [source], [args.target], cfg)
-    edited = imageio.undo_fit(imageio.from_model_tensor(result.images)[0], prepared)
-    mask = imageio.undo_fit(result.masks[0, 0].numpy(), prepared)
+    # the edit at the input's size, pasted onto the original pixels outside the mask (instdiff.composite)
+    ((edited, mask),) = restore(result, [array], [prepared], cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(imageio.encode_png(edited))
     if args.mask_out:

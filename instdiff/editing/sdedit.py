@@ -36,7 +36,9 @@ def sdedit(
         images: (B, 3, H, W) in [-1, 1] on the bundle's device and dtype.
         source_prompts: unused (SDEdit reads only the target prompt).
         target_prompts: B target prompts.
-        cfg: ``steps``, ``strength``, ``guidance`` (``paste_back`` does not apply: the mask is everything).
+        cfg: ``steps``, ``strength``, ``guidance`` (``paste_back`` does not apply: the mask is everything, so
+            brought back to a larger input's size the output is the upsampled edit everywhere,
+            :mod:`instdiff.composite`).
         seeds: one seed per image.
 
     Returns:

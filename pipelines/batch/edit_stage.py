@@ -34,6 +34,7 @@ class _Item:
     row: dict[str, Any]
     seed: int
     prepared: imageio.Prepared | None  # None: generate the source
+    original: np.ndarray | None = None  # (H, W, 3) uint8 as decoded; None: generate the source
 
 
 class EditStage:
@@ -88,7 +89,8 @@ class EditStage:
 
         Returns:
             The same rows in :data:`~pipelines.batch.rows.EDITED_SCHEMA`: the edited image as (H, W, 3) uint8
-            bytes and the predicted mask as packed bits at the input's size, or ``status="error"``.
+            bytes and the predicted mask as packed bits at the input's size (the edit pasted onto the original
+            pixels outside the mask, :func:`instdiff.composite.restore`), or ``status="error"``.
         """
         import torch
 
@@ -132,7 +134,7 @@ class EditStage:
         prepared = imageio.fit_to_multiple(array, self.multiple, self.image.size_policy, self.size)
         if prepared.notes:
             row[S.NOTES] = join_notes([row[S.NOTES] or "", *prepared.notes])
-        return _Item(index, row, seed, prepared)
+        return _Item(index, row, seed, prepared, array)
 
     @staticmethod
     def _fail(row: dict[str, Any], exc: BaseException) -> None:
@@ -160,6 +162,7 @@ class EditStage:
 
     def _edit(self, items: list[_Item]) -> None:
         from instdiff import imageio
+        from instdiff.composite import restore
         from instdiff.editing import edit, generate  # looked up at call time (tests replace them)
 
         t0 = time.perf_counter()
@@ -173,14 +176,15 @@ class EditStage:
             images = imageio.to_model_tensor([it.prepared.array for it in items])  # type: ignore[union-attr]
             generated = None
         result = edit(self.bundle, images, sources, targets, self.cfg, seeds=seeds)
-        edited = imageio.from_model_tensor(result.images)  # (B, H, W, 3) uint8
-        masks = result.masks[:, 0].cpu().numpy()  # (B, H, W) bool
+        if generated is None:
+            # each edit at its input's size, pasted onto the original pixels outside the mask (instdiff.composite)
+            outputs = restore(result, [it.original for it in items], [it.prepared for it in items], self.cfg)
+        else:  # generated sources are at the working size already
+            outputs = list(zip(imageio.from_model_tensor(result.images), result.masks[:, 0].cpu().numpy(), strict=True))
         elapsed = time.perf_counter() - t0
         for j, it in enumerate(items):
-            out, mask = edited[j], masks[j]
-            if it.prepared is not None:
-                out, mask = imageio.undo_fit(out, it.prepared), imageio.undo_fit(mask, it.prepared)
-            else:
+            out, mask = outputs[j]
+            if generated is not None:
                 it.row.update({S.RGB: generated[j].tobytes(), S.HEIGHT: out.shape[0], S.WIDTH: out.shape[1]})
             it.row.update(
                 {
