@@ -34,8 +34,10 @@ INPUT_COLUMNS = S.REQUIRED_INPUT + S.OPTIONAL_INPUT
 _BINARY_COLUMNS = (S.IMAGE, S.MASK)
 # the canonical type of each input column between the read and the decode
 CANONICAL = {name: pa.large_binary() if name in _BINARY_COLUMNS else pa.string() for name in INPUT_COLUMNS}
-PATH_ONLY = "{column}: the datasets Image struct holds only a path ({path!r}), not the bytes; the batch job reads " \
+PATH_ONLY = (
+    "{column}: the datasets Image struct holds only a path ({path!r}), not the bytes; the batch job reads "
     "bytes only: turn the table into input rows with `instdiff import-dataset hf`, which reads the files"
+)
 
 
 @dataclass
@@ -176,9 +178,14 @@ def _unify_carry(carry_types: dict[str, list[tuple[str, pa.DataType]]], display:
         unified = typed[0][1]
         for f, t in typed[1:]:
             try:
-                unified = pa.unify_schemas(
-                    [pa.schema([pa.field(name, unified)]), pa.schema([pa.field(name, t)])], promote_options="permissive"
-                ).field(name).type
+                unified = (
+                    pa.unify_schemas(
+                        [pa.schema([pa.field(name, unified)]), pa.schema([pa.field(name, t)])],
+                        promote_options="permissive",
+                    )
+                    .field(name)
+                    .type
+                )
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                 raise S.SchemaError(
                     f"input {display}: carried column {name!r} has type {t} in {f} but {typed[0][1]} in "

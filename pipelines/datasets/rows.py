@@ -104,6 +104,14 @@ class Problems:
         return len(self.items)
 
 
+def problem_text(exc: BaseException) -> str:
+    """The reason of a bad row from what went wrong reading it: the project's and I/O errors speak for
+    themselves, anything else (a library's own error on a hostile file) is prefixed by its type."""
+    if isinstance(exc, InstdiffError | ValueError | OSError):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
 def collect(results: Sequence[Row | tuple[str, str]], problems: Problems) -> list[Row]:
     """Keep the rows of ``results`` and record every ``(where, reason)`` pair in ``problems``.
 
