@@ -51,10 +51,14 @@ _IMAGE_COLUMN_TYPES = (schema.is_binary_type, schema.is_image_struct)
 
 
 def _detect(columns: set[str]) -> tuple[str, dict[str, str]]:
-    """The first layout of :data:`HF_LAYOUTS` whose columns (other than ``mask``) all exist."""
+    """The first layout of :data:`HF_LAYOUTS` whose columns (other than ``mask``) all exist, completed by columns
+    named like the input fields."""
     for name, mapping in HF_LAYOUTS.items():
         if all(c in columns for f, c in mapping.items() if f != "mask"):
-            return name, {f: c for f, c in mapping.items() if c in columns}
+            found = {f: c for f, c in mapping.items() if c in columns}
+            # fields the layout leaves open, taken from columns of the same name (target_prompt, mask, ...)
+            found.update({f: f for f in MAPPED_FIELDS if f not in found and f in columns and f != "id"})
+            return name, found
     return "", {}
 
 
@@ -176,8 +180,8 @@ def read_hf(
             except Exception as exc:  # noqa: BLE001 - any problem with one record is that record's bad row
                 problems.add(where, problem_text(exc))
                 continue
-            meta = {k: meta_value(v) for k, v in rec.items() if not isinstance(v, bytes | bytearray)}
-            meta = {k: v for k, v in meta.items() if k not in (mapping["image"], mapping.get("mask"))}
+            meta = {k: meta_value(v) for k, v in rec.items() if k not in (mapping["image"], mapping.get("mask"))}
+            meta = {k: v for k, v in meta.items() if v is not None or rec[k] is None}  # byte cells left out
             meta.update(format="hf", layout=layout or "mapped", file=posixpath.basename(f), row=n)
             if layout == "instructpix2pix" and isinstance(rec.get("edit_prompt"), str):
                 meta["edit_phrase"] = rec["edit_prompt"].strip()

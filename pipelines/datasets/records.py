@@ -247,6 +247,8 @@ def meta_value(value: Any) -> Any:
     """A record field as ``meta`` holds it: bytes (also inside structs) left out, they would bloat the JSON."""
     if isinstance(value, bytes | bytearray):
         return None
+    if isinstance(value, Mapping) and "bytes" in value and set(value) <= {"bytes", "path"}:
+        return value.get("path")  # an image struct: where it came from, if anything
     if isinstance(value, Mapping):
         return {k: meta_value(v) for k, v in value.items() if not isinstance(v, bytes | bytearray)}
     if isinstance(value, list):
