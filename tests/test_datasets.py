@@ -303,6 +303,12 @@ def test_cli_import_refuses_a_non_parquet_out_before_reading(tmp_path, capsys):
             ["prompt-pairs", "{pairs}", "--out", "{pairs}/x.parquet"],
             "{pairs} is a file, so no folder can be made there",
         ),
+        (["listing", "{pairs}", "--target-template", "{caption}!"], "apply to hf and img2dataset"),
+        (["hf", "{dir}", "--columns", "image"], "--columns expects FIELD=COLUMN (e.g. image=original_image)"),
+        (["hf", "{dir}"], "no Parquet files at {dir}"),
+        (["img2dataset", "{dir}"], "img2dataset rows need target prompts"),
+        (["img2dataset", "{dir}", "--target-template", "{caption"], "is not a valid template"),
+        (["img2dataset", "{pairs}", "--target-template", "{caption}"], "is not a folder"),
     ],
 )
 def test_cli_import_bad_input_is_one_line(tmp_path, capsys, argv, message):
