@@ -313,3 +313,38 @@ def read_stage(
         for f in carry:
             out = out.append_column(f, both[f.name])
     return out
+
+
+def read_input_table(
+    fs: Any, files: Sequence[str], columns: Sequence[str] = INPUT_COLUMNS, ids: Sequence[str] | None = None
+) -> pa.Table:
+    """Input files read in this process, each brought to the canonical types (:func:`normalize_batch`).
+
+    For readers outside the Ray pipeline (the report's contact sheet) that must see the input as the job does:
+    every file's columns, Image structs as bytes, a column missing from a file as nulls.
+
+    Args:
+        fs: a pyarrow filesystem.
+        files: Parquet files inside ``fs``.
+        columns: the input columns wanted (of :data:`INPUT_COLUMNS`).
+        ids: keep only these ids (``None``: all rows).
+
+    Returns:
+        ``columns`` of every file's rows, in :data:`CANONICAL` types.
+
+    Raises:
+        StorageError: a file cannot be read (the message names it).
+    """
+    wanted = set(columns) | {S.ID}
+    keep = pa.array(list(ids), pa.string()) if ids is not None else None
+    parts = []
+    for f in files:
+        with storage.reading(f"input {storage.display(fs, f)}"):
+            names = pq.read_schema(f, filesystem=fs).names
+            table = normalize_batch(pq.read_table(f, filesystem=fs, columns=[c for c in names if c in wanted]))
+        if keep is not None:
+            table = table.filter(pc.is_in(table[S.ID], value_set=keep))
+        parts.append(table.select(list(columns)))
+    if not parts:
+        return pa.schema([pa.field(c, CANONICAL[c]) for c in columns]).empty_table()
+    return pa.concat_tables(parts)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import PurePosixPath
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,6 +61,14 @@ def _detect(columns: set[str]) -> tuple[str, dict[str, str]]:
             found.update({f: f for f in MAPPED_FIELDS if f not in found and f in columns and f != "id"})
             return name, found
     return "", {}
+
+
+def _records(fs: Any, path: str, batch_rows: int = 256) -> Iterator[dict[str, Any]]:
+    """The rows of one Parquet file as dicts, a few hundred at a time (a Hub shard may hold gigabytes)."""
+    with storage.reading(f"Parquet file {storage.display(fs, path)}"):
+        with fs.open_input_file(path) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows):
+                yield from batch.to_pylist()
 
 
 def read_hf(
@@ -148,9 +157,9 @@ def read_hf(
         loc = Location(storage.display(fs, posixpath.dirname(f)), storage_cfg)  # path-only images: beside the file
         labels = class_label_names(sch)
         stem = PurePosixPath(f).stem
-        with storage.reading(f"Parquet file {storage.display(fs, f)}"):
-            records = pq.read_table(f, filesystem=fs).to_pylist()
-        for n, rec in enumerate(records):
+        if limit is not None and len(rows) >= limit:
+            break
+        for n, rec in enumerate(_records(fs, f)):
             if limit is not None and len(rows) >= limit:
                 break
             where = f"{posixpath.basename(f)} row {n}"
