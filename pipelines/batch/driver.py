@@ -101,10 +101,10 @@ def build_dataset(
     errors_ref = ray.put(known_errors) if known_errors is not None and len(known_errors) else None
     a = cfg.actors
     task_cpus = cfg.ray.task_cpus
-    # files that hold the same columns are read together; read_stage brings every block to one schema
+    # files whose columns agree are read together; read_stage brings every block to one schema
     parts = [
-        ray.data.read_parquet(files, filesystem=in_fs, columns=columns, num_cpus=task_cpus)
-        for files, columns in plan.groups
+        ray.data.read_parquet(files, filesystem=in_fs, columns=read.names, schema=read, num_cpus=task_cpus)
+        for files, read in plan.groups
     ]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(

@@ -49,7 +49,8 @@ class InputPlan:
         columns: the input columns present in at least one file, to read.
         rows: number of input rows (all files).
         ids: every row's id (non-null, unique).
-        groups: ``(files, columns)`` pairs: files that hold the same wanted columns, read together.
+        groups: ``(files, read_schema)`` pairs: files whose wanted columns have the same names and types, read
+            together with that schema (view types replaced, see :func:`read_schema_of`).
         carry: the carried columns and their one type across the files (empty: nothing carried).
     """
 
@@ -57,7 +58,7 @@ class InputPlan:
     columns: list[str]
     rows: int
     ids: pa.Array
-    groups: list[tuple[list[str], list[str]]] = field(default_factory=list)
+    groups: list[tuple[list[str], pa.Schema]] = field(default_factory=list)
     carry: pa.Schema = field(default_factory=lambda: pa.schema([]))
 
 
@@ -151,18 +152,43 @@ def plan_input(fs: Any, path: str, display: str, carry: Sequence[str] = ()) -> I
     carry_schema = _unify_carry(carry_types, display)
     ids = _read_ids(fs, files, display)
     columns = [c for c in INPUT_COLUMNS if c in present]
-    groups: dict[tuple[str, ...], list[str]] = {}
+    groups: dict[tuple[tuple[str, str], ...], tuple[list[str], pa.Schema]] = {}
     for f, sch in zip(files, schemas, strict=True):
-        wanted = tuple(c for c in columns + list(carry) if sch.get_field_index(c) >= 0)
-        groups.setdefault(wanted, []).append(f)
+        wanted = read_schema_of(sch, columns + list(carry))
+        key = tuple((x.name, str(x.type)) for x in wanted)
+        groups.setdefault(key, ([], wanted))[0].append(f)
     return InputPlan(
-        files=files,
-        columns=columns,
-        rows=len(ids),
-        ids=ids,
-        groups=[(fs_, list(cols)) for cols, fs_ in groups.items()],
-        carry=carry_schema,
+        files=files, columns=columns, rows=len(ids), ids=ids, groups=list(groups.values()), carry=carry_schema
     )
+
+
+def _no_views(dtype: pa.DataType) -> pa.DataType:
+    """``dtype`` with ``string_view``/``binary_view`` replaced by ``large_string``/``large_binary`` (also inside
+    structs and dictionaries): Ray 2.60 cannot move view arrays between its processes."""
+    if pa.types.is_string_view(dtype):
+        return pa.large_string()
+    if pa.types.is_binary_view(dtype):
+        return pa.large_binary()
+    if pa.types.is_struct(dtype):
+        return pa.struct(
+            [pa.field(dtype.field(i).name, _no_views(dtype.field(i).type)) for i in range(dtype.num_fields)]
+        )
+    if pa.types.is_dictionary(dtype):
+        return pa.dictionary(dtype.index_type, _no_views(dtype.value_type), dtype.ordered)
+    return dtype
+
+
+def read_schema_of(schema: pa.Schema, columns: Sequence[str]) -> pa.Schema:
+    """The schema a file's wanted columns are read with: its own types, views replaced (:func:`_no_views`).
+
+    Args:
+        schema: the file's schema.
+        columns: the wanted columns (those the file lacks are left out).
+
+    Returns:
+        The read schema, in ``columns`` order.
+    """
+    return pa.schema([pa.field(c, _no_views(schema.field(c).type)) for c in columns if schema.get_field_index(c) >= 0])
 
 
 def _unify_carry(carry_types: dict[str, list[tuple[str, pa.DataType]]], display: str) -> pa.Schema:
