@@ -14,7 +14,8 @@ This module imports neither torch nor diffusers: the read workers import it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from pipelines.batch.rows import DECODED_SCHEMA, EDITED_SCHEMA, resolve_ids
 log = logging.getLogger(__name__)
 
 INPUT_COLUMNS = S.REQUIRED_INPUT + S.OPTIONAL_INPUT
+_READ_THREADS = 16
 _BINARY_COLUMNS = (S.IMAGE, S.MASK)
 # the canonical type of each input column between the read and the decode
 CANONICAL = {name: pa.large_binary() if name in _BINARY_COLUMNS else pa.string() for name in INPUT_COLUMNS}
@@ -80,6 +82,14 @@ def check_carry_names(carry: Sequence[str]) -> None:
         raise ConfigError(f"carry: names repeat in {list(carry)}")
 
 
+def _threaded(fn: Callable[[str], Any], files: Sequence[str]) -> list[Any]:
+    """``fn`` over ``files`` on a few threads (footer and id reads; on S3 each is a round trip), in order."""
+    if len(files) <= 1:
+        return [fn(f) for f in files]
+    with ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(files))) as pool:
+        return list(pool.map(fn, files))
+
+
 def _value_type(dtype: pa.DataType) -> pa.DataType:
     return dtype.value_type if pa.types.is_dictionary(dtype) else dtype
 
@@ -121,10 +131,12 @@ def plan_input(fs: Any, path: str, display: str, carry: Sequence[str] = ()) -> I
     files = storage.list_files(fs, path)
     if not files:
         raise InputNotFoundError(f"no Parquet files at {display}")
-    schemas = []
-    for f in files:
+
+    def footer(f: str) -> pa.Schema:
         with storage.reading(f"input {display}: {storage.display(fs, f)}"):
-            schemas.append(pq.read_schema(f, filesystem=fs))
+            return pq.read_schema(f, filesystem=fs)
+
+    schemas = _threaded(footer, files)  # every footer, not only the first one's (S3: in parallel)
     problems: list[str] = []
     present: set[str] = set()
     carry_types: dict[str, list[tuple[str, pa.DataType]]] = {c: [] for c in carry}
@@ -143,7 +155,7 @@ def plan_input(fs: Any, path: str, display: str, carry: Sequence[str] = ()) -> I
                 carry_types[c].append((shown, _value_type(sch.field(c).type)))
     for name in S.REQUIRED_INPUT:
         if name not in present:
-            problems.append(f"missing column {name!r} (in every file)")
+            problems.append(f"missing column {name!r} (no file has it)")
     if problems:
         raise S.SchemaError(
             f"input {display} does not match the instdiff input schema: {S.summarize_problems(problems)}; "
@@ -223,13 +235,14 @@ def _unify_carry(carry_types: dict[str, list[tuple[str, pa.DataType]]], display:
 
 def _read_ids(fs: Any, files: list[str], display: str) -> pa.Array:
     """Every id of every file as one ``string`` array; null and repeated ids are refused."""
-    parts = []
-    for f in files:
+
+    def read(f: str) -> pa.ChunkedArray:
         try:
-            col = pq.read_table(f, filesystem=fs, columns=[S.ID])[S.ID]
-            parts.append(_canonical(col, pa.string()))
+            return _canonical(pq.read_table(f, filesystem=fs, columns=[S.ID])[S.ID], pa.string())
         except (pa.ArrowException, OSError) as exc:
             raise S.SchemaError(f"cannot read the id column of input file {storage.display(fs, f)}: {exc}") from None
+
+    parts = [chunk for col in _threaded(read, files) for chunk in col.chunks]
     ids = pa.chunked_array(parts, type=pa.string()).combine_chunks()
     if ids.null_count:
         raise S.SchemaError(f"input {display}: {ids.null_count} rows have a null id; every row needs a unique id")
