@@ -37,7 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--targets). Layouts and examples: docs/inputs.md.",
     )
     p.add_argument("format", choices=FORMATS)
-    p.add_argument("src", help="dataset root folder (editing-mask, flexit) or file (prompt-pairs, listing)")
+    p.add_argument(
+        "src",
+        help="dataset root folder (editing-mask, flexit, img2dataset), file (prompt-pairs, listing), or Parquet "
+        "file or folder (hf)",
+    )
     p.add_argument("--out", required=True, help="output Parquet file, local or s3://")
     p.add_argument(
         "--on-bad-row",
