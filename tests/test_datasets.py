@@ -285,6 +285,7 @@ def test_listing_jsonl_on_s3_and_cli_import_to_s3(s3_server, tmp_path, capsys):
         "out": "s3://data/out/in.parquet",
         "with_image": 2,
         "with_mask": 1,
+        "with_error": 0,
     }
     body = s3.get_object(Bucket="data", Key="out/in.parquet")["Body"].read()
     back = pq.read_table(io.BytesIO(body))
