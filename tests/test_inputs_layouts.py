@@ -501,3 +501,16 @@ def test_batch_job_hostile_rows_are_error_rows_and_a_hostile_input_is_one_line(t
         assert main(argv) == 2
         assert message in _one_error_line(capsys), name
     assert decode_mask(base["mask"]).any() and MAX_PIXELS > 0
+
+
+def test_carry_is_off_by_default_and_set_by_flag_or_key():
+    from pipelines.batch import config_from_args
+    from pipelines.cli import build_parser
+    from pipelines.config import fingerprint
+
+    plain = parse_config({"input": "a", "output": "b"})
+    assert plain.carry == () and "carry" not in fingerprint(plain)  # outputs written before carry existed resume
+    args = build_parser().parse_args(["batch", "--input", "a", "--output", "b", "--carry", "url", "--carry", "label"])
+    cfg = config_from_args(args)
+    assert cfg.carry == ("url", "label") and fingerprint(cfg)["carry"] == ["url", "label"]
+    assert parse_config({"input": "a", "output": "b", "carry": ["url"]}).carry == ("url",)
