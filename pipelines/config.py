@@ -7,6 +7,7 @@ Layout (every key optional except ``input`` and ``output``; defaults are the dat
     seed: 0                              # base seed; each row gets seed + crc32(id) (written to the row)
     resume: true                         # skip ids already written with status ok
     retry_errors: false                  # also re-run ids whose earlier row is an error
+    carry: []                            # input columns copied into the output rows unchanged, e.g. [url, label]
     model:   {spec: default, inpaint: null, device: auto, dtype: auto, local_files_only: false}
     method:  {name: instdiffedit, steps: 50, strength: 0.5, guidance: 7.5, n_noises: 3,
               mask: {phi: 0.2, gamma1: 0.9, gamma2: 0.6, ...}, inpaint: auto, ...}   # any EditConfig field
@@ -126,6 +127,7 @@ class BatchConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     resume: bool = True
     retry_errors: bool = False
+    carry: tuple[str, ...] = ()  # input columns copied into the output rows unchanged (after the output columns)
 
     def with_(self, **kw: Any) -> BatchConfig:
         """A copy with the fields in ``kw`` replaced (not validated again)."""
@@ -292,11 +294,15 @@ def fingerprint(cfg: BatchConfig) -> dict[str, Any]:
 
     Returns:
         ``model`` (spec, inpaint, dtype), ``method`` (as :func:`to_dict` writes it), ``seed`` and ``image``
-        (size, size_policy, alpha) as plain data.
+        (size, size_policy, alpha) as plain data; ``carry`` too when columns are carried (an output's files must
+        agree on their columns).
     """
-    return {
+    out = {
         "model": {"spec": cfg.model.spec, "inpaint": cfg.model.inpaint, "dtype": cfg.model.dtype},
         "method": to_dict(cfg.method),
         "seed": cfg.seed,
         "image": {"size": cfg.image.size, "size_policy": cfg.image.size_policy, "alpha": cfg.image.alpha.value},
     }
+    if cfg.carry:
+        out["carry"] = list(cfg.carry)
+    return out

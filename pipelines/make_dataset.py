@@ -53,6 +53,7 @@ def shapes_table(n: int, seed: int = 0, size: int = 64, kinds: Sequence[str] | N
         columns[S.TARGET_PROMPT].append(pair.target_prompt)
         columns[S.MASK].append(encode_png(pair.edit_mask))
         columns[S.DATASET].append("shapes")
+        columns[S.ERROR].append(None)
         columns[S.META].append(
             json.dumps(
                 {

@@ -163,9 +163,10 @@ def read_inputs(input_uri: str, ids: list[str], storage_cfg: storage.StorageConf
     files = storage.list_files(fs, path)
     if not files or not ids:
         return {}
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    columns = [c for c in (S.ID, S.IMAGE, S.MASK) if c in dataset.schema.names]
-    table = dataset.to_table(columns=columns, filter=pc.field(S.ID).isin(ids))
+    from pipelines.batch.inputs import read_input_table
+
+    # as the job reads it: every file's columns, Image structs as bytes, dictionaries decoded
+    table = read_input_table(fs, files, columns=(S.ID, S.IMAGE, S.MASK), ids=ids)
     out = {}
     for row in table.to_pylist():
         out[row[S.ID]] = {"image": row.get(S.IMAGE), "mask": row.get(S.MASK)}

@@ -4,14 +4,22 @@ Input rows (one edit each)::
 
     id             string   required, unique, non-null
     image          binary   required column; encoded PNG/JPEG/WebP/BMP/TIFF bytes. Null only for methods
-                            that generate the source from ``source_prompt`` (fisedit).
+                            that generate the source from ``source_prompt`` (fisedit). A Hugging Face
+                            ``datasets`` Image struct ``{bytes, path}`` is accepted too (its bytes are used).
     source_prompt  string   required column; describes the input image
     target_prompt  string   required column; what the edited image should show (non-empty)
     mask           binary   optional; ground-truth edit region as PNG (non-zero = edit), same size as the image
     dataset        string   optional; carried to the output
     meta           string   optional; JSON text, carried to the output
+    error          string   optional; a row whose error is set is not edited but written as an error row
+                            with this reason (``import-dataset`` writes failed downloads so)
 
-Other columns are ignored. Output rows carry the ids and prompts, the edited image and the predicted mask
+String columns may be ``string``, ``large_string``, ``string_view`` or dictionary-encoded strings; binary
+columns ``binary``, ``large_binary``, ``binary_view`` or the ``datasets`` Image struct (mask too). Several
+files are read as one table: a column missing from some files is null there. Other columns are ignored
+unless the job's ``carry`` option names them (then they are copied to the output rows unchanged).
+
+Output rows carry the ids and prompts, the edited image and the predicted mask
 as PNG, the settings that produced them, per-sample metrics that need no extra model, and a status with
 the reason when the row could not be edited (see :data:`OUTPUT_SCHEMA`).
 
@@ -78,10 +86,11 @@ INPUT_SCHEMA = pa.schema(
         pa.field(MASK, pa.binary()),
         pa.field(DATASET, pa.string()),
         pa.field(META, pa.string()),
+        pa.field(ERROR, pa.string()),
     ]
 )
 REQUIRED_INPUT = (ID, IMAGE, SOURCE_PROMPT, TARGET_PROMPT)
-OPTIONAL_INPUT = (MASK, DATASET, META)
+OPTIONAL_INPUT = (MASK, DATASET, META, ERROR)
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -157,8 +166,36 @@ class _Kind:
     accepts: Callable[[pa.DataType], bool]
 
 
-_STRING = _Kind("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
-_BINARY = _Kind("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t))
+def is_string_type(dtype: pa.DataType) -> bool:
+    """``string``, ``large_string``, ``string_view``, or a dictionary of one of them."""
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype)
+
+
+def is_binary_type(dtype: pa.DataType) -> bool:
+    """``binary``, ``large_binary``, ``binary_view``, or a dictionary of one of them."""
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_binary_view(dtype)
+
+
+def is_image_struct(dtype: pa.DataType) -> bool:
+    """Hugging Face ``datasets``' ``Image`` feature as Arrow stores it: ``struct<bytes: binary, path: string>``.
+
+    Source: ``datasets.features.Image`` (its ``pa_type``); any binary flavour for ``bytes`` and any string
+    flavour for ``path`` is accepted, and a struct with ``bytes`` alone.
+    """
+    if not pa.types.is_struct(dtype):
+        return False
+    names = {dtype.field(i).name: dtype.field(i).type for i in range(dtype.num_fields)}
+    if "bytes" not in names or not is_binary_type(names["bytes"]):
+        return False
+    return set(names) <= {"bytes", "path"} and ("path" not in names or is_string_type(names["path"]))
+
+
+_STRING = _Kind("string", is_string_type)
+_BINARY = _Kind("binary", lambda t: is_binary_type(t) or is_image_struct(t))
 _INPUT_KINDS = {
     ID: _STRING,
     IMAGE: _BINARY,
@@ -167,6 +204,7 @@ _INPUT_KINDS = {
     MASK: _BINARY,
     DATASET: _STRING,
     META: _STRING,
+    ERROR: _STRING,
 }
 
 
@@ -190,8 +228,9 @@ def describe_input_schema(one_line: bool = False) -> str:
 def input_schema_problems(schema: pa.Schema) -> list[str]:
     """Everything wrong with ``schema`` as an input schema (empty when it is accepted).
 
-    String columns may be ``string``, ``large_string`` or ``string_view``; binary columns ``binary``,
-    ``large_binary`` or ``binary_view``. An optional column of type ``null`` (all values null) is accepted.
+    String columns may be ``string``, ``large_string``, ``string_view`` or dictionary-encoded; binary columns
+    ``binary``, ``large_binary``, ``binary_view``, dictionary-encoded or a ``datasets`` Image struct
+    (:func:`is_image_struct`). An optional column of type ``null`` (all values null) is accepted.
 
     Args:
         schema: the Arrow schema to check.

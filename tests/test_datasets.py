@@ -107,6 +107,26 @@ def test_editing_mask_bad_rows_error_lists_all_or_skip_counts(editing_mask_root)
     assert datasets.skipped_rows(table) == 3
 
 
+def test_editing_mask_and_flexit_hostile_files_are_bad_rows(editing_mask_root, tmp_path):
+    from test_inputs_layouts import bomb_png
+
+    (editing_mask_root / "mask" / "1.png").write_bytes(bomb_png())  # a mask whose header claims 10^10 pixels
+    (editing_mask_root / "image" / "7.png").write_bytes(b"")  # an empty image
+    with pytest.raises(DatasetError) as err:
+        datasets.read_editing_mask(str(editing_mask_root))
+    assert "2 bad row(s)" in str(err.value) and "line 1: image refused as a decompression bomb" in str(err.value)
+    assert "line 3: not a readable image (0 bytes)" in str(err.value)
+    table = datasets.read_editing_mask(str(editing_mask_root), on_bad_row="skip")
+    assert table.column("id").to_pylist() == ["ILSVRC2012_val_00028602"]
+
+    (tmp_path / "fx").mkdir()
+    (tmp_path / "fx" / "a.png").write_bytes(bomb_png())
+    (tmp_path / "fx" / "b.jpg").write_bytes(_jpeg(_image(2)))
+    (tmp_path / "fx" / "pairs.txt").write_text("a.png <> cat <> dog\nb.jpg <> cow <> pig\n")
+    table = datasets.read_flexit(str(tmp_path / "fx"), on_bad_row="skip")
+    assert table.column("id").to_pylist() == ["b"] and datasets.skipped_rows(table) == 1
+
+
 def test_flexit_finds_images_in_synset_folders_and_reads_csv(tmp_path):
     root = tmp_path / "flexit"
     for synset, name, seed in [
@@ -265,6 +285,7 @@ def test_listing_jsonl_on_s3_and_cli_import_to_s3(s3_server, tmp_path, capsys):
         "out": "s3://data/out/in.parquet",
         "with_image": 2,
         "with_mask": 1,
+        "with_error": 0,
     }
     body = s3.get_object(Bucket="data", Key="out/in.parquet")["Body"].read()
     back = pq.read_table(io.BytesIO(body))
@@ -303,6 +324,12 @@ def test_cli_import_refuses_a_non_parquet_out_before_reading(tmp_path, capsys):
             ["prompt-pairs", "{pairs}", "--out", "{pairs}/x.parquet"],
             "{pairs} is a file, so no folder can be made there",
         ),
+        (["listing", "{pairs}", "--target-template", "{caption}!"], "apply to hf and img2dataset"),
+        (["hf", "{dir}", "--columns", "image"], "--columns expects FIELD=COLUMN (e.g. image=original_image)"),
+        (["hf", "{dir}"], "no Parquet files at {dir}"),
+        (["img2dataset", "{dir}"], "img2dataset rows need target prompts"),
+        (["img2dataset", "{dir}", "--target-template", "{caption"], "is not a valid template"),
+        (["img2dataset", "{pairs}", "--target-template", "{caption}"], "is not a folder"),
     ],
 )
 def test_cli_import_bad_input_is_one_line(tmp_path, capsys, argv, message):

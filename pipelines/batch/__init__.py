@@ -13,12 +13,14 @@ command runs under Ray's job API::
 
 The pipeline (one read, three map stages, one write; rows stream through, nothing is materialised)::
 
-    read_parquet → decode_batch (tasks) → EditStage (actor pool, model loaded once per actor)
+    read_parquet → read_stage (tasks: normalize types, decode) → EditStage (actor pool, model loaded once per actor)
                  → finalize_batch (tasks: PNG encoding, metrics) → write_parquet (≤ max_rows_per_file)
 
 Modules, by responsibility: :mod:`~pipelines.batch.rows` (the rows between stages, per-row seed and error
-text), :mod:`~pipelines.batch.decode`, :mod:`~pipelines.batch.edit_stage` and :mod:`~pipelines.batch.finalize`
-(the three stages), :mod:`~pipelines.batch.runner` (the stages in one process, without Ray),
+text, carried columns), :mod:`~pipelines.batch.inputs` (many input files planned as one table, the read stage
+that normalizes each block), :mod:`~pipelines.batch.decode`, :mod:`~pipelines.batch.edit_stage` and
+:mod:`~pipelines.batch.finalize` (the three stages), :mod:`~pipelines.batch.runner` (the stages in one process,
+without Ray),
 :mod:`~pipelines.batch.resume` (what an output already holds; run file names), :mod:`~pipelines.batch.ray_cluster`
 (connecting to Ray, resource checks), :mod:`~pipelines.batch.driver` (input plan, dataset, :func:`run_job`,
 run summary) and :mod:`~pipelines.batch.cli` (the command line). Only the edit stage loads torch models and
@@ -40,9 +42,10 @@ to the data; Parquet readers skip ``_``-prefixed paths.
 
 from pipelines.batch.cli import config_from_args, main, register, run
 from pipelines.batch.decode import GENERATING_METHODS, DecodeOptions, decode_batch, decode_row
-from pipelines.batch.driver import InputPlan, JobSummary, build_dataset, plan_input, run_job, summarize_run
+from pipelines.batch.driver import JobSummary, build_dataset, run_job, summarize_run
 from pipelines.batch.edit_stage import EditStage
 from pipelines.batch.finalize import finalize_batch, finalize_row
+from pipelines.batch.inputs import InputPlan, normalize_batch, plan_input, read_stage
 from pipelines.batch.ray_cluster import check_resources, connect_ray
 from pipelines.batch.resume import RUNS_DIR, PriorOutput, check_resumable, new_run_id, scan_output
 from pipelines.batch.rows import DECODED_SCHEMA, EDITED_SCHEMA, RowError, row_seed
@@ -70,7 +73,9 @@ __all__ = [
     "finalize_row",
     "main",
     "new_run_id",
+    "normalize_batch",
     "plan_input",
+    "read_stage",
     "register",
     "row_seed",
     "run",

@@ -31,6 +31,7 @@ _FLAG_KEYS = {
     "num_gpus": "actors.num_gpus",
     "max_rows_per_file": "write.max_rows_per_file",
     "retry_errors": "retry_errors",
+    "carry": "carry",
 }
 
 
@@ -77,6 +78,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="also re-run ids whose earlier row is an error (retry_errors)",
+    )
+    p.add_argument(
+        "--carry",
+        action="append",
+        default=None,
+        metavar="COLUMN",
+        help="copy this input column into the output rows unchanged (carry; repeatable), e.g. --carry url",
     )
     p.add_argument(
         "--set",

@@ -2,7 +2,8 @@
 
 The pipeline (one read, three map stages, one write; rows stream through, nothing is materialised)::
 
-    read_parquet → decode_batch (tasks) → EditStage (actor pool, model loaded once per actor)
+    read_parquet (one read per set of files with the same columns) → read_stage (tasks: normalize + decode)
+                 → EditStage (actor pool, model loaded once per actor)
                  → finalize_batch (tasks: PNG encoding, metrics) → write_parquet (≤ max_rows_per_file)
 """
 
@@ -20,77 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from instdiff.errors import ConfigError, InputNotFoundError, InstdiffError, ModelLoadError
+from instdiff.errors import ConfigError, InstdiffError, ModelLoadError
 from pipelines import schema as S
 from pipelines import storage
-from pipelines.batch.decode import DecodeOptions, decode_batch
+from pipelines.batch.decode import DecodeOptions
 from pipelines.batch.edit_stage import EditStage
 from pipelines.batch.finalize import finalize_batch
+from pipelines.batch.inputs import InputPlan, plan_input, read_stage
 from pipelines.batch.ray_cluster import check_resources, connect_ray
 from pipelines.batch.resume import RUNS_DIR, PriorOutput, check_resumable, new_run_id, run_filenames, scan_output
 from pipelines.config import BatchConfig, ModelConfig, fingerprint, to_dict
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class InputPlan:
-    """The validated input of a job.
-
-    Attributes:
-        files: the Parquet files (paths inside the input filesystem), sorted.
-        columns: the input columns present, to read.
-        rows: number of input rows.
-        ids: every row's id (non-null, unique).
-    """
-
-    files: list[str]
-    columns: list[str]
-    rows: int
-    ids: pa.Array
-
-
-def plan_input(fs: Any, path: str, display: str) -> InputPlan:
-    """List the input files and validate their schema and ids (non-null, unique).
-
-    Args:
-        fs: a pyarrow filesystem.
-        path: a Parquet file or folder inside ``fs``.
-        display: the input as shown to users.
-
-    Returns:
-        What to read.
-
-    Raises:
-        InputNotFoundError: no Parquet files at ``path``.
-        StorageError: the input cannot be reached, or a file is not Parquet.
-        SchemaError: a missing or mistyped column, an unreadable id column, null or repeated ids.
-    """
-    files = storage.list_files(fs, path)
-    if not files:
-        raise InputNotFoundError(f"no Parquet files at {display}")
-    with storage.reading(f"input {display}"):
-        dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    S.validate_input_schema(dataset.schema, source=f"input {display}")
-    try:
-        ids = dataset.to_table(columns=[S.ID])[S.ID].combine_chunks()
-    except (pa.ArrowException, OSError) as exc:
-        raise S.SchemaError(f"cannot read the id column of input {display}: {exc}") from None
-    nulls = ids.null_count
-    if nulls:
-        raise S.SchemaError(f"input {display}: {nulls} rows have a null id; every row needs a unique id")
-    counts = pc.value_counts(ids)
-    dupes = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    if len(dupes):
-        shown = ", ".join(repr(x) for x in dupes.to_pylist()[:5])
-        raise S.SchemaError(
-            f"input {display}: {len(dupes)} ids occur more than once (e.g. {shown}); ids must be unique"
-        )
-    columns = [c for c in S.REQUIRED_INPUT + S.OPTIONAL_INPUT if c in dataset.schema.names]
-    return InputPlan(files=files, columns=columns, rows=len(ids), ids=ids)
 
 
 @dataclass
@@ -157,12 +101,17 @@ def build_dataset(
     errors_ref = ray.put(known_errors) if known_errors is not None and len(known_errors) else None
     a = cfg.actors
     task_cpus = cfg.ray.task_cpus
-    ds = ray.data.read_parquet(plan.files, filesystem=in_fs, columns=plan.columns, num_cpus=task_cpus)
+    # files whose columns agree are read together; read_stage brings every block to one schema
+    parts = [
+        ray.data.read_parquet(files, filesystem=in_fs, columns=read.names, schema=read, num_cpus=task_cpus)
+        for files, read in plan.groups
+    ]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(
-        decode_batch,
+        read_stage,
         batch_format="pyarrow",
         num_cpus=task_cpus,
-        fn_kwargs={"opts": DecodeOptions.from_config(cfg), "skip_ids": skip_ref},
+        fn_kwargs={"opts": DecodeOptions.from_config(cfg), "skip_ids": skip_ref, "carry": plan.carry},
     )
     # blocks of batch_size rows, so that every actor of the pool gets work even from one big file
     ds = ds.repartition(target_num_rows_per_block=a.batch_size)
@@ -291,7 +240,7 @@ def run_job(cfg: BatchConfig, run_id: str | None = None) -> JobSummary:
     storage.check_output(cfg.output, "output", folder=True, storage_cfg=cfg.storage)
     check_model(cfg.model, local)
     # 2. the input: schema, ids
-    plan = plan_input(in_fs, in_path, storage.display(in_fs, in_path))
+    plan = plan_input(in_fs, in_path, storage.display(in_fs, in_path), carry=cfg.carry)
     # 3. resume: what the output already holds, under which settings
     if cfg.resume:
         prior = scan_output(out_fs, out_path)

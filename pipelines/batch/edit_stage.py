@@ -19,7 +19,16 @@ import pyarrow as pa
 
 from instdiff.config import EditConfig
 from pipelines import schema as S
-from pipelines.batch.rows import EDITED_SCHEMA, error_text, join_notes, pack_mask, rgb_array, row_seed
+from pipelines.batch.rows import (
+    DECODED_SCHEMA,
+    EDITED_SCHEMA,
+    error_text,
+    join_notes,
+    pack_mask,
+    rgb_array,
+    row_seed,
+    with_carried,
+)
 from pipelines.config import ImageConfig, ModelConfig
 
 if TYPE_CHECKING:  # torch/diffusers are imported where used: decode/finalize workers never load diffusers
@@ -90,7 +99,8 @@ class EditStage:
         Returns:
             The same rows in :data:`~pipelines.batch.rows.EDITED_SCHEMA`: the edited image as (H, W, 3) uint8
             bytes and the predicted mask as packed bits at the input's size (the edit pasted onto the original
-            pixels outside the mask, :func:`instdiff.composite.restore`), or ``status="error"``.
+            pixels outside the mask, :func:`instdiff.composite.restore`), or ``status="error"``; columns of
+            ``batch`` outside ``DECODED_SCHEMA`` (the job's ``carry``) follow unchanged.
         """
         import torch
 
@@ -122,7 +132,7 @@ class EditStage:
         with torch.inference_mode():
             for items in groups.values():
                 self._run(items)
-        return pa.Table.from_pylist(rows, schema=EDITED_SCHEMA)
+        return with_carried(pa.Table.from_pylist(rows, schema=EDITED_SCHEMA), batch, DECODED_SCHEMA)
 
     def _prepare(self, index: int, row: dict[str, Any]) -> _Item:
         from instdiff import imageio

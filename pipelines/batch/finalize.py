@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import schema as S
-from pipelines.batch.rows import error_text, resolve_ids, rgb_array, unpack_mask
+from pipelines.batch.rows import EDITED_SCHEMA, error_text, resolve_ids, rgb_array, unpack_mask, with_carried
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,11 @@ def finalize_batch(batch: pa.Table, *, run_id: str, known_errors: Any = None) ->
             ``None``); such an id that fails again is not written a second time (``retry_errors``).
 
     Returns:
-        The output rows (:func:`finalize_row`), less repeated errors.
+        The output rows (:func:`finalize_row`), less repeated errors; columns of ``batch`` outside
+        ``EDITED_SCHEMA`` (the job's ``carry``) follow their rows unchanged, after the output columns.
     """
     rows = [finalize_row(r, run_id) for r in batch.to_pylist()]
-    out = pa.Table.from_pylist(rows, schema=S.OUTPUT_SCHEMA)
+    out = with_carried(pa.Table.from_pylist(rows, schema=S.OUTPUT_SCHEMA), batch, EDITED_SCHEMA)
     known = resolve_ids(known_errors)
     if known is not None and len(known) and out.num_rows:
         again = pc.and_(pc.equal(out[S.STATUS], S.STATUS_ERROR), pc.is_in(out[S.ID], value_set=known))

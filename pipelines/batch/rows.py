@@ -116,3 +116,24 @@ def resolve_ids(ids: Any) -> pa.Array | None:
     import ray
 
     return ray.get(ids)
+
+
+def carried_columns(batch: pa.Table, known: pa.Schema) -> list[str]:
+    """The columns of ``batch`` that the stage's own schema ``known`` lacks (carried by the job's ``carry``)."""
+    return [c for c in batch.column_names if c not in known.names]
+
+
+def with_carried(out: pa.Table, batch: pa.Table, known: pa.Schema) -> pa.Table:
+    """``out`` (one row per row of ``batch``, in order) with ``batch``'s carried columns appended.
+
+    Args:
+        out: a stage's output rows.
+        batch: the stage's input rows.
+        known: the stage's input schema; other columns of ``batch`` are carried.
+
+    Returns:
+        ``out`` plus those columns, unchanged.
+    """
+    for name in carried_columns(batch, known):
+        out = out.append_column(batch.schema.field(name), batch[name])
+    return out

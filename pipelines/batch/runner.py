@@ -5,9 +5,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipelines import schema as S
-from pipelines.batch.decode import DecodeOptions, decode_batch
+from pipelines.batch.decode import DecodeOptions
 from pipelines.batch.edit_stage import EditStage
 from pipelines.batch.finalize import finalize_batch
+from pipelines.batch.inputs import carry_schema, read_stage
 from pipelines.config import BatchConfig
 
 
@@ -23,7 +24,8 @@ def run_in_process(
     Args:
         cfg: the job config (its ``input``, ``output``, ``actors`` pool and ``ray`` sections are not used,
             except ``actors.batch_size``).
-        table: input rows (:data:`pipelines.schema.INPUT_SCHEMA`).
+        table: input rows (:data:`pipelines.schema.INPUT_SCHEMA` columns, any accepted flavour; the columns
+            named by ``cfg.carry`` are copied to the output).
         stage: an edit stage with its model already loaded (``None``: load one from ``cfg``).
         run_id: written to every row's ``run_id``.
         threads: torch CPU threads of a stage loaded here (``None``: torch's default).
@@ -33,9 +35,10 @@ def run_in_process(
     """
     stage = stage or EditStage(cfg.model, cfg.method, cfg.image, threads=threads)
     opts = DecodeOptions.from_config(cfg)
+    carry = carry_schema(table.schema, cfg.carry)
     out = []
     bs = cfg.actors.batch_size
     for start in range(0, table.num_rows, bs):
-        decoded = decode_batch(table.slice(start, bs), opts=opts)
+        decoded = read_stage(table.slice(start, bs), opts=opts, carry=carry)
         out.append(finalize_batch(stage(decoded), run_id=run_id))
-    return pa.concat_tables(out) if out else S.OUTPUT_SCHEMA.empty_table()
+    return pa.concat_tables(out) if out else pa.schema(list(S.OUTPUT_SCHEMA) + list(carry)).empty_table()

@@ -21,14 +21,23 @@ Formats (one module each):
 * ``listing`` (:mod:`~pipelines.datasets.listing`, :func:`read_listing`): a generic CSV or JSONL with
   ``image_path, source_prompt, target_prompt`` and optional ``mask_path``, ``id``, ``dataset`` (other
   columns go to ``meta``).
+* ``hf`` (:mod:`~pipelines.datasets.hf`, :func:`read_hf`): Hugging Face ``datasets`` Parquet (Image structs,
+  ClassLabel names); InstructPix2Pix and other layouts recognised (:data:`HF_LAYOUTS`), any other mapped with
+  ``columns`` and prompt rules.
+* ``img2dataset`` (:mod:`~pipelines.datasets.img2dataset`, :func:`read_img2dataset`): an img2dataset output
+  folder (webdataset tar shards with their metadata Parquet, or parquet shards); captions become source
+  prompts, target prompts come from a rule or a joined file, failed downloads are kept as rows with ``error``.
 
 Shared machinery: :mod:`~pipelines.datasets.rows` (rows, the bad-row policy, the table),
 :mod:`~pipelines.datasets.files` (finding and reading files), :mod:`~pipelines.datasets.images` (image
-headers, mask PNGs), :mod:`~pipelines.datasets.prompts` (class prompts, phrase replacement). The
-``instdiff import-dataset`` command is :mod:`~pipelines.datasets.import_cmd`.
+headers, mask PNGs), :mod:`~pipelines.datasets.records` (prompt rules, joined prompt files, image cells),
+:mod:`~pipelines.datasets.prompts` (class prompts, phrase replacement). The ``instdiff import-dataset``
+command is :mod:`~pipelines.datasets.import_cmd`.
 
-Bad rows: a row is *bad* when a file it names is missing or unreadable, a mask cannot be decoded, a field is
-missing or empty, or a list line has the wrong number of fields. The policy is chosen with ``on_bad_row``:
+Bad rows: a row is *bad* when a file it names is missing, unreadable or a decompression bomb, a mask cannot be
+decoded, a field is missing or empty, or a list line has the wrong number of fields (any problem with one record
+or one file is a bad row; a problem with the source as a whole is one :class:`DatasetError` or
+:class:`~instdiff.errors.StorageError`). The policy is chosen with ``on_bad_row``:
 
 * ``"error"`` (default): nothing is returned; :class:`DatasetError` counts the bad rows and names the first
   few (line and reason). A benchmark should never silently run on a subset.
@@ -45,7 +54,9 @@ from pipelines.datasets.editing_mask import EDITING_MASK_LISTS, read_editing_mas
 from pipelines.datasets.files import LIST_SEPARATOR
 from pipelines.datasets.flexit import FLEXIT_IMAGE_DIRS, FLEXIT_LISTS, read_flexit
 from pipelines.datasets.formats import FORMATS, read_dataset
+from pipelines.datasets.hf import HF_LAYOUTS, read_hf
 from pipelines.datasets.images import image_size, mask_png
+from pipelines.datasets.img2dataset import read_img2dataset
 from pipelines.datasets.import_cmd import register, run_import
 from pipelines.datasets.listing import LISTING_OPTIONAL, LISTING_REQUIRED, read_listing
 from pipelines.datasets.prompt_pairs import PROMPT_PAIR_FIELDS, generate_sources, read_prompt_pairs
@@ -59,6 +70,7 @@ __all__ = [
     "FLEXIT_IMAGE_DIRS",
     "FLEXIT_LISTS",
     "FORMATS",
+    "HF_LAYOUTS",
     "LISTING_OPTIONAL",
     "LISTING_REQUIRED",
     "LIST_SEPARATOR",
@@ -74,6 +86,8 @@ __all__ = [
     "read_dataset",
     "read_editing_mask",
     "read_flexit",
+    "read_hf",
+    "read_img2dataset",
     "read_listing",
     "read_prompt_pairs",
     "register",

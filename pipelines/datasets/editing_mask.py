@@ -22,7 +22,7 @@ from pipelines.datasets.files import (
 )
 from pipelines.datasets.images import image_size, mask_png
 from pipelines.datasets.prompts import DEFAULT_CLASS_TEMPLATE, class_prompt, replace_phrase
-from pipelines.datasets.rows import BadRowPolicy, DatasetError, Problems, Row, collect, rows_to_table
+from pipelines.datasets.rows import BadRowPolicy, DatasetError, Problems, Row, collect, problem_text, rows_to_table
 from pipelines.storage import StorageConfig
 
 EDITING_MASK_LISTS = ("Editing-Mask_list.txt", "editing_mask_list.txt", "list.txt")
@@ -128,8 +128,8 @@ def read_editing_mask(
             size = image_size(image)
             mask_path = lookup(masks, PurePosixPath(key).stem, "mask", mask_folder)
             mask, note = mask_png(read_file(loc.fs, mask_path), size)
-        except (ValueError, OSError) as exc:
-            return where, str(exc)
+        except Exception as exc:  # noqa: BLE001 - any problem with one record's files is that record's bad row
+            return where, problem_text(exc)
         meta.update(
             image_file=posixpath.basename(img_path),
             mask_file=posixpath.basename(mask_path),

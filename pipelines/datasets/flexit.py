@@ -24,7 +24,7 @@ from pipelines.datasets.files import (
 )
 from pipelines.datasets.images import image_size
 from pipelines.datasets.prompts import DEFAULT_CLASS_TEMPLATE, class_prompt
-from pipelines.datasets.rows import BadRowPolicy, DatasetError, Problems, Row, collect, rows_to_table
+from pipelines.datasets.rows import BadRowPolicy, DatasetError, Problems, Row, collect, problem_text, rows_to_table
 from pipelines.storage import StorageConfig
 
 FLEXIT_LISTS = ("ImageNet_list.txt", "imagenet_list.txt", "pairs.txt", "pairs.csv", "pairs.tsv")
@@ -38,7 +38,8 @@ def _flexit_fields(name: str, text: str) -> Iterable[tuple[int, list[str]]]:
         for n, line in list_lines(text):
             yield n, split_list_line(line)
         return
-    delimiter = "\t" if name.endswith(".tsv") or "\t" in text.splitlines()[0] else ","
+    first = text.splitlines()[0] if text.strip() else ""
+    delimiter = "\t" if name.endswith(".tsv") or "\t" in first else ","
     for n, fields_ in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1):
         if not fields_ or not "".join(fields_).strip() or fields_[0].strip().startswith("#"):
             continue
@@ -94,7 +95,10 @@ def read_flexit(
     images = loc.index(image_dir)
     folder = loc.shown(storage.join(loc.path, image_dir) if image_dir else loc.path)
     problems = Problems(f"FlexIT {loc.shown(list_path)}", BadRowPolicy(on_bad_row))
-    items = list(_flexit_fields(posixpath.basename(list_path), text))
+    try:
+        items = list(_flexit_fields(posixpath.basename(list_path), text))
+    except csv.Error as exc:  # NUL bytes, a field over the size limit: not a usable list
+        raise DatasetError(f"{loc.shown(list_path)}: not a readable pair list ({exc})") from None
     ids: list[str] = []
     counts: dict[str, int] = {}
     for _, fields_ in items:
@@ -112,8 +116,8 @@ def read_flexit(
             path = lookup(images, file, "image", folder)
             image = read_file(loc.fs, path)
             image_size(image)
-        except (ValueError, OSError) as exc:
-            return where, str(exc)
+        except Exception as exc:  # noqa: BLE001 - any problem with one record's files is that record's bad row
+            return where, problem_text(exc)
         meta = {
             "format": "flexit",
             "line": n,

@@ -9,6 +9,8 @@ import pyarrow as pa
 
 from pipelines.datasets.editing_mask import read_editing_mask
 from pipelines.datasets.flexit import read_flexit
+from pipelines.datasets.hf import read_hf
+from pipelines.datasets.img2dataset import read_img2dataset
 from pipelines.datasets.listing import read_listing
 from pipelines.datasets.prompt_pairs import read_prompt_pairs
 from pipelines.datasets.rows import DatasetError
@@ -18,6 +20,8 @@ _READERS: dict[str, Callable[..., pa.Table]] = {
     "flexit": read_flexit,
     "prompt-pairs": read_prompt_pairs,
     "listing": read_listing,
+    "hf": read_hf,
+    "img2dataset": read_img2dataset,
 }
 FORMATS = tuple(_READERS)  # the accepted format names, in the order they are documented
 
@@ -27,7 +31,8 @@ def read_dataset(fmt: str, src: str, **kw: Any) -> pa.Table:
 
     Args:
         fmt: one of :data:`FORMATS`.
-        src: the dataset root folder (``editing-mask``, ``flexit``) or file (``prompt-pairs``, ``listing``).
+        src: the dataset root folder (``editing-mask``, ``flexit``, ``img2dataset``), file (``prompt-pairs``,
+            ``listing``), or Parquet file or folder (``hf``).
         **kw: the adapter's other arguments.
 
     Returns:

@@ -31,10 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Read FORMAT from SRC (local or s3://) and write the instdiff input schema to --out. Formats: "
         "editing-mask (ROOT with the list file, image/ and mask/), flexit (ROOT with the pair list "
         "and the images), prompt-pairs (JSONL with input/edit/output), listing (CSV/TSV/JSONL with "
-        "image_path, source_prompt, target_prompt[, mask_path]).",
+        "image_path, source_prompt, target_prompt[, mask_path]), hf (Hugging Face datasets Parquet: a file or "
+        "folder; InstructPix2Pix and other layouts recognised, others mapped with --columns), img2dataset "
+        "(an img2dataset output folder, webdataset or parquet format; targets from --target-template or "
+        "--targets). Layouts and examples: docs/inputs.md.",
     )
     p.add_argument("format", choices=FORMATS)
-    p.add_argument("src", help="dataset root folder (editing-mask, flexit) or file (prompt-pairs, listing)")
+    p.add_argument(
+        "src",
+        help="dataset root folder (editing-mask, flexit, img2dataset), file (prompt-pairs, listing), or Parquet "
+        "file or folder (hf)",
+    )
     p.add_argument("--out", required=True, help="output Parquet file, local or s3://")
     p.add_argument(
         "--on-bad-row",
@@ -54,7 +61,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="editing-mask/flexit: prompt for a class name ({article} {name})",
     )
     p.add_argument("--dataset", default=None, help="value of the dataset column (default: per format)")
-    p.add_argument("--limit", type=int, default=None, help="prompt-pairs: keep the first N rows (N >= 1)")
+    p.add_argument("--limit", type=int, default=None, help="prompt-pairs, hf: keep the first N rows (N >= 1)")
+    p.add_argument(
+        "--columns",
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN",
+        help="hf: map an input field (id, image, mask, source_prompt, target_prompt, dataset) to a source "
+        "column, e.g. --columns image=original_image (repeatable, or comma-separated)",
+    )
+    p.add_argument(
+        "--source-template",
+        default=None,
+        help="hf, img2dataset: source_prompt from a rule over the record's fields, e.g. 'a photo of {label}' "
+        "(img2dataset default: '{caption}')",
+    )
+    p.add_argument(
+        "--target-template",
+        default=None,
+        help="hf, img2dataset: target_prompt from a rule, e.g. '{caption}, in winter'",
+    )
+    p.add_argument(
+        "--targets",
+        default=None,
+        help="hf, img2dataset: prompt file joined by id/key (CSV/TSV/JSONL/Parquet with key and target_prompt)",
+    )
     p.add_argument(
         "--generate",
         action="store_true",
@@ -67,6 +98,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_import)
 
 
+def parse_columns(items: list[str]) -> dict[str, str]:
+    """``--columns`` values (``FIELD=COLUMN``, repeatable or comma-separated) as a mapping.
+
+    Raises:
+        UsageError: an item without ``=`` or with an empty side.
+    """
+    out: dict[str, str] = {}
+    for item in (part.strip() for value in items for part in value.split(",")):
+        if not item:
+            continue
+        field, sep, column = item.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise UsageError(f"--columns expects FIELD=COLUMN (e.g. image=original_image); got {item!r}")
+        out[field.strip()] = column.strip()
+    return out
+
+
 def run_import(args: argparse.Namespace) -> int:
     """Run ``instdiff import-dataset``: read, optionally generate the sources, write; print a JSON summary.
 
@@ -74,7 +122,8 @@ def run_import(args: argparse.Namespace) -> int:
         args: the parsed flags of :func:`register`'s parser.
 
     Returns:
-        0; the summary line (format, rows, skipped, out, with_image, with_mask) goes to stdout.
+        0; the summary line (format, rows, skipped, out, with_image, with_mask, with_error: rows kept as
+        errors, e.g. failed downloads) goes to stdout.
 
     Raises:
         UsageError: ``--out`` does not end in ``.parquet``, ``--limit`` below 1, or ``--generate`` with a format
@@ -98,6 +147,14 @@ def run_import(args: argparse.Namespace) -> int:
             kw["image_dir"] = args.image_dir
     elif args.format == "prompt-pairs":
         kw["limit"] = args.limit
+    elif args.format == "hf":
+        kw.update(columns=parse_columns(args.columns), limit=args.limit)
+    if args.format in ("hf", "img2dataset"):
+        kw.update(target_template=args.target_template, targets=args.targets)
+        if args.source_template:
+            kw["source_template"] = args.source_template
+    elif args.columns or args.source_template or args.target_template or args.targets:
+        raise UsageError("--columns, --source-template, --target-template and --targets apply to hf and img2dataset")
     elif args.format == "listing" and args.image_dir:
         kw["image_root"] = args.image_dir
     if args.generate and args.format != "prompt-pairs":
@@ -116,6 +173,7 @@ def run_import(args: argparse.Namespace) -> int:
         "out": where,
         "with_image": table.num_rows - table.column(schema.IMAGE).null_count,
         "with_mask": table.num_rows - table.column(schema.MASK).null_count,
+        "with_error": table.num_rows - table.column(schema.ERROR).null_count,
     }
     print(json.dumps(summary))
     return 0

@@ -14,7 +14,7 @@ import pyarrow as pa
 from pipelines import schema, storage
 from pipelines.datasets.files import Location, parallel, read_file, read_text
 from pipelines.datasets.images import image_size, mask_png
-from pipelines.datasets.rows import BadRowPolicy, DatasetError, Problems, Row, rows_to_table
+from pipelines.datasets.rows import BadRowPolicy, DatasetError, Problems, Row, problem_text, rows_to_table
 from pipelines.storage import StorageConfig
 
 LISTING_REQUIRED = ("image_path", "source_prompt", "target_prompt")
@@ -38,13 +38,16 @@ def _listing_records(name: str, text: str) -> list[tuple[int, dict[str, Any]]]:
         return out
     if lower.endswith((".csv", ".tsv")):
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if lower.endswith(".tsv") else ",")
-        missing = [c for c in LISTING_REQUIRED if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DatasetError(
-                f"{name}: header lacks column(s) {', '.join(missing)}; required: "
-                f"{', '.join(LISTING_REQUIRED)}; optional: {', '.join(LISTING_OPTIONAL)}"
-            )
-        return [(reader.line_num, dict(rec)) for rec in reader]
+        try:
+            missing = [c for c in LISTING_REQUIRED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DatasetError(
+                    f"{name}: header lacks column(s) {', '.join(missing)}; required: "
+                    f"{', '.join(LISTING_REQUIRED)}; optional: {', '.join(LISTING_OPTIONAL)}"
+                )
+            return [(reader.line_num, dict(rec)) for rec in reader]
+        except csv.Error as exc:  # NUL bytes, a field over the size limit, a bad quote: not a usable CSV
+            raise DatasetError(f"{name}: not a readable CSV/TSV (line {reader.line_num}: {exc})") from None
     raise DatasetError(f"{name}: unknown listing format; accepted: .csv, .tsv, .jsonl (.ndjson)")
 
 
@@ -107,8 +110,8 @@ def read_listing(
             if isinstance(mask_ref, str) and mask_ref.strip():
                 m_fs, m_path = loc.resolve(mask_ref.strip())
                 mask, note = mask_png(read_file(m_fs, m_path), size)
-        except (ValueError, OSError) as exc:
-            return where, str(exc)
+        except Exception as exc:  # noqa: BLE001 - any problem with one record's files is that record's bad row
+            return where, problem_text(exc)
         rid = rec.get("id")
         rid = str(rid) if rid not in (None, "") else f"{stem}-{n:06d}"
         meta = {k: v for k, v in rec.items() if k not in ("id", "dataset")}

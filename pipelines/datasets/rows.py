@@ -48,6 +48,8 @@ class Row:
         image: the input image's original encoded bytes; ``None`` when the source is to be generated.
         mask: the ground-truth edit mask as an 8-bit PNG (255 = edit), or ``None``.
         meta: the original fields of the record and notes; stored as JSON text.
+        error: why the record cannot be edited (e.g. its download failed); the batch job writes such a row as
+            an error row with this reason, so every record of the source is accounted for. ``None``: editable.
     """
 
     id: str
@@ -56,6 +58,7 @@ class Row:
     image: bytes | None = None
     mask: bytes | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 class Problems:
@@ -99,6 +102,14 @@ class Problems:
             )
         log.warning("%s: skipped %s", self.source, listing)
         return len(self.items)
+
+
+def problem_text(exc: BaseException) -> str:
+    """The reason of a bad row from what went wrong reading it: the project's and I/O errors speak for
+    themselves, anything else (a library's own error on a hostile file) is prefixed by its type."""
+    if isinstance(exc, InstdiffError | ValueError | OSError):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
 
 
 def collect(results: Sequence[Row | tuple[str, str]], problems: Problems) -> list[Row]:
@@ -147,6 +158,7 @@ def rows_to_table(rows: Sequence[Row], dataset: str, skipped: int = 0) -> pa.Tab
             schema.MASK: [r.mask for r in rows],
             schema.DATASET: [dataset] * len(rows),
             schema.META: [json.dumps(r.meta, sort_keys=True, ensure_ascii=False) for r in rows],
+            schema.ERROR: [r.error for r in rows],
         },
         schema=schema.INPUT_SCHEMA,
     )
