@@ -1,59 +1,55 @@
 """Checking a dataset's images and turning its masks into the input schema's mask PNG.
 
-Images are carried as their original encoded bytes, so only their header is read. Masks are stored as 8-bit
-PNG (255 = edit) at the image's size.
+Images are carried as their original encoded bytes (EXIF included, so the batch job turns them upright as it
+decodes them), and only their header is read here. Masks are decoded as the batch job would read them
+(:func:`instdiff.imageio.decode_mask`: upright, non-zero = edit) and stored as 8-bit PNG (255 = edit) at the
+image's upright size.
 """
 
 from __future__ import annotations
 
-import io
-
-from PIL import Image, UnidentifiedImageError
-
-from instdiff.errors import ImageInputError
+from instdiff.imagefile import shown_size
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """An encoded image's size from its header, without decoding the pixels.
+    """An encoded image's size as a viewer shows it (EXIF orientation applied), without decoding the pixels.
 
     Args:
         data: the encoded image (PNG, JPEG, WebP, ...).
 
     Returns:
-        ``(W, H)`` in pixels.
+        ``(W, H)`` in pixels, upright (:func:`instdiff.imagefile.shown_size`).
 
     Raises:
         ImageInputError: PIL cannot read the header.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageInputError(f"not a readable image ({type(exc).__name__})") from None
+    return shown_size(data)
 
 
 def mask_png(data: bytes, size: tuple[int, int]) -> tuple[bytes, str | None]:
     """A mask file as the input schema's mask: an 8-bit PNG (255 = edit) at the image's size.
 
-    Any mode is read (non-zero / alpha > 127 = edit, see :func:`instdiff.imageio.decode_mask`); JPEG masks
-    are thresholded at 127, so compression noise does not leak in. A mask of another size is resized
-    (nearest) to ``size``.
+    Any mode is read by the one mask rule, non-zero = edit (:func:`instdiff.imageio.decode_mask`: upright after
+    EXIF orientation, transparency or any non-zero channel, JPEG masks above 127). A mask of another size is
+    resized (nearest) to ``size``.
 
     Args:
         data: the encoded mask file.
         size: ``(W, H)`` of its image, in pixels.
 
     Returns:
-        ``(png, note)``: the PNG bytes, and a note saying the mask was resized (``None`` when it was not).
+        ``(png, note)``: the PNG bytes, and what was done to the mask (turned upright, first frame used,
+        resized), ``"; "``-joined (``None`` when nothing was).
 
     Raises:
-        ImageInputError: the mask cannot be decoded.
+        ImageInputError: the mask cannot be decoded, or it has no edit pixel.
     """
     from instdiff.imageio import decode_mask, encode_png, resize_bool
 
-    mask = decode_mask(data)
-    note = None
+    notes: list[str] = []
+    mask = decode_mask(data, notes=notes)
+    notes = [f"mask: {n}" for n in notes]
     if (mask.shape[1], mask.shape[0]) != tuple(size):
-        note = f"mask resized from {mask.shape[1]}x{mask.shape[0]} to the image's {size[0]}x{size[1]}"
+        notes.append(f"mask resized from {mask.shape[1]}x{mask.shape[0]} to the image's {size[0]}x{size[1]}")
         mask = resize_bool(mask, size)
-    return encode_png(mask), note
+    return encode_png(mask), "; ".join(notes) or None
