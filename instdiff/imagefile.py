@@ -137,8 +137,8 @@ def open_upright(
             raise ImageInputError(f"{what} has no pixels ({w}x{h})")
         tiff_turn = int(img.tag_v2.get(ORIENTATION_TAG, 1)) if img.format == "TIFF" else 1
         stored = img.size if tiff_turn not in (5, 6, 7, 8) else img.size[::-1]
-        img.load()
-        n_frames = int(getattr(img, "n_frames", 1))
+        n_frames = int(getattr(img, "n_frames", 1))  # before loading: counting frames seeks through the file
+        img.load()  # the first frame
         turn = tiff_turn if tiff_turn in TURNS else _stored_orientation(img)
         if turn in TURNS and fmt != "TIFF":
             img = ImageOps.exif_transpose(img)
