@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, PngImagePlugin
 
-from instdiff.errors import ImageInputError
+from instdiff.errors import EditInputError, ImageInputError
 from instdiff.imagefile import shown_size
 from instdiff.imageio import decode_image, decode_mask
 from instdiff.inputs import check_prompts, prompt_labels, truncation
@@ -27,6 +27,7 @@ from pipelines import schema as S
 from pipelines.batch import EditStage, run_in_process
 from pipelines.cli import main
 from pipelines.config import parse_config
+from pipelines.datasets import DatasetError
 
 ORIENTATION = 0x0112
 
@@ -229,7 +230,7 @@ def test_prompt_labels_name_prompts_in_messages_and_warnings(caplog):
         check_prompts(bundle, ["w1", " ".join(WORDS[:80])], "target")
     assert "target prompt of 'row-b' has 82 tokens" in caplog.text
     assert f"{' '.join(WORDS[75:80])!r} not read" in caplog.text
-    with pytest.raises(Exception, match="target prompt #1 is empty"):  # labels are gone after the block
+    with pytest.raises(EditInputError, match="target prompt #1 is empty"):  # labels are gone after the block
         check_prompts(bundle, ["w1", " "], "target")
 
 
@@ -332,5 +333,5 @@ def test_import_reads_masks_upright_by_the_rule_and_refuses_empty_ones(tmp_path)
     assert json.loads(rows["upright"]["meta"])["notes"] == []  # same upright size: no resize
     assert "mask: EXIF orientation 6 applied" in json.loads(rows["turned"]["meta"])["notes"][0]
     listing.write_text(listing.read_text() + "phone.jpg,a,b,empty.png,empty\n")
-    with pytest.raises(Exception, match="mask has no edit pixel"):
+    with pytest.raises(DatasetError, match="row 4: .*mask has no edit pixel"):
         datasets.read_listing(str(listing))
