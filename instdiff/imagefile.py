@@ -42,7 +42,7 @@ LOSSY_CUT = 127
 """In lossy files (JPEG, lossy WebP) a mask channel counts as non-zero above this value: compression noise
 around black must not become edit pixels."""
 
-ACCEPTED = "PNG, JPEG, WebP, BMP, TIFF"  # GIF too (first frame); the message kept as it was
+ACCEPTED = "PNG, JPEG, WebP, BMP, TIFF"  # named in messages; GIF and the other formats Pillow reads work too
 
 
 def _read(data: bytes | str | Path, what: str) -> bytes:
