@@ -1,9 +1,18 @@
 """Image and mask decoding/encoding with clear errors, shared by the CLI, the batch job and the endpoint.
 
-Accepted inputs: anything Pillow decodes (PNG, JPEG, WebP, BMP, TIFF, …) in modes RGB, RGBA/LA (alpha
-composited onto white), L/1/P (converted to RGB), I;16/I (16/32-bit, rescaled to 8 bit), CMYK and
-YCbCr (converted to RGB). Sides that are not multiples of the model's step are resized (default) or
-padded by edge replication — the choice is returned as a note so callers can say which.
+Images and masks are read as a person sees them in a viewer:
+
+* **Orientation**: an EXIF (or XMP) Orientation tag is applied (:func:`PIL.ImageOps.exif_transpose`), so a phone
+  JPEG stored 96×48 with Orientation 6 decodes 48×96; sizes reported anywhere are the upright ones, and the
+  turn is returned as a note.
+* **Several frames** (animated GIF/WebP/PNG, multi-page TIFF, MPO): the first frame is used, with a note.
+* **Modes** (images): anything Pillow decodes (PNG, JPEG, WebP, BMP, TIFF, GIF, …) in modes RGB, RGBA/LA
+  (alpha composited onto white), L/1/P (converted to RGB), I;16/I (16/32-bit, rescaled to 8 bit), CMYK and
+  YCbCr (converted to RGB).
+* **Masks**: non-zero = edit, the one rule of :func:`decode_mask` (see there).
+
+Sides that are not multiples of the model's step are resized (default) or padded by edge replication — the
+choice is returned as a note so callers can say which.
 """
 
 from __future__ import annotations
@@ -15,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from instdiff import imagefile
 from instdiff.config import DEFAULT_MAX_PIXELS, SizePolicy
 from instdiff.errors import ImageInputError
 
@@ -41,45 +51,23 @@ class Prepared:
 
 
 def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
-    """Decode bytes or a file into RGB pixels (modes converted as the module docstring says).
+    """Decode bytes or a file into RGB pixels as a viewer shows them (first frame, upright; modes converted as
+    the module docstring says).
 
     Args:
         data: encoded bytes, or a file path.
         max_pixels: refuse images with more pixels than this (decompression bombs).
 
     Returns:
-        ``(array, notes)``: (H, W, 3) uint8 and what was converted.
+        ``(array, notes)``: (H, W, 3) uint8, upright (H, W as shown, after EXIF orientation), and what was
+        done: the orientation applied, the first of several frames used, the mode converted.
 
     Raises:
         ImageInputError: a missing file, empty data, an undecodable image, too many pixels.
     """
     notes: list[str] = []
-    try:
-        if isinstance(data, str | Path):
-            path = Path(data)
-            if not path.exists():
-                raise ImageInputError(f"image file {str(path)!r} does not exist")
-            raw = path.read_bytes()
-        else:
-            raw = bytes(data)
-        if not raw:
-            raise ImageInputError("image is empty (0 bytes)")
-        img = Image.open(io.BytesIO(raw))
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageInputError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
-        if w < 1 or h < 1:
-            raise ImageInputError(f"image has no pixels ({w}x{h})")
-        img.load()
-    except ImageInputError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        # PIL names the stream it read (an object repr with a memory address): say what the bytes are not
-        reason = "not a known image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
-        raise ImageInputError(
-            f"cannot decode image ({type(exc).__name__}: {reason}); accepted: PNG, JPEG, WebP, BMP, TIFF"
-        ) from None
-    return _to_rgb(img, notes), notes
+    opened = imagefile.open_upright(data, "image", max_pixels, notes)
+    return _to_rgb(opened.image, notes), notes
 
 
 def _to_rgb(img: Image.Image, notes: list[str]) -> np.ndarray:
@@ -201,35 +189,66 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_mask(data: bytes | str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode a mask image: above 127 (the alpha channel for RGBA / LA, else grey) is inside.
+def decode_mask(
+    data: bytes | str | Path,
+    size: tuple[int, int] | None = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_empty: bool = False,
+    notes: list[str] | None = None,
+) -> np.ndarray:
+    """Decode a mask image by the project's one rule, **non-zero = edit**, as a viewer shows it.
+
+    Every path that reads a mask uses this: ``instdiff edit --mask``, the batch job's ``mask`` column,
+    ``import-dataset`` masks, the benchmark's ground truth and the endpoint. The mask is first turned upright
+    (EXIF orientation) and reduced to its first frame, like an image (:func:`decode_image`). Then:
+
+    1. **Transparency decides** when the mask has an alpha band or a PNG transparency key and at least one
+       pixel is fully transparent: edit = alpha ≠ 0 (anything opaque or partly opaque is edit, transparent is
+       kept; colours are ignored). This is the brush-layer convention; OpenAI's image-edit API uses the
+       opposite one (transparent = edit), so such masks must be inverted first.
+    2. **Otherwise the colours decide**: edit = any channel ≠ 0. Grey, 1-bit, 16-bit and float masks: the
+       value ≠ 0; RGB, CMYK, YCbCr: any of R, G, B ≠ 0 (red on black is the red region); palette masks: the
+       index ≠ 0 when palette colour 0 is black (label maps, and files written without a palette), else the
+       palette colour ≠ black, so the mask reads as it looks.
+    3. **Lossy files** (JPEG, lossy WebP): ≠ 0 becomes > 127 for channels and alpha, so compression noise
+       around black does not leak into the region.
+
+    A mask with no edit pixel is refused (``allow_empty=False``): it almost always means a mask that was read
+    with another convention, and scoring against it would report a silent IoU of 0.
 
     Args:
         data: encoded bytes, or a file path.
-        size: (W, H) the mask must have, when given.
+        size: (W, H) the mask must have, when given (the image's upright size).
+        max_pixels: refuse masks with more pixels than this (decompression bombs).
+        allow_empty: return an all-False mask instead of refusing it (e.g. to display predicted masks).
+        notes: when given, what was done is appended (orientation applied, first of several frames used).
 
     Returns:
-        (H, W) bool.
+        (H, W) bool, True = edit, upright.
 
     Raises:
-        ImageInputError: an undecodable mask, or a size other than ``size``.
+        ImageInputError: an undecodable mask, too many pixels, a size other than ``size``, or (unless
+            ``allow_empty``) no edit pixel.
     """
-    try:
-        raw = Path(data).read_bytes() if isinstance(data, str | Path) else bytes(data)
-        img = Image.open(io.BytesIO(raw))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageInputError(
-            f"cannot decode mask ({type(exc).__name__}); accepted: a PNG mask, non-zero = edit"
-        ) from None
-    if img.mode in ("RGBA", "LA"):
-        arr = np.asarray(img.getchannel("A")) > 127
-    else:
-        arr = np.asarray(img.convert("L")) > 127
-    if size is not None and (arr.shape[1], arr.shape[0]) != tuple(size):
-        raise ImageInputError(
-            f"mask is {arr.shape[1]}x{arr.shape[0]} but the image is {size[0]}x{size[1]}; they must match"
-        )
+    opened = imagefile.open_upright(data, "mask", max_pixels, notes)
+    arr, basis = imagefile.edit_region(opened.image, opened.lossy)
+    h, w = arr.shape
+    if size is not None and (w, h) != tuple(size):
+        hint = ""
+        if (h, w) == tuple(size):
+            hint = " (turned 90° from each other: masks and images are read upright, after their EXIF orientation)"
+        raise ImageInputError(f"mask is {w}x{h} but the image is {size[0]}x{size[1]}; they must match{hint}")
+    if not allow_empty and not arr.any():
+        rule = {
+            "alpha": "it has transparent pixels and no pixel with alpha above "
+            + ("127" if opened.lossy else "0")
+            + " (transparent = keep)",
+            "palette index": "every palette index is 0",
+            "value": "every value is " + ("127 or less (JPEG masks: > 127 = edit)" if opened.lossy else "0"),
+            "colour": "every pixel is " + ("dark (JPEG masks: a channel > 127 = edit)" if opened.lossy else "black"),
+        }[basis]
+        raise ImageInputError(f"mask has no edit pixel: {rule}; masks mark the region to edit with non-zero pixels")
     return arr
 
 

@@ -3,13 +3,19 @@
 Below :mod:`instdiff.editing` and :mod:`instdiff.sparse` (both import it; it imports only the bundle, the
 config constants and the errors), so the editor contract and the FISEdit session refuse bad input with the
 same messages. Image checks stay with the contract (:func:`instdiff.editing.check_images`).
+
+Callers that know their prompts by a name (the batch job: by row id) wrap the editor call in
+:func:`prompt_labels`, so messages and log lines name prompts by it instead of by their batch position.
+:func:`truncation` says what CLIP does not read of an over-long prompt, for a row's notes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from instdiff.bundle import ModelBundle
@@ -18,10 +24,80 @@ from instdiff.errors import EditInputError
 
 log = logging.getLogger(__name__)
 
+CUT_CHARS = 160
+"""The longest cut text :func:`truncation` quotes (longer ones end with "…")."""
+
+_LABELS: ContextVar[tuple[str, ...] | None] = ContextVar("instdiff_prompt_labels", default=None)
+
+
+@contextlib.contextmanager
+def prompt_labels(labels: Sequence[str]) -> Iterator[None]:
+    """Within the block, name the prompts of an editor call by ``labels`` (e.g. row ids), not by position.
+
+    :func:`check_prompts` (called by :func:`instdiff.editing.edit` and the FISEdit session) then says
+    ``target prompt of 'row-7'`` instead of ``target prompt #0`` in its messages and log lines, for calls
+    whose prompt count equals ``len(labels)``. The labels live in a :class:`contextvars.ContextVar`, so
+    threads and tasks do not see each other's.
+
+    Args:
+        labels: one name per prompt of the calls in the block.
+
+    Yields:
+        Nothing; the labels are unset when the block ends.
+    """
+    token = _LABELS.set(tuple(str(x) for x in labels))
+    try:
+        yield
+    finally:
+        _LABELS.reset(token)
+
+
+def _prompt_name(what: str, i: int, n: int) -> str:
+    """``"target prompt of 'id'"`` under :func:`prompt_labels` with ``n`` labels, else ``"target prompt #i"``."""
+    labels = _LABELS.get()
+    if labels is not None and len(labels) == n:
+        return f"{what} prompt of {labels[i]!r}"
+    return f"{what} prompt #{i}"
+
+
+def truncation(bundle: ModelBundle, prompt: str) -> tuple[int, str] | None:
+    """What CLIP does not read of an over-long prompt.
+
+    The text encoder reads ``tokenizer.model_max_length`` tokens (77 for CLIP: start, 75 word pieces, end;
+    :func:`instdiff.bundle.token_ids` truncates the rest). The cut part is given in the prompt's own words:
+    the longest run of whole words (split at white space) that fits is kept, the rest is cut — so its first
+    word may be partly read.
+
+    Args:
+        bundle: the tokenizer.
+        prompt: one prompt.
+
+    Returns:
+        ``None`` when the prompt fits; else ``(tokens, cut)``: its token count (start and end included) and
+        the words not read in full, quoted up to :data:`CUT_CHARS` characters.
+    """
+    limit = bundle.tokenizer.model_max_length
+    n = bundle.token_count(prompt)
+    if n <= limit:
+        return None
+    words = prompt.split()
+    fits, too_long = 0, len(words)  # words[:fits] fits in the limit, words[:too_long] does not
+    while too_long - fits > 1:
+        mid = (fits + too_long) // 2
+        if bundle.token_count(" ".join(words[:mid])) <= limit:
+            fits = mid
+        else:
+            too_long = mid
+    cut = " ".join(words[fits:])
+    if len(cut) > CUT_CHARS:
+        cut = cut[: CUT_CHARS - 1] + "…"
+    return n, cut
+
 
 def check_prompts(bundle: ModelBundle, prompts: Sequence[str], what: str) -> None:
     """Refuse prompts that are not strings or are blank; warn about prompts longer than CLIP's 77 tokens (they
-    are truncated).
+    are truncated; the warning quotes what is cut, :func:`truncation`). Prompts are named by position
+    (``#i``), or by the labels of an enclosing :func:`prompt_labels`.
 
     Args:
         bundle: the tokenizer.
@@ -34,14 +110,20 @@ def check_prompts(bundle: ModelBundle, prompts: Sequence[str], what: str) -> Non
     if isinstance(prompts, str | bytes):
         raise EditInputError(f"{what} prompts must be a list of strings, one per image; got one string {prompts!r}")
     for i, p in enumerate(prompts):
+        name = _prompt_name(what, i, len(prompts))
         if not isinstance(p, str):
-            raise EditInputError(f"{what} prompt #{i} must be a string; got {type(p).__name__} {p!r}")
+            raise EditInputError(f"{name} must be a string; got {type(p).__name__} {p!r}")
         if not p.strip():
-            raise EditInputError(f"{what} prompt #{i} is empty; a non-empty text is required")
-        n = bundle.token_count(p)
-        limit = bundle.tokenizer.model_max_length
-        if n > limit:
-            log.warning("%s prompt #%d has %d tokens; CLIP reads %d, the rest is truncated", what, i, n, limit)
+            raise EditInputError(f"{name} is empty; a non-empty text is required")
+        cut = truncation(bundle, p)
+        if cut is not None:
+            log.warning(
+                "%s has %d tokens; CLIP reads %d, the rest is truncated: %r not read",
+                name,
+                cut[0],
+                bundle.tokenizer.model_max_length,
+                cut[1],
+            )
 
 
 def check_seed(seed: Any, what: str = "seed") -> int:
@@ -97,4 +179,4 @@ def check_seeds(seeds: Iterable[Any], n: int, what: str = "images") -> list[int]
     return [check_seed(s, f"seed #{i}") for i, s in enumerate(values)]
 
 
-__all__ = ["check_prompts", "check_seed", "check_seeds"]
+__all__ = ["CUT_CHARS", "check_prompts", "check_seed", "check_seeds", "prompt_labels", "truncation"]

@@ -48,18 +48,25 @@ def tile(data: bytes | None, mask: bool = False) -> np.ndarray:
 
     Args:
         data: an encoded image, or ``None``.
-        mask: convert to gray scale first (masks of any mode show as black/white).
+        mask: draw the edit region white on black (masks of any mode, read by the rule of
+            :func:`instdiff.imageio.decode_mask`).
 
     Returns:
         (TILE, TILE, 3) uint8; plain gray when ``data`` is ``None`` or cannot be decoded (logged as a warning).
     """
     from PIL import Image
 
+    from instdiff.imagefile import edit_region, open_upright
+
     canvas = Image.new("RGB", (TILE, TILE), TILE_BACKGROUND)
     if data is not None:
         try:
-            img = Image.open(io.BytesIO(data))
-            img = img.convert("L").convert("RGB") if mask else img.convert("RGB")
+            opened = open_upright(data)  # as a viewer shows it: first frame, EXIF orientation applied
+            if mask:  # the project's mask rule (non-zero = edit), drawn white on black
+                region = edit_region(opened.image, opened.lossy)[0]
+                img = Image.fromarray(region.astype(np.uint8) * 255).convert("RGB")
+            else:
+                img = opened.image.convert("RGB")
             scale = TILE / max(img.size)
             size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
             img = img.resize(size, Image.Resampling.NEAREST)

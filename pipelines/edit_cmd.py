@@ -22,7 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="edit one image with a text prompt",
         description="Edit IMAGE so that it matches --target; writes the edited PNG and the mask.",
     )
-    p.add_argument("image", help="input image file (PNG, JPEG, WebP, ...)")
+    p.add_argument(
+        "image",
+        help="input image file (PNG, JPEG, WebP, ...); read as a viewer shows it: EXIF orientation applied, "
+        "the first frame of an animated file",
+    )
     p.add_argument("--target", required=True, help="target prompt, e.g. 'a blue square on a gray background'")
     p.add_argument(
         "--source",
@@ -69,6 +73,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="edited image (PNG)")
     p.add_argument("--mask-out", default=None, help="where to write the predicted edit mask (PNG)")
+    p.add_argument(
+        "--mask",
+        default=None,
+        help="ground-truth mask of the region that should change (non-zero = edit; transparency where it has "
+        "transparent pixels), the input's size as shown; the summary then reports iou, c_m and c_non",
+    )
     p.set_defaults(func=run)
 
 
@@ -77,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
 
     Steps and guidance default to the model folder's ``instdiff.json``, else the paper's 50 and 7.5. With the
     embedded model (``--model default``) and no ``--size``, the image is resized to the model's resolution.
+    The image (and ``--mask``) are read as a viewer shows them (:func:`instdiff.imageio.decode_image`: EXIF
+    orientation applied, the first frame of an animated file); what was done is logged as warnings and listed
+    in the summary's ``notes``; ``width``/``height`` are the upright size, which the outputs have. With
+    ``--mask`` (non-zero = edit, :func:`instdiff.imageio.decode_mask`) the summary adds ``iou``, ``c_m`` and
+    ``c_non`` (InstDiffEdit Eq. II–III), as the batch job scores its ``mask`` column.
 
     Returns:
         0.
@@ -84,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         UsageError: ``--out`` or ``--mask-out`` is not a ``.png`` file.
         StorageError: ``--out`` or ``--mask-out`` is a folder, or a file is in the way of its parent folders.
-        ImageInputError: the image cannot be decoded or brought to the model's geometry.
+        ImageInputError: the image cannot be decoded or brought to the model's geometry; the mask cannot be
+            decoded, has another size than the image, or has no edit pixel.
         ModelLoadError: the model cannot be loaded.
     """
     import torch
@@ -106,6 +122,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be a .png file, got {path!r}")
         storage.check_output(path, flag)
     array, notes = imageio.decode_image(args.image)
+    gt = None
+    if args.mask is not None:  # checked before the model loads: a wrong mask costs no edit
+        mask_notes: list[str] = []
+        gt = imageio.decode_mask(args.mask, size=(array.shape[1], array.shape[0]), notes=mask_notes)
+        notes.extend(f"mask: {n}" for n in mask_notes)
     bundle = load_bundle(
         args.model,
         device=args.device,
@@ -118,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         size = bundle.resolution
         notes.append(f"the embedded model works at {size} px")
     prepared = imageio.fit_to_multiple(array, size_multiple(bundle), args.size_policy, size)
-    for note in notes + prepared.notes:
+    notes += prepared.notes
+    for note in notes:
         log.warning("%s", note)
     cfg = EditConfig(
         method=Method(args.method),
@@ -144,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
         "model": bundle.name,
         "out": str(out),
         "mask_out": args.mask_out,
+        "width": int(array.shape[1]),
+        "height": int(array.shape[0]),
+        "notes": notes,
         "mask_area": float(mask.mean()),
         "unet_calls": result.unet_calls,
         "seconds": round(result.timings["total"], 3),
@@ -151,5 +176,12 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(bundle.dtype).replace("torch.", ""),
         "torch": torch.__version__,
     }
+    if gt is not None:
+        from instdiff import metrics
+
+        summary["iou"] = float(metrics.iou(mask.astype(bool), gt)[0])
+        for key, fn in (("c_m", metrics.change_in_mask), ("c_non", metrics.change_outside_mask)):
+            value = float(fn(array, edited, gt)[0])
+            summary[key] = None if value != value else value  # NaN: an empty region
     print(json.dumps(summary))
     return 0

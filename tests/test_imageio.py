@@ -121,3 +121,23 @@ def test_masks():
         decode_mask(encode_png(m), size=(8, 8))
     with pytest.raises(ImageInputError, match="cannot decode mask"):
         decode_mask(b"junk")
+
+
+def test_masks_refuse_bombs_folders_and_empty_files_in_one_line(tmp_path):
+    big = _bytes(Image.new("L", (300, 200), 255))
+    with pytest.raises(ImageInputError, match="mask is 300x200 = 60000 pixels, over the limit of 1000"):
+        decode_mask(big, max_pixels=1000)
+    with pytest.raises(ImageInputError, match="is a folder"):
+        decode_mask(tmp_path)
+    with pytest.raises(ImageInputError, match="mask is empty"):
+        decode_mask(b"")
+
+
+def test_lossy_webp_is_told_from_lossless():
+    from instdiff.imagefile import is_lossy
+
+    img = Image.new("RGB", (8, 8), (255, 0, 0))
+    lossless = io.BytesIO()
+    img.save(lossless, format="WEBP", lossless=True)
+    assert is_lossy("WEBP", _bytes(img, "WEBP")) and not is_lossy("WEBP", lossless.getvalue())
+    assert is_lossy("JPEG", b"") and not is_lossy("PNG", b"")

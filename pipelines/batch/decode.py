@@ -67,6 +67,11 @@ def _has_alpha(data: bytes) -> bool:
 def decode_row(row: dict[str, Any], opts: DecodeOptions) -> dict[str, Any]:
     """Validate one input row and decode its image and mask; problems become ``status="error"``.
 
+    Images and masks are read as a viewer shows them (:func:`instdiff.imageio.decode_image` and
+    :func:`~instdiff.imageio.decode_mask`): upright after EXIF orientation, the first frame of an animated
+    file, with notes saying so; ``width``/``height`` are the upright size. A mask is read by the one rule,
+    non-zero = edit; a mask with no edit pixel makes the row an error (never a silent IoU of 0).
+
     Args:
         row: one input row (:data:`pipelines.schema.INPUT_SCHEMA` columns; optional ones may be absent).
         opts: what to check.
@@ -122,8 +127,11 @@ def decode_row(row: dict[str, Any], opts: DecodeOptions) -> dict[str, Any]:
             h, w = array.shape[:2]
             if min(h, w) < opts.min_side:
                 raise RowError(f"image is {w}x{h}; both sides must be at least {opts.min_side} px (image.min_side)")
-            if mask is not None:
-                out[S.GT_BITS] = pack_mask(imageio.decode_mask(mask, size=(w, h)))
+            if mask is not None:  # non-zero = edit; a mask with no edit pixel is this row's error
+                mask_notes: list[str] = []
+                gt = imageio.decode_mask(mask, size=(w, h), max_pixels=opts.max_pixels, notes=mask_notes)
+                notes.extend(f"mask: {n}" for n in mask_notes)
+                out[S.GT_BITS] = pack_mask(gt)
             out.update({S.RGB: array.tobytes(), S.WIDTH: w, S.HEIGHT: h})
     except Exception as exc:  # noqa: BLE001 - any problem with one row is that row's error, never the batch's
         out.update(

@@ -4,6 +4,9 @@ The Ray Data shape for a model stage: a callable class that loads the model in `
 ``torch.inference_mode()`` in ``__call__``; its resources are set at the ``map_batches`` call. torch and the
 editors are imported inside the methods, so importing this module (as the decode and finalize workers do
 through the package) loads neither. The editors are looked up on :mod:`instdiff.editing` at call time.
+
+Rows are named by their id in every log line (and, through :func:`instdiff.inputs.prompt_labels`, in the
+editors' prompt warnings); a prompt longer than CLIP reads is noted on its row with the words cut.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ if TYPE_CHECKING:  # torch/diffusers are imported where used: decode/finalize wo
     from instdiff import imageio
 
 log = logging.getLogger(__name__)
+
+
+def _ids(items: list[_Item], shown: int = 8) -> str:
+    """The ids of ``items`` for a log line: up to ``shown`` of them, then how many more."""
+    ids = ", ".join(str(it.row[S.ID]) for it in items[:shown])
+    return ids + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 @dataclass
@@ -138,13 +147,34 @@ class EditStage:
         from instdiff import imageio
 
         seed = int(row[S.SEED])
+        notes = self._truncation_notes(row)
         if row[S.GENERATE]:
             return _Item(index, row, seed, None)
         array = rgb_array(row[S.RGB], row[S.HEIGHT], row[S.WIDTH])
         prepared = imageio.fit_to_multiple(array, self.multiple, self.image.size_policy, self.size)
-        if prepared.notes:
-            row[S.NOTES] = join_notes([row[S.NOTES] or "", *prepared.notes])
+        notes += prepared.notes
+        if notes:
+            row[S.NOTES] = join_notes([row[S.NOTES] or "", *notes])
         return _Item(index, row, seed, prepared, array)
+
+    def _truncation_notes(self, row: dict[str, Any]) -> list[str]:
+        """Notes for the row's prompts that CLIP reads only in part (the words cut). (The editors' warning about
+        them names the row by id, :func:`instdiff.inputs.prompt_labels`.)
+
+        The target prompt always counts; the source prompt when the method reads it or it generates the input.
+        """
+        from instdiff.inputs import truncation
+
+        columns = [S.TARGET_PROMPT]
+        if self.cfg.needs_source_prompt or row[S.GENERATE]:
+            columns.insert(0, S.SOURCE_PROMPT)
+        notes = []
+        for col in columns:
+            cut = truncation(self.bundle, row[col] or "")
+            if cut is not None:
+                limit = self.bundle.tokenizer.model_max_length
+                notes.append(f"{col} truncated: {cut[0]} tokens, CLIP reads {limit}; not read: {cut[1]!r}")
+        return notes
 
     @staticmethod
     def _fail(row: dict[str, Any], exc: BaseException) -> None:
@@ -159,7 +189,7 @@ class EditStage:
                 log.warning("row %s failed: %s", items[0].row[S.ID], error_text(exc))
                 self._fail(items[0].row, exc)
                 return
-            log.warning("editor call on %d rows failed (%s); retrying them one by one", len(items), error_text(exc))
+            log.warning("editor call on rows %s failed (%s); retrying them one by one", _ids(items), error_text(exc))
             self._release_memory()
             for item in items:
                 self._run([item])
@@ -174,18 +204,20 @@ class EditStage:
         from instdiff import imageio
         from instdiff.composite import restore
         from instdiff.editing import edit, generate  # looked up at call time (tests replace them)
+        from instdiff.inputs import prompt_labels
 
         t0 = time.perf_counter()
         seeds = [it.seed for it in items]
         sources = [it.row[S.SOURCE_PROMPT] or "" for it in items]
         targets = [it.row[S.TARGET_PROMPT] for it in items]
-        if items[0].prepared is None:
-            images = generate(self.bundle, sources, steps=self.cfg.steps, guidance=self.cfg.guidance, seeds=seeds)
-            generated = imageio.from_model_tensor(images)
-        else:
-            images = imageio.to_model_tensor([it.prepared.array for it in items])  # type: ignore[union-attr]
-            generated = None
-        result = edit(self.bundle, images, sources, targets, self.cfg, seeds=seeds)
+        with prompt_labels([it.row[S.ID] for it in items]):  # the editors' prompt messages name rows by id
+            if items[0].prepared is None:
+                images = generate(self.bundle, sources, steps=self.cfg.steps, guidance=self.cfg.guidance, seeds=seeds)
+                generated = imageio.from_model_tensor(images)
+            else:
+                images = imageio.to_model_tensor([it.prepared.array for it in items])  # type: ignore[union-attr]
+                generated = None
+            result = edit(self.bundle, images, sources, targets, self.cfg, seeds=seeds)
         if generated is None:
             # each edit at its input's size, pasted onto the original pixels outside the mask (instdiff.composite)
             outputs = restore(result, [it.original for it in items], [it.prepared for it in items], self.cfg)

@@ -63,7 +63,7 @@ class Inputs:
             if cols[S.IMAGE][i] is not None:
                 images[rid] = decode_image(cols[S.IMAGE][i])[0]
             if cols.get(S.MASK) and cols[S.MASK][i] is not None:
-                masks[rid] = decode_mask(cols[S.MASK][i])
+                masks[rid] = decode_mask(cols[S.MASK][i], allow_empty=True)  # the batch job made it an error row
             text = (cols.get(S.META) or [None] * len(ids))[i]
             try:
                 meta[rid] = json.loads(text) if text else {}
