@@ -251,8 +251,9 @@ class RecordingAttnProcessor:
 
     The same projections and scale as diffusers' SDPA processor, through :func:`multihead_attention`, so the
     output equals it to fp32 rounding; the layer's ``upcast_attention`` / ``upcast_softmax`` are honoured as
-    in diffusers' ``AttnProcessor`` (``get_attention_scores``). Subclasses may swap the store (any object with ``cond_rows``,
-    ``wants()`` and ``add(probs, hw)``; :mod:`instdiff.grounding` keeps the probabilities with their graph).
+    in diffusers' ``AttnProcessor`` (``get_attention_scores``). Subclasses may swap the store (any object with
+    ``cond_rows``, ``wants()`` and ``add(probs, hw)``; :mod:`instdiff.grounding` keeps the probabilities with
+    their graph).
 
     Args:
         store: where head-averaged probabilities of the conditional rows go.

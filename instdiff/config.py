@@ -179,8 +179,15 @@ class MaskConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.preset is MaskPreset.OFFICIAL:
-            fixed = ("refinement", "invert_start", "merge_bpe", "smooth_size", "smooth_sigma", "smooth_iters",
-                     "smooth_resolution")
+            fixed = (
+                "refinement",
+                "invert_start",
+                "merge_bpe",
+                "smooth_size",
+                "smooth_sigma",
+                "smooth_iters",
+                "smooth_resolution",
+            )
             changed = [f.name for f in fields(self) if f.name in fixed and getattr(self, f.name) != f.default]
             _check(
                 not changed,
@@ -209,7 +216,8 @@ class EditConfig:
     """All editor options; defaults are InstDiffEdit's paper settings (SD 1.4, 50 DDIM steps, r = 0.5, n = 3).
 
     ``steps``: DDIM steps of the full schedule; ``strength``: noise strength r in (0, 1], so ⌊r·steps⌋ steps
-    run (at least one; diffusers' convention; τ = r·T). ``guidance``: classifier-free guidance scale. ``seed``: default per-image seed.
+    run (at least one; diffusers' convention; τ = r·T). ``guidance``: classifier-free guidance scale.
+    ``seed``: default per-image seed.
     InstDiffEdit: ``n_noises`` parallel noises per image, ``mask``, ``attention_downsample`` (UNet layers whose
     feature map is the latent's size / this factor; ``None`` = the bundle's 16×16-class layers),
     ``prompt_mode``, ``inpaint`` / ``inpaint_steps`` (``None`` = ``steps``) / ``inpaint_strength`` for the final

@@ -30,7 +30,7 @@ def bundle():
     return tiny_bundle(seed=0)
 
 
-# ---- step 2: 8-bit images ------------------------------------------------------------------------------------
+# ---- step 2: 8-bit images ----------------------------------------------------------------------------------------
 
 
 def test_quantize_scales_to_255_and_truncates():
@@ -89,7 +89,7 @@ def test_per_unit_minmax_before_eq_7_changes_p():
     assert raw == pytest.approx(1 / 1.75**0.5, abs=1e-6)
 
 
-# ---- step 5: Eq. 6–8 ------------------------------------------------------------------------------------------------
+# ---- step 5: Eq. 6–8 ---------------------------------------------------------------------------------------------
 
 
 def test_inclusive_comparisons_at_gamma1_and_gamma2():
@@ -111,7 +111,7 @@ def test_index_is_the_first_maximum_and_scores_its_own_one():
     assert position(images).tolist() == [0.0, 1.0, 1.0, -1.0, 0.0]
 
 
-# ---- step 1: word units ---------------------------------------------------------------------------------------------
+# ---- step 1: word units ------------------------------------------------------------------------------------------
 
 
 def test_bpe_pieces_merge_into_one_unit_counted_once():
@@ -143,7 +143,7 @@ def test_official_word_ids_group_space_separated_words(bundle):
     assert ids[n:].tolist() == list(range(5, 5 + 77 - n))  # padding counts on
 
 
-# ---- step 7: blur and Eq. 9 -----------------------------------------------------------------------------------------
+# ---- step 7: blur and Eq. 9 --------------------------------------------------------------------------------------
 
 
 def test_binomial_blur_kernel_and_reflect_101_border():
@@ -196,7 +196,7 @@ def test_one_word_prompt_uses_its_image():
     assert mask[0, 0, 2, 2] and not mask[0, 0, 5, 5]
 
 
-# ---- presets ---------------------------------------------------------------------------------------------------------
+# ---- presets -----------------------------------------------------------------------------------------------------
 
 
 def test_presets_and_yaml():
@@ -221,7 +221,7 @@ def test_blend_timestep_current_vs_next():
     assert blend_timestep(ts, 4, current=False) is None
 
 
-# ---- the fixes ---------------------------------------------------------------------------------------------------------
+# ---- the fixes ---------------------------------------------------------------------------------------------------
 
 
 def test_steps_for_strength_rounds_down_like_diffusers(bundle):

@@ -255,7 +255,8 @@ def markdown(doc: dict) -> str:
     lines = [
         "# Official-preset fidelity (`MaskConfig.official()` vs an independent re-implementation)",
         "",
-        f"Commit `{doc['commit']}`, {doc['created']}; `{' '.join(['python -m cluster.benchmarks.official_fidelity'] + doc['params']['argv'])}`.",
+        f"Commit `{doc['commit']}`, {doc['created']}; "
+        f"`python -m cluster.benchmarks.official_fidelity {' '.join(doc['params']['argv'])}`.",
         "",
         "Same attention maps into both; P from the first of each case's steps, masks at every step from the running",
         "mean. Goal (issue 13): P identical and mask IoU ≥ 0.99 on every case.",
@@ -272,8 +273,10 @@ def markdown(doc: dict) -> str:
         f"{r['paper_options_iou_mean']:.3f} / {r['paper_options_iou_min']:.3f} |",
         "",
         "Per map kind: "
-        + "; ".join(f"{k}: P identical {r[f'{k}_p_identical_share']:.3f}, IoU min {r[f'{k}_iou_min']:.4f}"
-                    for k in ("random", "structured")),
+        + "; ".join(
+            f"{k}: P identical {r[f'{k}_p_identical_share']:.3f}, IoU min {r[f'{k}_iou_min']:.4f}"
+            for k in ("random", "structured")
+        ),
         "",
     ]
     return "\n".join(lines)
