@@ -234,6 +234,22 @@ def test_steps_for_strength_rounds_down_like_diffusers(bundle):
     assert ts.tolist() == [401, 301, 201, 101, 1]
 
 
+def test_schedule_equals_diffusers_img2img_timesteps(bundle):
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    for steps in (4, 10, 25, 50):
+        for strength in (0.05, 0.3, 0.5, 0.55, 0.58, 0.6, 0.75, 1.0):
+            sched, ts = schedule(bundle, steps, strength)
+            fake = SimpleNamespace(scheduler=sched)
+            want, n = StableDiffusionImg2ImgPipeline.get_timesteps(fake, steps, strength, "cpu")
+            if n == 0:  # diffusers would refuse; the project runs one step
+                assert ts.tolist() == sched.timesteps[-1:].tolist()
+            else:
+                assert ts.tolist() == want.tolist(), (steps, strength)
+
+
 def test_ddim_inversion_matches_diffusers_inverse_scheduler(bundle):
     from diffusers import DDIMInverseScheduler
 
