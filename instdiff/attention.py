@@ -64,27 +64,39 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None, upcast: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    upcast: bool = False,
+    upcast_softmax: bool = False,
 ) -> torch.Tensor:
     """Attention probabilities softmax(q kᵀ · scale + mask) over the keys (Vaswani et al. 2017, Eq. 1).
+
+    The upcasts follow diffusers' ``Attention.get_attention_scores``: ``upcast`` (a layer's
+    ``upcast_attention``, set by SD 2.x) casts q and k to float32 before the product, so fp16 logits cannot
+    overflow; ``upcast_softmax`` casts the logits to float32 before the softmax.
 
     Args:
         q: (N, heads, L, d) queries.
         k: (N, heads, S, d) keys.
         scale: the logit scale, ``attn.scale`` (1/√d for every SD model).
         mask: additive mask broadcastable to (N, heads, L, S), or ``None``.
-        upcast: compute the logits and the softmax in float32 (then cast back to ``q.dtype``).
+        upcast: q kᵀ, the mask and the softmax in float32.
+        upcast_softmax: the softmax in float32.
 
     Returns:
         (N, heads, L, S) probabilities in ``q.dtype``; each row sums to one.
     """
-    scores = q @ k.transpose(-1, -2)
+    dtype = q.dtype
     if upcast:
-        scores = scores.float()
-    scores = scores * scale
+        q, k = q.float(), k.float()
+    scores = (q @ k.transpose(-1, -2)) * scale
     if mask is not None:
-        scores = scores + mask
-    return scores.softmax(dim=-1).to(q.dtype)
+        scores = scores + mask.to(scores.dtype)
+    if upcast_softmax:
+        scores = scores.float()
+    return scores.softmax(dim=-1).to(dtype)
 
 
 def sdpa_scale(attn: Attention, head_dim: int) -> float | None:
@@ -104,6 +116,7 @@ def multihead_attention(
     on_probs: ProbsHook | None = None,
     mask: torch.Tensor | None = None,
     upcast: bool = False,
+    upcast_softmax: bool = False,
 ) -> torch.Tensor:
     """Multi-head attention of already projected tokens, the project's one implementation.
 
@@ -119,7 +132,8 @@ def multihead_attention(
         v: (N, S, D) projected values.
         on_probs: called with the (N, heads, L, S) probabilities; returns replacements or ``None``.
         mask: additive attention mask broadcastable to (N, heads, L, S) (explicit path).
-        upcast: logits and softmax in float32 (explicit path).
+        upcast: logits and softmax in float32 (explicit path; a layer's ``upcast_attention``).
+        upcast_softmax: softmax in float32 (explicit path; a layer's ``upcast_softmax``).
 
     Returns:
         (N, L, D) attention output before ``attn.to_out``.
@@ -133,7 +147,7 @@ def multihead_attention(
     if on_probs is None and mask is None:
         out = F.scaled_dot_product_attention(q, k, v, scale=sdpa_scale(attn, q.shape[-1]))  # (N, heads, L, d)
         return merge_heads(out)
-    probs = attention_probs(q, k, attn.scale, mask, upcast)  # (N, heads, L, S)
+    probs = attention_probs(q, k, attn.scale, mask, upcast, upcast_softmax)  # (N, heads, L, S)
     if on_probs is not None:
         replaced = on_probs(probs)
         if replaced is not None:
@@ -236,8 +250,10 @@ class RecordingAttnProcessor:
     """Attention with explicit softmax, recording cross-attention probabilities into a store.
 
     The same projections and scale as diffusers' SDPA processor, through :func:`multihead_attention`, so the
-    output equals it to fp32 rounding. Subclasses may swap the store (any object with ``cond_rows``,
-    ``wants()`` and ``add(probs, hw)``; :mod:`instdiff.grounding` keeps the probabilities with their graph).
+    output equals it to fp32 rounding; the layer's ``upcast_attention`` / ``upcast_softmax`` are honoured as
+    in diffusers' ``AttnProcessor`` (``get_attention_scores``). Subclasses may swap the store (any object with
+    ``cond_rows``, ``wants()`` and ``add(probs, hw)``; :mod:`instdiff.grounding` keeps the probabilities with
+    their graph).
 
     Args:
         store: where head-averaged probabilities of the conditional rows go.
@@ -282,7 +298,16 @@ class RecordingAttnProcessor:
                 self.store.add(probs[self.store.cond_rows].mean(dim=1), hw)  # (R, HW, T)
 
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        out = multihead_attention(attn, q, k, v, on_probs=record, mask=attention_mask)
+        out = multihead_attention(
+            attn,
+            q,
+            k,
+            v,
+            on_probs=record,
+            mask=attention_mask,
+            upcast=bool(getattr(attn, "upcast_attention", False)),
+            upcast_softmax=bool(getattr(attn, "upcast_softmax", False)),
+        )
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(b, c, h, w)

@@ -4,7 +4,7 @@ Torch-free on purpose (a leaf module): the batch job's configs are unpickled on 
 torch, and every other module may import this one without a cycle.
 
 * enums: :class:`Method` (which owns the rule "needs a source prompt"), :class:`Inpaint`, :class:`PromptMode`,
-  :class:`Refinement`, :class:`SizePolicy`;
+  :class:`MaskPreset`, :class:`Refinement`, :class:`SizePolicy`;
 * :class:`MaskConfig` (InstDiffEdit Eq. 6–9 and the official code's variants) and :class:`EditConfig` (all
   editor options), validated in ``__post_init__``: a value of the wrong type or out of range raises
   :class:`~instdiff.errors.ConfigError` naming the field and the accepted values;
@@ -76,6 +76,13 @@ class PromptMode(StrEnum):
     EDIT_WORDS = "edit_words"  # only the target's words absent from the source (official code's phrase)
 
 
+class MaskPreset(StrEnum):
+    """Which InstDiffEdit mask computation runs (:class:`MaskConfig`'s ``preset``)."""
+
+    PAPER = "paper"  # Eq. 6–9 on the averaged float maps, with MaskConfig's option fields (instdiff.masks)
+    OFFICIAL = "official"  # the official code's recipe, 8-bit per-word images (instdiff.masks_official)
+
+
 class Refinement(StrEnum):
     """How the position vector P turns token maps into one map."""
 
@@ -118,9 +125,17 @@ class MaskConfig:
     ``smooth_size`` (odd, px) / ``smooth_sigma`` (px) / ``smooth_iters``: the Gaussian smoothing;
     ``smooth_resolution`` is the square grid it runs on (``None`` = the latent grid; the official code uses
     5×5 twice at 64×64).
+    ``blend_current_step``: after the step t → t_prev, blend with the input noised to t (the official loop)
+    instead of t_prev (paper Eq. 5).
+    ``preset``: ``paper`` runs Eq. 6–9 (:mod:`instdiff.masks`) with the fields above; ``official`` runs the
+    official code's recipe (:mod:`instdiff.masks_official`: per-word 8-bit images, PIL bicubic resize to the
+    latent grid, per-word min-max, ``>=``/``<=`` at γ1/γ2, mean-difference refinement, OpenCV's 5×5 binomial
+    blur twice), always with the running mean and the current-step blend; it reads ``gamma1``, ``gamma2`` and
+    ``phi`` and refuses non-default values of the paper pipeline's fields. :meth:`official` and :meth:`paper`
+    build the two presets.
 
     Raises:
-        ConfigError: a value outside the ranges above.
+        ConfigError: a value outside the ranges above, or a paper-pipeline field set with ``preset: official``.
     """
 
     gamma1: float = 0.9
@@ -134,9 +149,51 @@ class MaskConfig:
     smooth_sigma: float = 1.0
     smooth_iters: int = 1
     smooth_resolution: int | None = None
+    blend_current_step: bool = False
+    preset: MaskPreset = MaskPreset.PAPER
+
+    @classmethod
+    def paper(cls, **kw: Any) -> MaskConfig:
+        """The paper's Eq. 6–9 (γ1 = 0.9, γ2 = 0.6, φ = 0.2, §4.1); ``kw`` overrides fields."""
+        return cls(**{**kw, "preset": MaskPreset.PAPER})
+
+    @classmethod
+    def official(cls, **kw: Any) -> MaskConfig:
+        """The official code's mask computation (xiaotianqing/InstDiffEdit ``model/InstDiffEdit.py``).
+
+        Args:
+            **kw: ``gamma1``, ``gamma2``, ``phi`` overrides (its command line's ``--threshold`` is φ).
+        """
+        return cls(**{**kw, "preset": MaskPreset.OFFICIAL})
+
+    @property
+    def uses_running_mean(self) -> bool:
+        """Whether the maps are averaged over the steps so far (the official recipe always does)."""
+        return self.running_mean or self.preset is MaskPreset.OFFICIAL
+
+    @property
+    def blends_at_current_step(self) -> bool:
+        """Whether Eq. 5 blends with the input noised to the current step t (the official recipe always does)."""
+        return self.blend_current_step or self.preset is MaskPreset.OFFICIAL
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.preset is MaskPreset.OFFICIAL:
+            fixed = (
+                "refinement",
+                "invert_start",
+                "merge_bpe",
+                "smooth_size",
+                "smooth_sigma",
+                "smooth_iters",
+                "smooth_resolution",
+            )
+            changed = [f.name for f in fields(self) if f.name in fixed and getattr(self, f.name) != f.default]
+            _check(
+                not changed,
+                f"{', '.join(changed)}: fixed by preset 'official' (the official code's recipe); leave unset or "
+                "use preset 'paper'",
+            )
         _check(
             -1.0 <= self.gamma2 <= self.gamma1 <= 1.0,
             f"gamma1, gamma2: need -1 <= gamma2 <= gamma1 <= 1 (cosine thresholds); got {self.gamma1}, {self.gamma2}",
@@ -158,8 +215,9 @@ class MaskConfig:
 class EditConfig:
     """All editor options; defaults are InstDiffEdit's paper settings (SD 1.4, 50 DDIM steps, r = 0.5, n = 3).
 
-    ``steps``: DDIM steps of the full schedule; ``strength``: noise strength r in (0, 1], so ⌈r·steps⌉ steps
-    run (τ = r·T). ``guidance``: classifier-free guidance scale. ``seed``: default per-image seed.
+    ``steps``: DDIM steps of the full schedule; ``strength``: noise strength r in (0, 1], so ⌊r·steps⌋ steps
+    run (at least one; diffusers' convention; τ = r·T). ``guidance``: classifier-free guidance scale.
+    ``seed``: default per-image seed.
     InstDiffEdit: ``n_noises`` parallel noises per image, ``mask``, ``attention_downsample`` (UNet layers whose
     feature map is the latent's size / this factor; ``None`` = the bundle's 16×16-class layers),
     ``prompt_mode``, ``inpaint`` / ``inpaint_steps`` (``None`` = ``steps``) / ``inpaint_strength`` for the final

@@ -11,13 +11,13 @@ word tokens are ``1 .. n_tokens - 2``.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
 
-from instdiff.config import MaskConfig, Refinement
+from instdiff.config import MaskConfig, MaskPreset, Refinement
 from instdiff.errors import ConfigError
+from instdiff.masks_official import official_mask
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +223,13 @@ def instdiffedit_mask(
     latent_hw: tuple[int, int],
     cfg: MaskConfig = MaskConfig(),
     position: torch.Tensor | None = None,
+    words: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """InstDiffEdit's instant mask for one step (paper Eq. 6–9).
 
     The refined map is upsampled bilinearly, smoothed (on ``cfg.smooth_resolution`` when set), min-max
-    normalised and binarised at φ.
+    normalised and binarised at φ. With ``cfg.preset == "official"`` the official code's computation runs
+    instead (:func:`instdiff.masks_official.official_mask`; P is then indexed by word unit).
 
     Args:
         maps: (B, T, h, w) token maps at the attention resolution.
@@ -235,10 +237,19 @@ def instdiffedit_mask(
         latent_hw: (H, W) of the latent grid.
         cfg: thresholds, refinement and smoothing.
         position: P (B, T) from the first step; ``None`` computes it here (Eq. 6–8).
+        words: (B, T) long word units (:func:`instdiff.masks_official.official_word_ids`), needed by the
+            official preset only.
 
     Returns:
         ``(mask (B, 1, H, W) bool on the latent grid, soft map (B, 1, H, W) in [0, 1], position (B, T))``.
+
+    Raises:
+        ConfigError: the official preset without ``words``.
     """
+    if cfg.preset is MaskPreset.OFFICIAL:
+        if words is None:
+            raise ConfigError("mask preset 'official' needs the prompts' word units (official_word_ids)")
+        return official_mask(maps, words, n_tokens, latent_hw, cfg, position)
     if position is None:
         idx = index_token(maps, n_tokens, cfg.invert_start)
         position = position_vector(similarity_vector(maps, idx), n_tokens, cfg.gamma1, cfg.gamma2)
@@ -325,11 +336,22 @@ def mask_area(mask: torch.Tensor) -> torch.Tensor:
 
 
 def steps_for_strength(steps: int, strength: float) -> int:
-    """Number of denoising steps actually run at noise strength r (SDEdit's τ = r·T): ⌈r·steps⌉, at least 1.
+    """Number of denoising steps actually run at noise strength r (SDEdit's τ = r·T), diffusers' convention.
+
+    ``int(steps · r)`` rounded down, as diffusers' img2img/inpaint pipelines (``get_timesteps``) and the
+    official InstDiffEdit code (``init_latent``) do: 10 steps at r = 0.55 run 5 (from t = 401 on SD's
+    schedule). Where that is 0 (diffusers refuses it), one step runs.
+
+    Args:
+        steps: steps of the full schedule.
+        strength: noise strength r in (0, 1].
+
+    Returns:
+        The number of trailing timesteps to run, in [1, steps].
 
     Raises:
         ConfigError: strength outside (0, 1].
     """
     if not 0.0 < strength <= 1.0:
         raise ConfigError(f"strength must be in (0, 1], got {strength}")
-    return max(1, min(steps, int(math.ceil(steps * strength - 1e-9))))
+    return max(1, min(steps, int(steps * strength)))

@@ -166,7 +166,7 @@ def make_scheduler(bundle: ModelBundle, steps: int) -> Any:
 
 
 def schedule(bundle: ModelBundle, steps: int, strength: float) -> tuple[Any, torch.Tensor]:
-    """The scheduler and the last ⌈r·steps⌉ of its timesteps (SDEdit: start from τ = r·T).
+    """The scheduler and the last ⌊r·steps⌋ (at least one) of its timesteps (SDEdit: start from τ = r·T).
 
     Args:
         bundle: the scheduler config and device.
@@ -370,10 +370,48 @@ def inpaint(
     return x
 
 
+def inversion_start_alpha(sched: Any) -> torch.Tensor:
+    """ᾱ that DDIM inversion assigns to the clean latent: diffusers' ``DDIMInverseScheduler`` built from this
+    scheduler's config (as its DiffEdit pipeline does) starts from ``alphas_cumprod[0]`` unless the config's
+    ``set_alpha_to_one`` is true (SD's is false: ᾱ_0 ≈ 0.99915), then from 1.
+
+    Args:
+        sched: a DDIM-family scheduler (``alphas_cumprod``, ``config``).
+
+    Returns:
+        0-d float32 tensor on the CPU.
+    """
+    if bool(sched.config.get("set_alpha_to_one", True)):
+        return torch.tensor(1.0)
+    return sched.alphas_cumprod[0].float().cpu()
+
+
+def blend_timestep(timesteps: torch.Tensor, i: int, current: bool) -> torch.Tensor | None:
+    """The noise level the input is blended at after denoising step ``i`` (InstDiffEdit Eq. 5).
+
+    The paper blends the new latent x_{t_prev} with q(x_{t_prev} | x_0); the official loop blends it with the
+    input noised to the current step's t (one step noisier) — ``current=True``.
+
+    Args:
+        timesteps: (k,) the loop's timesteps in denoising order.
+        i: the step just taken (from ``timesteps[i]``).
+        current: the official code's choice.
+
+    Returns:
+        The timestep, or ``None`` for "after the last step" (the clean input, :func:`noised`).
+    """
+    if current:
+        return timesteps[i]
+    return timesteps[i + 1] if i + 1 < len(timesteps) else None
+
+
 def ddim_invert(
     bundle: ModelBundle, sched: Any, x0: torch.Tensor, emb: torch.Tensor, timesteps: torch.Tensor, counter: UNetCall
 ) -> list[torch.Tensor]:
     """Deterministic DDIM inversion (η = 0; Song et al. 2021, Eq. 13 run forward) of x0 up to ``timesteps[0]``.
+
+    Step for step as diffusers' ``DDIMInverseScheduler`` (the UNet at the step's target t, applied to the
+    latent one level below; the clean latent at ᾱ of :func:`inversion_start_alpha`).
 
     Args:
         bundle: the UNet, device and prediction type.
@@ -390,7 +428,7 @@ def ddim_invert(
     alphas = sched.alphas_cumprod.to(bundle.device)
     ascending = list(timesteps.flip(0))
     x = x0
-    a_prev = torch.tensor(1.0, device=bundle.device)
+    a_prev = inversion_start_alpha(sched).to(bundle.device)
     trail = [x0]
     for t in ascending:
         out = counter(bundle.unet, x, t, emb)

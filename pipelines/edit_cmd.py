@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from instdiff.config import EditConfig, MaskConfig, Method
+from instdiff.config import EditConfig, MaskConfig, MaskPreset, Method, PromptMode
 from instdiff.errors import UsageError
 from pipelines import storage
 from pipelines.commands import add_model_args
@@ -51,6 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--noises", type=int, default=3, help="InstDiffEdit parallel noises n (paper: 3)")
     p.add_argument("--phi", type=float, default=0.2, help="InstDiffEdit binarisation threshold φ (paper: 0.2)")
+    p.add_argument(
+        "--mask-preset",
+        default="paper",
+        choices=["paper", "official"],
+        help="InstDiffEdit mask computation: the paper's Eq. 6-9, or the official code's recipe (8-bit per-word "
+        "maps, its blur and thresholds, blending at the current step), which also conditions on the target's "
+        "words absent from --source",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--feather",
@@ -149,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
         guidance=args.guidance if args.guidance is not None else float(bundle.defaults.get("guidance", 7.5)),
         n_noises=args.noises,
         seed=args.seed,
-        mask=MaskConfig(phi=args.phi),
+        mask=MaskConfig(phi=args.phi, preset=MaskPreset(args.mask_preset)),
+        prompt_mode=PromptMode.EDIT_WORDS if args.mask_preset == "official" else PromptMode.FULL,
         feather=args.feather,
     )
     source = args.source if args.source is not None else args.target
@@ -163,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.mask_out).write_bytes(imageio.encode_png(mask.astype(bool)))
     summary = {
         "method": cfg.method.value,
+        "mask_preset": cfg.mask.preset.value,
         "model": bundle.name,
         "out": str(out),
         "mask_out": args.mask_out,

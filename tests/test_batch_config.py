@@ -171,3 +171,22 @@ def test_python_m_entry_point_names_itself_in_its_messages(capsys):
     assert capsys.readouterr().err.strip() == (
         "python -m pipelines.batch: error: give --config FILE, or both --input and --output"
     )
+
+
+def test_mask_preset_official_in_yaml():
+    from instdiff.config import MaskConfig, PromptMode
+
+    cfg = parse_config(
+        {
+            "input": "i",
+            "output": "o",
+            "method": {"mask": {"preset": "official", "phi": 0.3}, "prompt_mode": "edit_words"},
+        }
+    )
+    assert cfg.method.mask == MaskConfig.official(phi=0.3)
+    assert cfg.method.prompt_mode is PromptMode.EDIT_WORDS
+    from instdiff.config import from_mapping, to_plain
+
+    assert from_mapping(MaskConfig, to_plain(cfg.method.mask)) == cfg.method.mask  # written, read back
+    with pytest.raises(ConfigError, match="method.mask.smooth_iters: fixed by preset 'official'"):
+        parse_config({"input": "i", "output": "o", "method": {"mask": {"preset": "official", "smooth_iters": 2}}})

@@ -53,6 +53,16 @@ def test_edit_writes_image_and_mask(scene, tmp_path, capsys, method):
     assert summary["method"] == method and summary["unet_calls"] > 0
 
 
+def test_mask_preset_official(scene, tmp_path, capsys):
+    path, pair = scene
+    out = tmp_path / "out.png"
+    args = ["edit", str(path), "--model", "tiny", "--steps", "4", "--noises", "1", "--mask-preset", "official"]
+    rc = main(args + ["--source", pair.source_prompt, "--target", pair.target_prompt, "--out", str(out)])
+    assert rc == 0 and np.asarray(Image.open(out)).shape == (32, 32, 3)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["mask_preset"] == "official"
+
+
 def test_odd_size_rgba_input_is_converted_and_restored(tmp_path):
     img = Image.new("RGBA", (37, 29), (255, 0, 0, 255))
     src = tmp_path / "odd.png"

@@ -114,6 +114,8 @@ def test_instdiffedit_options(bundle, pairs):
         base.with_(prompt_mode=PromptMode.EDIT_WORDS),
         base.with_(mask=MaskConfig(running_mean=True, invert_start=True, smooth_iters=2, smooth_resolution=16)),
         base.with_(attention_downsample=1),
+        base.with_(mask=MaskConfig(blend_current_step=True)),
+        base.with_(mask=MaskConfig.official(), prompt_mode=PromptMode.EDIT_WORDS),
     ):
         r = edit(bundle, images, src, tgt, cfg)
         assert r.masks.shape == (2, 1, 32, 32)

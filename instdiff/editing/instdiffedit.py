@@ -4,7 +4,9 @@ Paper §3.2–3.3: from τ = r·T, every step reads the cross-attention maps of 
 heads, the 16×16-class layers and n parallel noises), turns them into a mask (Eq. 6–9,
 :func:`instdiff.masks.instdiffedit_mask`) and blends the denoised latents with q(x_t | x_0) outside it (Eq.
 4/5); the final step inpaints the input inside the last mask. The official code's variants (running mean of
-the maps, edit-word prompts, BPE-piece merging) are options of :class:`~instdiff.config.EditConfig`.
+the maps, edit-word prompts, BPE-piece merging, blending at the current step) are options of
+:class:`~instdiff.config.EditConfig`; ``MaskConfig.official()`` runs the official code's whole mask recipe
+(:mod:`instdiff.masks_official`) and inpaints with the conditioning phrase as it does.
 """
 
 from __future__ import annotations
@@ -16,10 +18,22 @@ import torch
 
 from instdiff.attention import AttentionSelection, AttentionStore, capture_attention, default_downsample
 from instdiff.bundle import ModelBundle
-from instdiff.config import EditConfig, Inpaint, Method, PromptMode
+from instdiff.config import EditConfig, Inpaint, MaskPreset, Method, PromptMode
 from instdiff.editing.contract import register
 from instdiff.masks import instdiffedit_mask, merge_word_pieces
-from instdiff.sampling import Clock, UNetCounter, embeddings, finish, guided_eps, inpaint, make_noise, noised, schedule
+from instdiff.masks_official import official_word_ids
+from instdiff.sampling import (
+    Clock,
+    UNetCounter,
+    blend_timestep,
+    embeddings,
+    finish,
+    guided_eps,
+    inpaint,
+    make_noise,
+    noised,
+    schedule,
+)
 from instdiff.types import EditResult
 
 log = logging.getLogger(__name__)
@@ -84,6 +98,8 @@ def instdiffedit(
     limit = bundle.tokenizer.model_max_length
     n_tokens = torch.tensor([min(bundle.token_count(p), limit) for p in prompts], device=bundle.device)
     word_ids = bundle.word_ids(prompts).to(bundle.device) if cfg.mask.merge_bpe else None  # (B, 77)
+    official = cfg.mask.preset is MaskPreset.OFFICIAL  # the official code's recipe (instdiff.masks_official)
+    words = official_word_ids(bundle.tokenizer, prompts, limit) if official else None  # (B, 77)
     sched, timesteps = schedule(bundle, cfg.steps, cfg.strength)
     factor = cfg.attention_downsample or bundle.defaults.get("attention_downsample") or default_downsample(bundle.unet)
     store = AttentionStore(cond_rows=slice(b * n, 2 * b * n))
@@ -100,15 +116,15 @@ def instdiffedit(
             maps = maps.view(b, n, *maps.shape[1:]).mean(dim=1)  # (B, T, ha, wa)
             store.maps.pop(i)
             running = maps if running is None else running + maps
-            use = running / (i + 1) if cfg.mask.running_mean else maps
+            use = running / (i + 1) if cfg.mask.uses_running_mean else maps
             if word_ids is not None:  # one map per word: its BPE pieces share their mean map
                 use = merge_word_pieces(use, word_ids)
-            mask, _, position = instdiffedit_mask(use, n_tokens, latent_hw, cfg.mask, position)
+            mask, _, position = instdiffedit_mask(use, n_tokens, latent_hw, cfg.mask, position, words)
             mask_history.append(mask.float().mean().item())
             x_prev = sched.step(eps, t, x).prev_sample
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+            t_blend = blend_timestep(timesteps, i, cfg.mask.blends_at_current_step)
             m = mask.repeat_interleave(n, dim=0).to(x.dtype)
-            x = m * x_prev + (1 - m) * noised(sched, x0n, noise, t_prev)
+            x = m * x_prev + (1 - m) * noised(sched, x0n, noise, t_blend)
     assert mask is not None
     # 4. final: inpaint the input inside the last mask with the target prompt
     with clock.stage("inpaint"):
@@ -116,7 +132,14 @@ def instdiffedit(
             latents = x.view(b, n, *x.shape[1:])[:, 0]
         else:
             latents = inpaint(
-                bundle, images.to(bundle.device, bundle.dtype), x0, mask, target_prompts, cfg, gens, counter
+                bundle,
+                images.to(bundle.device, bundle.dtype),
+                x0,
+                mask,
+                prompts if official else target_prompts,  # the official code inpaints with its phrase
+                cfg,
+                gens,
+                counter,
             )
     out, mask_px = finish(bundle, images, latents, mask, cfg.paste_back, clock)
     extras = {"position": position.cpu(), "mask_area_per_step": mask_history, "attention_downsample": factor}
