@@ -1,0 +1,328 @@
+"""The web page (``pipelines/serve/static``) in a real headless Chromium, driven by Selenium.
+
+Issue 11's page tests: load the page, upload an image, run an edit and check the edited image appears at the
+input's size; generate an image in session mode, change the prompt and check the new image and the session
+figures appear; an API error shows as a readable message. The browser is Debian's ``chromium`` with its
+``chromium-driver`` (``make test-browser`` installs both); without them, or without Selenium, every test is
+skipped with the reason.
+
+The page talks to the same server that serves it; the browser is kept to 127.0.0.1 (every host name resolves
+to nothing, background networking is off).
+"""
+
+import io
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+STATIC = Path(__file__).resolve().parents[1] / "pipelines" / "serve" / "static"
+WAIT_S = 120.0  # the longest a page action may take (edits on the embedded model, 2 shared cores)
+
+
+def _require_browser() -> None:
+    """Skip the test, saying why, unless Selenium, chromium and chromedriver are all present."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install selenium; make test-browser does it)")
+    for path, pkg in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not Path(path).is_file():
+            pytest.skip(f"{path} not found: install Debian's {pkg} (apt-get install -y {pkg}; make test-browser)")
+
+
+def _free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- a fake of the documented HTTP API v1, for the page alone ------------------------------------------------
+
+
+def _fake_app():
+    """A FastAPI app with the page's routes and HTTP API v1's shapes; images are made with PIL, not a model.
+
+    ``POST /v1/edits`` returns the input inverted with the left half as the mask; ``POST /v1/sessions``
+    returns a 64×48 gradient; session edits tint the left half. Errors have the API's
+    ``{"error": {"code", "message"}}`` form.
+    """
+    import base64
+    import uuid
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+    from PIL import ImageOps
+
+    app = FastAPI()
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    sessions: dict[str, dict] = {}
+
+    def b64(img: Image.Image) -> str:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    def half_mask(size: tuple[int, int]) -> Image.Image:
+        m = Image.new("L", size, 0)
+        m.paste(255, (0, 0, size[0] // 2, size[1]))
+        return m
+
+    def error(status: int, code: str, message: str) -> JSONResponse:
+        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+    @app.get("/")
+    def index():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models():
+        return {"models": [{"name": "fake", "resolution": 64, "methods": ["instdiffedit", "diffedit", "sdedit"]}]}
+
+    @app.post("/v1/edits")
+    async def edits(request: Request):
+        body = await request.json()
+        prompt = body.get("target_prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            return error(422, "invalid_prompt", "target_prompt: empty; expected a non-empty string")
+        raw = body["image"].split("base64,")[-1]
+        img = Image.open(io.BytesIO(base64.b64decode(raw))).convert("RGB")
+        return {
+            "image": b64(ImageOps.invert(img)),
+            "mask": b64(half_mask(img.size)),
+            "method": body.get("method", "instdiffedit"),
+            "seed": body.get("seed", 0),
+            "unet_calls": 20,
+            "timings": {"encode": 0.01, "denoise": 0.5, "total": 0.6},
+            "warnings": [],
+            "parameters": body | {"image": "…"},
+        }
+
+    @app.post("/v1/sessions")
+    async def create(request: Request):
+        body = await request.json()
+        img = Image.linear_gradient("L").resize((64, 48)).convert("RGB")
+        sid = uuid.uuid4().hex
+        sessions[sid] = {"image": img, "prompt": body["prompt"]}
+        return {"session_id": sid, "image": b64(img), "timings": {"total": 2.0}}
+
+    @app.post("/v1/sessions/{sid}/edits")
+    async def session_edit(sid: str, request: Request):
+        if sid not in sessions:
+            return error(404, "session_not_found", f"session {sid} is unknown or expired; start a new one")
+        body = await request.json()
+        img = sessions[sid]["image"].copy()
+        img.paste((255, 0, 0), (0, 0, 32, 48))
+        sessions[sid] = {"image": img, "prompt": body["prompt"]}
+        return {
+            "session_id": sid,
+            "image": b64(img),
+            "mask": b64(half_mask(img.size)),
+            "active_fraction": 0.5,
+            "unet_macs_ratio": 0.55,
+            "timings": {"total": 0.4},
+        }
+
+    @app.delete("/v1/sessions/{sid}")
+    def delete(sid: str):
+        sessions.pop(sid, None)
+        return {"deleted": sid}
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    """The URL of a running server with the page and HTTP API v1, on 127.0.0.1; stopped after the module."""
+    _require_browser()
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(_fake_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the test server did not start within 30 s")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+# ---- the browser --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def driver():
+    """A headless Chromium session (Debian's chromium + chromedriver) kept to 127.0.0.1; quit after the module."""
+    _require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",  # CI and containers run as root
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1600",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--disable-extensions",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
+        opts.add_argument(arg)
+    drv = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
+    drv.set_page_load_timeout(60)
+    yield drv
+    drv.quit()
+
+
+def _png(path: Path, size: tuple[int, int]) -> Path:
+    """Write a small test picture (a dark square on a light background) of ``size`` (W, H) as PNG."""
+    img = Image.new("RGB", size, (230, 230, 240))
+    w, h = size
+    img.paste((30, 60, 200), (w // 4, h // 4, 3 * w // 4, 3 * h // 4))
+    img.save(path)
+    return path
+
+
+def _wait_image(drv, img_id: str) -> tuple[int, int]:
+    """Wait until ``<img id=img_id>`` shows a decoded image, failing early with the page's error message.
+
+    Returns:
+        The image's natural size (width, height) in pixels.
+    """
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def ready(d):
+        err = d.find_element("id", "error")
+        if err.is_displayed() and err.text:
+            raise AssertionError(f"the page shows an error: {err.text}")
+        return d.execute_script(
+            "const i = document.getElementById(arguments[0]);"
+            "return i.complete && i.naturalWidth > 0 && i.offsetParent !== null;",
+            img_id,
+        )
+
+    WebDriverWait(drv, WAIT_S, poll_frequency=0.2).until(ready)
+    w, h = drv.execute_script(
+        "const i = document.getElementById(arguments[0]); return [i.naturalWidth, i.naturalHeight];", img_id
+    )
+    return int(w), int(h)
+
+
+def _open(drv, base_url: str) -> None:
+    """Load the page fresh and wait for its script to have asked the server for its status."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    drv.get(base_url + "/")
+    WebDriverWait(drv, 30).until(lambda d: d.find_element("id", "server").text != "Checking the server…")
+
+
+# ---- tests --------------------------------------------------------------------------------------------------
+
+
+def test_page_loads_offline_assets(driver, base_url):
+    """The page, its script and its style load from the server alone; the server status line is filled in."""
+    _open(driver, base_url)
+    assert driver.title.startswith("instdiff")
+    assert "Server ready" in driver.find_element("id", "server").text
+    # every asset is local: no element points off the server
+    urls = driver.execute_script(
+        "return [...document.querySelectorAll('[src],[href]')].map(e => e.getAttribute('src') || e.getAttribute('href'));"
+    )
+    assert all(not u.startswith(("http:", "https:", "//")) for u in urls), urls
+    # the stylesheet applied (the error box is styled and hidden)
+    assert not driver.find_element("id", "error").is_displayed()
+    # every form control has a label, every image alt text
+    unlabeled = driver.execute_script(
+        "return [...document.querySelectorAll('input,select')]"
+        ".filter(e => !(e.labels && e.labels.length)).map(e => e.id);"
+    )
+    assert unlabeled == []
+    no_alt = driver.execute_script("return [...document.images].filter(i => !i.alt).map(i => i.id);")
+    assert no_alt == []
+
+
+def test_upload_and_edit(driver, base_url, tmp_path):
+    """Upload a PNG, run an edit: input, mask overlay and edited image appear at the input's size, with stats."""
+    size = (48, 40)
+    _open(driver, base_url)
+    assert not driver.find_element("id", "edit-run").is_enabled()
+    driver.find_element("id", "upload-file").send_keys(str(_png(tmp_path / "in.png", size)))
+    assert _wait_image(driver, "input-img") == size
+    assert driver.find_element("id", "edit-run").is_enabled()
+    driver.find_element("id", "edit-source").send_keys("a blue square")
+    driver.find_element("id", "edit-target").send_keys("a red square")
+    driver.find_element("id", "edit-run").click()
+    assert _wait_image(driver, "edit-output-img") == size
+    assert _wait_image(driver, "edit-input-img") == size
+    assert _wait_image(driver, "edit-overlay-img") == size
+    stats = driver.find_element("id", "edit-stats").text
+    assert "UNet calls" in stats and "total" in stats
+    assert "instdiffedit" in stats
+
+
+def test_session_generate_and_edit(driver, base_url):
+    """Generate from a prompt (a session starts), change the prompt: the new image, outline and timings appear."""
+    _open(driver, base_url)
+    driver.find_element("id", "gen-prompt").send_keys("a red circle")
+    driver.find_element("id", "gen-run").click()
+    size = _wait_image(driver, "input-img")
+    assert driver.find_element("id", "session-form").is_displayed()
+    assert driver.find_element("id", "session-id").text
+    box = driver.find_element("id", "session-prompt")
+    assert box.get_attribute("value") == "a red circle"
+    box.clear()
+    box.send_keys("a blue circle")
+    driver.find_element("id", "session-run").click()
+    assert _wait_image(driver, "session-after-img") == size
+    assert _wait_image(driver, "session-outline-img") == size
+    assert _wait_image(driver, "session-before-img") == size
+    stats = driver.find_element("id", "session-stats").text
+    for label in ("Edit time", "Full regeneration", "Speed-up", "Recomputed area"):
+        assert label in stats, stats
+    # the session keeps the new state: a second edit starts from it
+    box.clear()
+    box.send_keys("a green circle")
+    driver.find_element("id", "session-run").click()
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: 'a blue circle" → "a green circle' in d.find_element("id", "session-stats").text
+    )
+
+
+def test_api_error_is_shown(driver, base_url, tmp_path):
+    """A request the API refuses (a whitespace-only target prompt) shows the API's message on the page."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open(driver, base_url)
+    driver.find_element("id", "upload-file").send_keys(str(_png(tmp_path / "in.png", (32, 32))))
+    _wait_image(driver, "input-img")
+    driver.find_element("id", "edit-target").send_keys("   ")
+    driver.find_element("id", "edit-run").click()
+    err = driver.find_element("id", "error")
+    WebDriverWait(driver, WAIT_S).until(lambda d: err.is_displayed() and err.text)
+    assert "HTTP 4" in err.text and "prompt" in err.text.lower(), err.text
+    assert driver.find_element("id", "edit-run").is_enabled()  # the page stays usable
