@@ -6,25 +6,37 @@ figures appear; an API error shows as a readable message. The browser is Debian'
 ``chromium-driver`` (``make test-browser`` installs both); without them, or without Selenium, every test is
 skipped with the reason.
 
-The page talks to the same server that serves it; the browser is kept to 127.0.0.1 (every host name resolves
-to nothing, background networking is off).
+Each test runs against two servers: ``fake``, a FastAPI fake of HTTP API v1 in this file (seconds, the page
+alone), and ``app`` (``slow``: a local Ray starts), the real app started with ``instdiff serve`` on the tiny
+model — or the server at ``INSTDIFF_SERVE_URL`` when that is set. The page talks to the server that serves it;
+the browser is kept to 127.0.0.1 (every host name resolves to nothing, background networking is off).
 """
 
+import contextlib
 import io
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-STATIC = Path(__file__).resolve().parents[1] / "pipelines" / "serve" / "static"
-WAIT_S = 120.0  # the longest a page action may take (edits on the embedded model, 2 shared cores)
+REPO = Path(__file__).resolve().parents[1]
+STATIC = REPO / "pipelines" / "serve" / "static"
+WAIT_S = 120.0  # the longest a page action may take (2 shared CPU cores)
+APP_START_S = 240.0  # the longest `instdiff serve` may take to answer /healthz (a local Ray starts)
+STEPS = 4  # denoising steps the tests ask for through the page
 
 
 def _require_browser() -> None:
@@ -144,10 +156,9 @@ def _fake_app():
     return app
 
 
-@pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    """The URL of a running server with the page and HTTP API v1, on 127.0.0.1; stopped after the module."""
-    _require_browser()
+@contextlib.contextmanager
+def _fake_server() -> Iterator[str]:
+    """Serve :func:`_fake_app` with uvicorn on a thread at a free 127.0.0.1 port; yields its URL."""
     import uvicorn
 
     port = _free_port()
@@ -157,11 +168,87 @@ def base_url() -> Iterator[str]:
     deadline = time.monotonic() + 30
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the test server did not start within 30 s")
+            pytest.fail("the fake API server did not start within 30 s")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _healthy(url: str) -> bool:
+    """Whether ``GET url/healthz`` answers 200."""
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _real_server(tmp: Path) -> Iterator[str]:
+    """Run the real app (``instdiff serve``, its own local Ray) on the tiny model at a free 127.0.0.1 port.
+
+    Waits until ``/healthz`` answers 200 (at most ``APP_START_S``), yields the URL, then stops it with Ctrl-C
+    (SIGINT), and kills its process group if it is still there after 60 s.
+    """
+    spec = yaml.safe_load((REPO / "configs" / "serve" / "default.yaml").read_text())
+    spec["applications"][0]["args"]["model"] = {"spec": "tiny", "device": "cpu", "dtype": "fp32"}
+    config = tmp / "serve.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp / "serve.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RAY_ADDRESS", None)  # always a private local Ray
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--config", str(config), "--host", "127.0.0.1"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # a shell without job control starts background jobs with SIGINT ignored; Ctrl-C must work here
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    try:
+        deadline = time.monotonic() + APP_START_S
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                pytest.fail(f"instdiff serve did not become healthy within {APP_START_S:g} s; its log:\n{tail}")
+            time.sleep(1.0)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module", params=["fake", pytest.param("app", marks=pytest.mark.slow)])
+def base_url(request, tmp_path_factory) -> Iterator[str]:
+    """The URL of a server with the page and HTTP API v1 on 127.0.0.1, stopped after the module's tests.
+
+    ``fake``: :func:`_fake_app` (seconds; the page alone). ``app`` (slow: a local Ray starts): the real app via
+    ``instdiff serve`` on the tiny model, or the server at ``INSTDIFF_SERVE_URL`` when that is set.
+    """
+    _require_browser()
+    if request.param == "fake":
+        with _fake_server() as url:
+            yield url
+    elif os.environ.get("INSTDIFF_SERVE_URL"):
+        yield os.environ["INSTDIFF_SERVE_URL"].rstrip("/")
+    else:
+        with _real_server(tmp_path_factory.mktemp("serve")) as url:
+            yield url
 
 
 # ---- the browser --------------------------------------------------------------------------------------------
@@ -246,10 +333,12 @@ def test_page_loads_offline_assets(driver, base_url):
     """The page, its script and its style load from the server alone; the server status line is filled in."""
     _open(driver, base_url)
     assert driver.title.startswith("instdiff")
-    assert "Server ready" in driver.find_element("id", "server").text
+    status = driver.find_element("id", "server").text
+    assert "Server ready" in status and "Model: " in status, status
     # every asset is local: no element points off the server
     urls = driver.execute_script(
-        "return [...document.querySelectorAll('[src],[href]')].map(e => e.getAttribute('src') || e.getAttribute('href'));"
+        "return [...document.querySelectorAll('[src],[href]')]"
+        ".map(e => e.getAttribute('src') || e.getAttribute('href'));"
     )
     assert all(not u.startswith(("http:", "https:", "//")) for u in urls), urls
     # the stylesheet applied (the error box is styled and hidden)
@@ -274,6 +363,7 @@ def test_upload_and_edit(driver, base_url, tmp_path):
     assert driver.find_element("id", "edit-run").is_enabled()
     driver.find_element("id", "edit-source").send_keys("a blue square")
     driver.find_element("id", "edit-target").send_keys("a red square")
+    driver.find_element("id", "edit-steps").send_keys(str(STEPS))
     driver.find_element("id", "edit-run").click()
     assert _wait_image(driver, "edit-output-img") == size
     assert _wait_image(driver, "edit-input-img") == size
@@ -287,6 +377,7 @@ def test_session_generate_and_edit(driver, base_url):
     """Generate from a prompt (a session starts), change the prompt: the new image, outline and timings appear."""
     _open(driver, base_url)
     driver.find_element("id", "gen-prompt").send_keys("a red circle")
+    driver.find_element("id", "gen-steps").send_keys(str(STEPS))
     driver.find_element("id", "gen-run").click()
     size = _wait_image(driver, "input-img")
     assert driver.find_element("id", "session-form").is_displayed()

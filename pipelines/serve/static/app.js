@@ -335,14 +335,10 @@ async function onEdit(ev) {
 
 // ---- session edit --------------------------------------------------------------------------------
 
-// Seconds a full regeneration takes: a field of the edit response when the server reports one, else the
-// session's own generation time.
+// Seconds a full regeneration takes: the server's figure (the session's generation time) when it sends one, else
+// the generation time the page saw.
 function fullSeconds(r) {
-  for (const k of ["full_seconds", "regenerate_seconds", "generation_seconds"]) {
-    if (typeof r[k] === "number") return r[k];
-  }
-  if (r.timings && typeof r.timings.full === "number") return r.timings.full;
-  return state.session.generateSeconds;
+  return typeof r.regenerate_seconds === "number" ? r.regenerate_seconds : state.session.generateSeconds;
 }
 
 async function onSessionEdit(ev) {
@@ -353,26 +349,31 @@ async function onSessionEdit(ev) {
     const prompt = $("session-prompt").value;
     const t0 = performance.now();
     const r = await api("POST", `/v1/sessions/${encodeURIComponent(s.id)}/edits`, { prompt });
-    const editSeconds = (r.timings && r.timings.total) || (performance.now() - t0) / 1000;
+    const wall = (performance.now() - t0) / 1000;
+    const editSeconds = typeof r.seconds === "number" ? r.seconds : (r.timings && r.timings.total) || wall;
     const before = dataUrl(s.imageB64);
     const after = dataUrl(r.image);
     await setImage("session-before-img", before);
     await setImage("session-after-img", after);
     await setImage("session-outline-img", r.mask ? await maskComposite(after, dataUrl(r.mask), "outline") : after);
     const full = fullSeconds(r);
+    const speedup = typeof r.speedup === "number" ? r.speedup : full && editSeconds ? full / editSeconds : null;
     const rows = [
       ["Prompt", `"${s.prompt}" → "${prompt}"`],
       ["Edit time", formatSeconds(editSeconds)],
       ["Full regeneration", formatSeconds(full)],
-      ["Speed-up", full && editSeconds ? `${(full / editSeconds).toFixed(2)}×` : "–"],
+      ["Speed-up", speedup ? `${speedup.toFixed(2)}× faster than regenerating` : "–"],
+      ["Round trip (page)", formatSeconds(wall)],
     ];
     if (typeof r.active_fraction === "number") {
-      rows.push(["Recomputed area", `${(100 * r.active_fraction).toFixed(1)} %`]);
+      rows.push(["Recomputed area", `${(100 * r.active_fraction).toFixed(1)} % of the image`]);
     }
     if (typeof r.unet_macs_ratio === "number") {
-      rows.push(["UNet MACs vs dense", `${(100 * r.unet_macs_ratio).toFixed(1)} %`]);
+      // dense MACs ÷ computed MACs of one sparse UNet step
+      rows.push(["UNet work per sparse step", `${r.unet_macs_ratio.toFixed(2)}× less than dense`]);
     }
     if (r.unet_calls !== undefined) rows.push(["UNet calls", formatNumber(r.unet_calls)]);
+    if (typeof r.edits === "number") rows.push(["Edits in this session", String(r.edits)]);
     fill($("session-stats"), [table("Session edit", rows), table("Timings", timingRows(r.timings)), warningsList(r.warnings)]);
     $("session-result").hidden = false;
     s.prompt = prompt;
@@ -417,6 +418,11 @@ async function loadServerInfo() {
     if (name) parts.push(`Model: ${name}${m.resolution ? ` (${m.resolution} px)` : ""}.`);
     const note = m.vocabulary_note || m.vocabulary;
     if (typeof note === "string" && note) parts.push(note);
+    const d = m.defaults || {};
+    if (typeof d.steps === "number") {
+      for (const id of ["gen-steps", "edit-steps"]) $(id).placeholder = `default: ${d.steps}`;
+    }
+    if (typeof d.guidance === "number") $("edit-guidance").placeholder = `default: ${d.guidance}`;
     if (Array.isArray(m.methods) && m.methods.length) {
       const sel = $("edit-method");
       const known = new Set([...sel.options].map((o) => o.value));
