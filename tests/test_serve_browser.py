@@ -417,3 +417,26 @@ def test_api_error_is_shown(driver, base_url, tmp_path):
     WebDriverWait(driver, WAIT_S).until(lambda d: err.is_displayed() and err.text)
     assert "HTTP 4" in err.text and "prompt" in err.text.lower(), err.text
     assert driver.find_element("id", "edit-run").is_enabled()  # the page stays usable
+
+
+def test_lost_session_is_explained(driver, base_url):
+    """A session the server no longer holds: the edit shows the API's 404 message and the page starts over."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open(driver, base_url)
+    driver.find_element("id", "gen-prompt").send_keys("a red circle")
+    driver.find_element("id", "gen-steps").send_keys(str(STEPS))
+    driver.find_element("id", "gen-run").click()
+    _wait_image(driver, "input-img")
+    sid = driver.find_element("id", "session-id").text
+    gone = urllib.request.Request(f"{base_url}/v1/sessions/{sid}", method="DELETE")
+    with urllib.request.urlopen(gone, timeout=30) as r:
+        assert r.status == 200
+    box = driver.find_element("id", "session-prompt")
+    box.clear()
+    box.send_keys("a blue circle")
+    driver.find_element("id", "session-run").click()
+    err = driver.find_element("id", "error")
+    WebDriverWait(driver, WAIT_S).until(lambda d: err.is_displayed() and err.text)
+    assert "HTTP 404" in err.text and sid in err.text and "start a new session" in err.text, err.text
+    assert not driver.find_element("id", "session-form").is_displayed()

@@ -11,7 +11,12 @@ const $ = (id) => document.getElementById(id);
 
 // ---- API -----------------------------------------------------------------------------------------
 
-class ApiError extends Error {}
+class ApiError extends Error {
+  constructor(message, status = 0) {
+    super(message);
+    this.status = status; // the HTTP status, 0 when no answer came
+  }
+}
 
 // A readable one-line message for a failed response: the API's {"error": {"code", "message"}}, FastAPI's
 // {"detail": ...}, or the status line.
@@ -54,7 +59,8 @@ async function api(method, path, body) {
     data = null;
   }
   if (!resp.ok) {
-    throw new ApiError(errorMessage(resp.status, resp.statusText, data, resp.headers.get("Retry-After")));
+    const retry = resp.headers.get("Retry-After");
+    throw new ApiError(errorMessage(resp.status, resp.statusText, data, retry), resp.status);
   }
   if (data === null || typeof data !== "object") {
     throw new ApiError(`The server sent a response that is not JSON (HTTP ${resp.status}).`);
@@ -348,7 +354,17 @@ async function onSessionEdit(ev) {
   await busy($("session-run"), "Recomputing…", async () => {
     const prompt = $("session-prompt").value;
     const t0 = performance.now();
-    const r = await api("POST", `/v1/sessions/${encodeURIComponent(s.id)}/edits`, { prompt });
+    let r;
+    try {
+      r = await api("POST", `/v1/sessions/${encodeURIComponent(s.id)}/edits`, { prompt });
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 404) {
+        // the server no longer holds the session (expired, evicted, deleted): start over
+        endSession(false);
+        throw new ApiError(`${e.message} Generate an image (section 1) to start a new session.`, 404);
+      }
+      throw e;
+    }
     const wall = (performance.now() - t0) / 1000;
     const editSeconds = typeof r.seconds === "number" ? r.seconds : (r.timings && r.timings.total) || wall;
     const before = dataUrl(s.imageB64);
