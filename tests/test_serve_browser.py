@@ -278,6 +278,7 @@ def driver():
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
     ):
         opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     drv = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
     drv.set_page_load_timeout(60)
     yield drv
@@ -326,12 +327,30 @@ def _open(drv, base_url: str) -> None:
     WebDriverWait(drv, 30).until(lambda d: d.find_element("id", "server").text != "Checking the server…")
 
 
+@pytest.fixture
+def page(driver, base_url):
+    """The page freshly loaded in the browser; afterwards, asserts its script raised no error.
+
+    A failed request is logged by Chromium as an error too ("Failed to load resource"); those are the tests'
+    business (the page shows them), so only the script's own errors count here.
+    """
+    driver.get_log("browser")  # drop what earlier tests left
+    _open(driver, base_url)
+    yield driver
+    errors = [
+        e["message"]
+        for e in driver.get_log("browser")
+        if e["level"] == "SEVERE" and "Failed to load resource" not in e["message"]
+    ]
+    assert errors == [], errors
+
+
 # ---- tests --------------------------------------------------------------------------------------------------
 
 
-def test_page_loads_offline_assets(driver, base_url):
+def test_page_loads_offline_assets(page):
     """The page, its script and its style load from the server alone; the server status line is filled in."""
-    _open(driver, base_url)
+    driver = page
     assert driver.title.startswith("instdiff")
     status = driver.find_element("id", "server").text
     assert "Server ready" in status and "Model: " in status, status
@@ -353,10 +372,10 @@ def test_page_loads_offline_assets(driver, base_url):
     assert no_alt == []
 
 
-def test_upload_and_edit(driver, base_url, tmp_path):
+def test_upload_and_edit(page, tmp_path):
     """Upload a PNG, run an edit: input, mask overlay and edited image appear at the input's size, with stats."""
     size = (48, 40)
-    _open(driver, base_url)
+    driver = page
     assert not driver.find_element("id", "edit-run").is_enabled()
     driver.find_element("id", "upload-file").send_keys(str(_png(tmp_path / "in.png", size)))
     assert _wait_image(driver, "input-img") == size
@@ -373,9 +392,9 @@ def test_upload_and_edit(driver, base_url, tmp_path):
     assert "instdiffedit" in stats
 
 
-def test_session_generate_and_edit(driver, base_url):
+def test_session_generate_and_edit(page):
     """Generate from a prompt (a session starts), change the prompt: the new image, outline and timings appear."""
-    _open(driver, base_url)
+    driver = page
     driver.find_element("id", "gen-prompt").send_keys("a red circle")
     driver.find_element("id", "gen-steps").send_keys(str(STEPS))
     driver.find_element("id", "gen-run").click()
@@ -404,11 +423,11 @@ def test_session_generate_and_edit(driver, base_url):
     )
 
 
-def test_api_error_is_shown(driver, base_url, tmp_path):
+def test_api_error_is_shown(page, tmp_path):
     """A request the API refuses (a whitespace-only target prompt) shows the API's message on the page."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    _open(driver, base_url)
+    driver = page
     driver.find_element("id", "upload-file").send_keys(str(_png(tmp_path / "in.png", (32, 32))))
     _wait_image(driver, "input-img")
     driver.find_element("id", "edit-target").send_keys("   ")
@@ -419,11 +438,11 @@ def test_api_error_is_shown(driver, base_url, tmp_path):
     assert driver.find_element("id", "edit-run").is_enabled()  # the page stays usable
 
 
-def test_lost_session_is_explained(driver, base_url):
+def test_lost_session_is_explained(page, base_url):
     """A session the server no longer holds: the edit shows the API's 404 message and the page starts over."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    _open(driver, base_url)
+    driver = page
     driver.find_element("id", "gen-prompt").send_keys("a red circle")
     driver.find_element("id", "gen-steps").send_keys(str(STEPS))
     driver.find_element("id", "gen-run").click()

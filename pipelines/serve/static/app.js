@@ -206,7 +206,7 @@ function table(caption, rows) {
 
 function timingRows(timings) {
   if (!timings || typeof timings !== "object") return [];
-  return Object.entries(timings).map(([k, v]) => [k, formatSeconds(v)]);
+  return Object.entries(timings).map(([k, v]) => [k.replace(/_/g, " "), formatSeconds(v)]);
 }
 
 function warningsList(warnings) {
@@ -306,8 +306,9 @@ async function onEdit(ev) {
     return;
   }
   await busy($("edit-run"), "Editing…", async () => {
+    const sent = state.inputB64; // the input of this request, even if another is chosen meanwhile
     const body = {
-      image: state.inputB64,
+      image: sent,
       target_prompt: $("edit-target").value,
       method: $("edit-method").value,
       ...numberFields([
@@ -319,16 +320,21 @@ async function onEdit(ev) {
     };
     const source = $("edit-source").value;
     if (source.trim()) body.source_prompt = source;
+    const t0 = performance.now();
     const r = await api("POST", "/v1/edits", body);
-    const input = dataUrl(state.inputB64);
+    const wall = (performance.now() - t0) / 1000;
+    const input = dataUrl(sent);
     await setImage("edit-input-img", input);
-    await setImage("edit-output-img", dataUrl(r.image));
+    const out = await setImage("edit-output-img", dataUrl(r.image));
     await setImage("edit-overlay-img", r.mask ? await maskComposite(input, dataUrl(r.mask), "tint") : input);
     const rows = [
       ["Method", String(r.method ?? body.method)],
       ["Seed", String(r.seed ?? "–")],
       ["UNet calls", formatNumber(r.unet_calls)],
+      ["Size", `${out.naturalWidth} × ${out.naturalHeight} px`],
     ];
+    if (typeof r.mask_area === "number") rows.push(["Edited area", `${(100 * r.mask_area).toFixed(1)} % of the image`]);
+    rows.push(["Round trip (page)", formatSeconds(wall)]);
     fill($("edit-stats"), [
       table("Result", rows),
       table("Timings", timingRows(r.timings)),
