@@ -13,11 +13,11 @@ the browser is kept to 127.0.0.1 (every host name resolves to nothing, backgroun
 """
 
 import contextlib
+import copy
 import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,9 +26,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from serve_helpers import TINY_ARGS, b64, free_port, png, scene
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -48,13 +50,6 @@ def _require_browser() -> None:
     for path, pkg in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not Path(path).is_file():
             pytest.skip(f"{path} not found: install Debian's {pkg} (apt-get install -y {pkg}; make test-browser)")
-
-
-def _free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- a fake of the documented HTTP API v1, for the page alone ------------------------------------------------
@@ -79,10 +74,8 @@ def _fake_app():
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     sessions: dict[str, dict] = {}
 
-    def b64(img: Image.Image) -> str:
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode()
+    def encode(img: Image.Image) -> str:
+        return b64(png(np.asarray(img)))
 
     def half_mask(size: tuple[int, int]) -> Image.Image:
         m = Image.new("L", size, 0)
@@ -102,7 +95,8 @@ def _fake_app():
 
     @app.get("/v1/models")
     def models():
-        return {"models": [{"name": "fake", "resolution": 64, "methods": ["instdiffedit", "diffedit", "sdedit"]}]}
+        methods = ["instdiffedit", "diffedit", "sdedit"]
+        return {"name": "fake", "resolution": 64, "defaults": {"steps": 4, "guidance": 7.5}, "methods": methods}
 
     @app.post("/v1/edits")
     async def edits(request: Request):
@@ -113,8 +107,8 @@ def _fake_app():
         raw = body["image"].split("base64,")[-1]
         img = Image.open(io.BytesIO(base64.b64decode(raw))).convert("RGB")
         return {
-            "image": b64(ImageOps.invert(img)),
-            "mask": b64(half_mask(img.size)),
+            "image": encode(ImageOps.invert(img)),
+            "mask": encode(half_mask(img.size)),
             "method": body.get("method", "instdiffedit"),
             "seed": body.get("seed", 0),
             "unet_calls": 20,
@@ -129,7 +123,7 @@ def _fake_app():
         img = Image.linear_gradient("L").resize((64, 48)).convert("RGB")
         sid = uuid.uuid4().hex
         sessions[sid] = {"image": img, "prompt": body["prompt"]}
-        return {"session_id": sid, "image": b64(img), "timings": {"total": 2.0}}
+        return {"session_id": sid, "image": encode(img), "timings": {"total": 2.0}}
 
     @app.post("/v1/sessions/{sid}/edits")
     async def session_edit(sid: str, request: Request):
@@ -141,11 +135,15 @@ def _fake_app():
         sessions[sid] = {"image": img, "prompt": body["prompt"]}
         return {
             "session_id": sid,
-            "image": b64(img),
-            "mask": b64(half_mask(img.size)),
+            "image": encode(img),
+            "mask": encode(half_mask(img.size)),
             "active_fraction": 0.5,
             "unet_macs_ratio": 0.55,
-            "timings": {"total": 0.4},
+            "timings": {"mask": 0.1, "denoise": 0.3, "total": 0.4},
+            "seconds": 0.4,
+            "regenerate_seconds": 2.0,
+            "speedup": 5.0,
+            "edits": 1,
         }
 
     @app.delete("/v1/sessions/{sid}")
@@ -161,7 +159,7 @@ def _fake_server() -> Iterator[str]:
     """Serve :func:`_fake_app` with uvicorn on a thread at a free 127.0.0.1 port; yields its URL."""
     import uvicorn
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(_fake_app(), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -188,16 +186,17 @@ def _healthy(url: str) -> bool:
 
 @contextlib.contextmanager
 def _real_server(tmp: Path) -> Iterator[str]:
-    """Run the real app (``instdiff serve``, its own local Ray) on the tiny model at a free 127.0.0.1 port.
+    """Run the real app (``instdiff serve``, its own local Ray) with the Serve tests' tiny-model settings
+    (:data:`serve_helpers.TINY_ARGS`) at a free 127.0.0.1 port.
 
     Waits until ``/healthz`` answers 200 (at most ``APP_START_S``), yields the URL, then stops it with Ctrl-C
     (SIGINT), and kills its process group if it is still there after 60 s.
     """
     spec = yaml.safe_load((REPO / "configs" / "serve" / "default.yaml").read_text())
-    spec["applications"][0]["args"]["model"] = {"spec": "tiny", "device": "cpu", "dtype": "fp32"}
+    spec["applications"][0]["args"] = copy.deepcopy(TINY_ARGS)
     config = tmp / "serve.yaml"
     config.write_text(yaml.safe_dump(spec))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp / "serve.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -286,11 +285,8 @@ def driver():
 
 
 def _png(path: Path, size: tuple[int, int]) -> Path:
-    """Write a small test picture (a dark square on a light background) of ``size`` (W, H) as PNG."""
-    img = Image.new("RGB", size, (230, 230, 240))
-    w, h = size
-    img.paste((30, 60, 200), (w // 4, h // 4, 3 * w // 4, 3 * h // 4))
-    img.save(path)
+    """Write a small test scene (:func:`serve_helpers.scene`) of ``size`` (W, H) as PNG to ``path``."""
+    path.write_bytes(png(scene(*size)))
     return path
 
 
