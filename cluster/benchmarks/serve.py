@@ -237,16 +237,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for i in range(8)
         ]
-        # 1. edits: in-process, then Serve with batching off and on
+        # 1. edits: in-process, then one app with batching off, then on (Serve's reconfigure, no restart)
         results["edits"]["in_process"] = in_process_edits(args.model, bodies, args.threads)
+        serve.run(
+            build_app(app_args(args.model, max(args.concurrency), args.threads, args.session_steps)),
+            name="bench",
+            route_prefix="/bench",
+        )
+        model = serve.get_deployment_handle("EditModel", app_name="bench")
         for mode, batch in (("unbatched", 1), ("batched", max(args.concurrency))):
-            serve.run(build_app(app_args(args.model, batch, args.threads)), name=mode, route_prefix=f"/{mode}")
-            closed_loop(f"{base}/{mode}", bodies[:1], 1, 1)  # warm-up
+            model.reconfigure.remote(
+                {"max_batch_size": batch, "batch_wait_timeout_s": 0.05 if batch > 1 else 0.0}
+            ).result()
+            closed_loop(f"{base}/bench", bodies[:1], 1, 1)  # warm-up
             results["edits"][mode] = {
-                str(c): closed_loop(f"{base}/{mode}", bodies, c, max(args.per_client, args.min_requests // c))
+                str(c): closed_loop(f"{base}/bench", bodies, c, max(args.per_client, args.min_requests // c))
                 for c in args.concurrency
             }
-            serve.delete(mode)
             log.info("%s: %s", mode, results["edits"][mode])
         # 2. sessions
         with tempfile.TemporaryDirectory() as tmp:
@@ -261,9 +268,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
                 inproc = session_in_process(spec, steps, mask, args.reps, args.threads)
-                serve.run(build_app(app_args(spec, 1, args.threads, steps)), name="sessions", route_prefix="/s")
-                http = session_http(f"{base}/s", steps, buf.getvalue(), args.reps)
-                serve.delete("sessions")
+                if spec == args.model and steps == args.session_steps:  # the edit app serves these sessions too
+                    http = session_http(f"{base}/bench", steps, buf.getvalue(), args.reps)
+                else:
+                    serve.run(build_app(app_args(spec, 1, args.threads, steps)), name="sessions", route_prefix="/s")
+                    http = session_http(f"{base}/s", steps, buf.getvalue(), args.reps)
+                    serve.delete("sessions")
                 results["sessions"][name] = {
                     "side_px": side,
                     "steps": steps,

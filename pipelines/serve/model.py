@@ -68,6 +68,26 @@ class EditModel:
             "model %s ready on %s in %.1f s (replica %s)", m.spec, self.bundle.device, self.load_seconds, self.replica
         )
 
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's ``user_config`` hook: change batching without restarting the replica.
+
+        Args:
+            config: ``{"max_batch_size": int, "batch_wait_timeout_s": float}`` (either key; checked by
+                :class:`~pipelines.serve.config.BatchingConfig`, and against ``max_ongoing_requests``).
+
+        Raises:
+            ConfigError: unknown keys or bad values.
+        """
+        from dataclasses import replace
+
+        from instdiff.config import from_mapping
+        from pipelines.serve.config import BatchingConfig
+
+        merged = {**vars(self.args.batching), **dict(config)}
+        self.args = replace(self.args, batching=from_mapping(BatchingConfig, merged, "user_config"))
+        self._edit_batch.set_max_batch_size(self.args.batching.max_batch_size)
+        self._edit_batch.set_batch_wait_timeout_s(self.args.batching.batch_wait_timeout_s)
+
     # ---- health -----------------------------------------------------------------------------------------
     def check_health(self) -> None:
         """Ray Serve's health hook: raises until the model is loaded and its warm-up step ran."""
