@@ -27,7 +27,7 @@ from ray import serve
 from instdiff.errors import InstdiffError
 from pipelines.serve.config import ServeArgs
 from pipelines.serve.engine import EditRequest, prepare_edit, run_edits
-from pipelines.serve.errors import error_body
+from pipelines.serve.errors import error_body, is_out_of_memory
 from pipelines.serve.sessions import SessionStore, create_session, edit_session, session_config
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,12 @@ class EditModel:
         try:
             return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
         except Exception as exc:  # noqa: BLE001 - answered as an error body, never raised across Ray
-            if not isinstance(exc, InstdiffError):
+            if is_out_of_memory(exc):  # answered 503; free what the failed call held so the replica goes on
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            elif not isinstance(exc, InstdiffError):
                 log.exception("model call failed")
             return error_body(exc)
 
