@@ -2,7 +2,8 @@
 
 Issue 11's page tests: load the page, upload an image, run an edit and check the edited image appears at the
 input's size; generate an image in session mode, change the prompt and check the new image and the session
-figures appear; an API error shows as a readable message. The browser is Debian's ``chromium`` with its
+figures appear; an API error and a lost session show as readable messages; no test may leave a script error in
+the browser's console. The browser is Debian's ``chromium`` with its
 ``chromium-driver`` (``make test-browser`` installs both); without them, or without Selenium, every test is
 skipped with the reason.
 
