@@ -2,7 +2,10 @@
 
 Below :mod:`instdiff.editing` and :mod:`instdiff.sparse` (both import it; it imports only the bundle, the
 config constants and the errors), so the editor contract and the FISEdit session refuse bad input with the
-same messages. Image checks stay with the contract (:func:`instdiff.editing.check_images`).
+same messages. Image checks stay with the contract (:func:`instdiff.editing.check_images`). Also the choices
+every front end (the CLI, the HTTP endpoint) makes the same way from a request: the model folder's default steps
+and guidance (:func:`editor_defaults`), the size the image is edited at (:func:`working_size`) and whether a
+source prompt is required (:func:`require_source`).
 
 Callers that know their prompts by a name (the batch job: by row id) wrap the editor call in
 :func:`prompt_labels`, so messages and log lines name prompts by it instead of by their batch position.
@@ -19,7 +22,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from instdiff.bundle import ModelBundle
-from instdiff.config import SEED_MAX, SEED_MIN
+from instdiff.config import SEED_MAX, SEED_MIN, Method
 from instdiff.errors import EditInputError
 
 log = logging.getLogger(__name__)
@@ -179,4 +182,67 @@ def check_seeds(seeds: Iterable[Any], n: int, what: str = "images") -> list[int]
     return [check_seed(s, f"seed #{i}") for i, s in enumerate(values)]
 
 
-__all__ = ["CUT_CHARS", "check_prompts", "check_seed", "check_seeds", "prompt_labels", "truncation"]
+def editor_defaults(bundle: ModelBundle, steps: int | None, guidance: float | None) -> tuple[int, float]:
+    """Steps and guidance for an edit: the caller's, else the model folder's ``instdiff.json``, else the paper's.
+
+    Args:
+        bundle: the model (its ``defaults``, read from the folder's ``instdiff.json``).
+        steps: DDIM steps the caller asked for, or ``None``.
+        guidance: classifier-free guidance the caller asked for, or ``None``.
+
+    Returns:
+        ``(steps, guidance)``; the paper's values are 50 and 7.5. Ranges are checked by ``EditConfig``.
+    """
+    return (
+        steps if steps is not None else int(bundle.defaults.get("steps", 50)),
+        guidance if guidance is not None else float(bundle.defaults.get("guidance", 7.5)),
+    )
+
+
+def working_size(bundle: ModelBundle, model_spec: str, image_size: tuple[int, int], size: int | None) -> int | None:
+    """The longer side an image is edited at: the caller's ``size``, else the embedded model's resolution.
+
+    The embedded shapes model (spec ``"default"``) only knows its own resolution, so images of other sizes are
+    resized to it (and back after the edit, :func:`instdiff.imageio.undo_fit`); other models edit at the
+    image's own size unless the caller asks for one.
+
+    Args:
+        bundle: the loaded model (its ``resolution``, px).
+        model_spec: the spec it was loaded from (``instdiff.models.load_bundle``).
+        image_size: (W, H) of the decoded image, px.
+        size: the longer side the caller asked for, px, or ``None``.
+
+    Returns:
+        The longer side to resize to (px), or ``None`` to keep the image's size.
+    """
+    if size is None and model_spec == "default" and max(image_size) != bundle.resolution:
+        return bundle.resolution
+    return size
+
+
+def require_source(method: Method | str, source: str | None, what: str = "source_prompt") -> None:
+    """Refuse a missing source prompt for a method that reads it (:meth:`Method.needs_source_prompt`).
+
+    Args:
+        method: the editing method.
+        source: the source prompt given, or ``None``.
+        what: the field's name in the message (``--source`` for the CLI, ``source_prompt`` for the endpoint).
+
+    Raises:
+        EditInputError: ``source`` is ``None`` and the method needs a description of the input image.
+    """
+    if source is None and Method(method).needs_source_prompt():
+        raise EditInputError(f"{what} is required by {Method(method).value}: a description of the input image")
+
+
+__all__ = [
+    "CUT_CHARS",
+    "check_prompts",
+    "check_seed",
+    "check_seeds",
+    "editor_defaults",
+    "prompt_labels",
+    "require_source",
+    "truncation",
+    "working_size",
+]

@@ -24,6 +24,7 @@ SUBCOMMANDS = (
     "pipelines.datasets",
     "pipelines.bench",
     "pipelines.train_cmd",
+    "pipelines.serve.cli",
 )
 
 CliError = UsageError  # the name this module exported before instdiff.errors existed

@@ -116,13 +116,13 @@ def run(args: argparse.Namespace) -> int:
     from instdiff import imageio
     from instdiff.composite import restore
     from instdiff.editing import edit, size_multiple
+    from instdiff.inputs import editor_defaults, require_source, working_size
     from instdiff.models import load_bundle
 
     out = Path(args.out)
     if args.size is not None and args.size < 16:
         raise UsageError(f"--size must be at least 16 px (the longer side after resizing), got {args.size}")
-    if args.source is None and Method(args.method).needs_source_prompt():
-        raise UsageError(f"--source is required by {args.method}: a description of the input image")
+    require_source(args.method, args.source, "--source")
     for flag, path in (("--out", args.out), ("--mask-out", args.mask_out)):
         if path is None:
             continue
@@ -142,19 +142,19 @@ def run(args: argparse.Namespace) -> int:
         local_files_only=args.local_files_only,
         inpaint=args.inpaint_model,
     )
-    size = args.size
-    if size is None and args.model == "default" and max(array.shape[:2]) != bundle.resolution:
-        size = bundle.resolution
+    size = working_size(bundle, args.model, (array.shape[1], array.shape[0]), args.size)
+    if size is not None and args.size is None:
         notes.append(f"the embedded model works at {size} px")
     prepared = imageio.fit_to_multiple(array, size_multiple(bundle), args.size_policy, size)
     notes += prepared.notes
     for note in notes:
         log.warning("%s", note)
+    steps, guidance = editor_defaults(bundle, args.steps, args.guidance)
     cfg = EditConfig(
         method=Method(args.method),
-        steps=args.steps if args.steps is not None else int(bundle.defaults.get("steps", 50)),
+        steps=steps,
         strength=args.strength,
-        guidance=args.guidance if args.guidance is not None else float(bundle.defaults.get("guidance", 7.5)),
+        guidance=guidance,
         n_noises=args.noises,
         seed=args.seed,
         mask=MaskConfig(phi=args.phi, preset=MaskPreset(args.mask_preset)),

@@ -1,0 +1,83 @@
+"""``instdiff serve``: run the HTTP app from a Ray Serve config file until Ctrl-C.
+
+Without ``RAY_ADDRESS`` it starts a private local Ray on 127.0.0.1 (no dashboard); with it, it joins that cluster.
+The same file works with ``serve run FILE`` and ``serve deploy FILE``; its ``deployments:`` overrides are applied
+here too (:func:`pipelines.serve.app.make_app`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+from pipelines.serve.config import load_serve_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = "configs/serve/default.yaml"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` subcommand to ``sub`` (its ``func`` is :func:`run`)."""
+    p = sub.add_parser(
+        "serve",
+        help="serve the HTTP API and web page (Ray Serve)",
+        description="Serve edits and FISEdit sessions over HTTP from a Ray Serve config file; Ctrl-C stops.",
+    )
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"Ray Serve config file (default: {DEFAULT_CONFIG})")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.set_defaults(func=run)
+
+
+def connect(host: str, port: int) -> None:
+    """Join the Ray cluster at ``RAY_ADDRESS``, else start a private local one on 127.0.0.1; start Serve's HTTP
+    proxy on ``host:port``."""
+    import ray
+    from ray import serve
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Deploy the app, print its URL, wait for Ctrl-C, then shut Serve and Ray down.
+
+    Returns:
+        0 after Ctrl-C.
+
+    Raises:
+        InputNotFoundError: no such config file.
+        ConfigError: not a Serve config of this app, or bad ``args``.
+        UsageError: a port outside 1–65535.
+    """
+    import ray
+    from ray import serve
+
+    from instdiff.errors import UsageError
+    from pipelines.serve.app import make_app
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be 1 to 65535; got {args.port}")
+    spec = load_serve_file(args.config)
+    connect(args.host, args.port)
+    try:
+        serve.run(make_app(spec.args, spec.deployments), name=spec.name, route_prefix=spec.route_prefix)
+        url = f"http://{args.host}:{args.port}{spec.route_prefix}"
+        print(f"instdiff serve: {url} (API docs: {url.rstrip('/')}/docs); Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+__all__ = ["connect", "register", "run"]
