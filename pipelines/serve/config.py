@@ -115,7 +115,8 @@ class EditsConfig:
 
     Attributes:
         size: longer side edited at, px; ``"model"``: the model's resolution; ``None``: the image's own size.
-            The answer is always at the input's size (:func:`instdiff.imageio.undo_fit`).
+            The answer is always at the input's size
+            (:func:`instdiff.composite.paste_back`: the original pixels kept outside the edit).
         size_policy: sides not a multiple of the model's step: resize or pad.
     """
 

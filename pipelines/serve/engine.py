@@ -4,8 +4,9 @@ Kept apart from the deployment so the in-process benchmark baseline and the test
 step is a call into ``instdiff``: the size the image is edited at and the default steps and guidance
 (:func:`instdiff.inputs.working_size`, :func:`~instdiff.inputs.editor_defaults`), the source-prompt rule
 (:func:`~instdiff.inputs.require_source`), prompt and seed checks (:func:`~instdiff.inputs.check_prompts`,
-:func:`~instdiff.inputs.check_seed`), geometry (:func:`instdiff.imageio.fit_to_multiple` / ``undo_fit``), the
-editor contract (:func:`instdiff.editing.edit`) and PNG encoding (:func:`instdiff.imageio.encode_png`).
+:func:`~instdiff.inputs.check_seed`), geometry (:func:`instdiff.imageio.fit_to_multiple` /
+:func:`instdiff.composite.paste_back`), the editor contract (:func:`instdiff.editing.edit`) and PNG encoding
+(:func:`instdiff.imageio.encode_png`).
 
 Rows are checked one by one before batching, so one bad request never fails its batch-mates; rows that agree on
 everything but image, prompts and seed (:func:`group_key`) are edited in one call; a group that fails is retried
@@ -149,8 +150,17 @@ def _free_accelerator_memory() -> None:
 
 def _respond(p: PreparedEdit, result: Any, row: int, batch_size: int, seconds: float) -> dict[str, Any]:
     """The JSON answer of one edited row: images back at the input's size, every parameter used."""
-    edited = imageio.undo_fit(imageio.from_model_tensor(result.images[row : row + 1])[0], p.prepared)
-    mask = imageio.undo_fit(result.masks[row, 0].cpu().numpy().astype(bool), p.prepared)
+    from instdiff.composite import paste_back
+
+    # back at the input's size, the original pixels kept outside the edit (as the CLI and the batch job do)
+    edited, mask = paste_back(
+        p.request.image,
+        imageio.from_model_tensor(result.images[row : row + 1])[0],
+        result.masks[row, 0].cpu().numpy().astype(bool),
+        p.prepared,
+        p.cfg.feather,
+        p.cfg.paste_back,
+    )
     if p.request.mask is not None:  # the caller's region bounds the change: outside it, the input's pixels
         mask = mask & p.request.mask
         edited = np.where(mask[..., None], edited, p.request.image)
