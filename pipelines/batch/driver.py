@@ -371,7 +371,7 @@ def _execute(
     """Build the pipeline and write it into the output; an actor that cannot start becomes one error line.
 
     The console: Ray Data's progress bars on a terminal only, one instdiff progress line per interval
-    (:mod:`pipelines.batch.progress`).
+    (:mod:`pipelines.batch.progress`). Ray Data's per-operator stats go to ``_runs/<run_id>.stats.txt``.
 
     Raises:
         ModelLoadError: an editing actor died in its constructor (the model could not be loaded); the message
@@ -392,6 +392,9 @@ def _execute(
         ds = build_dataset(cfg, plan, in_fs, skip, run_id, retried)
         with ProgressLine(out_fs, out_path, run_id, todo):
             ds.write_datasink(sink)
+        stats = _data_stats(ds)
+        if stats:
+            storage.write_bytes(out_fs, storage.join(out_path, RUNS_DIR, f"{run_id}.stats.txt"), stats.encode())
     except ray.exceptions.ActorDiedError as exc:
         if not exc.actor_init_failed:
             raise
@@ -406,6 +409,20 @@ def _execute(
         restore_ray_console(console)
         if previous_v2 is not None:
             ctx.use_datasource_v2 = previous_v2
+
+
+def _data_stats(ds: Any) -> str:
+    """Ray Data's per-operator stats of the write that just ran ("" when Ray does not expose them).
+
+    ``Dataset.write_datasink`` keeps the executed write plan as ``_write_ds`` (Ray 2.60); its ``stats()`` is the
+    public per-operator summary (tasks, wall and CPU time, rows, bytes, nodes used).
+    """
+    written = getattr(ds, "_write_ds", None)
+    try:
+        return str(written.stats()) if written is not None else ""
+    except Exception as exc:  # noqa: BLE001 - stats are a by-product; the run's rows are already committed
+        log.debug("no Ray Data stats: %s", exc)
+        return ""
 
 
 def summarize_run(
