@@ -24,10 +24,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ class LocalCluster:
 
     Args:
         head_cpus: logical CPUs of the head.
-        worker_cpus: logical CPUs of each worker node (one node per entry).
+        worker_cpus: logical CPUs of each worker node (one node per entry; ``[]``: the head alone).
         object_store_mb: object store of each node, MiB.
         env: extra environment of every node (and of the jobs the head starts); ``PATH`` starts with this
             interpreter's folder so that a job's ``python`` is this environment's.
@@ -105,7 +107,7 @@ class LocalCluster:
         start_timeout_s: float = 180.0,
     ) -> None:
         self.head_cpus = head_cpus
-        self.worker_cpus = list(worker_cpus or [1])
+        self.worker_cpus = list(worker_cpus) if worker_cpus is not None else [1]
         self.object_store = str(object_store_mb * 2**20)
         self.start_timeout_s = start_timeout_s
         self.temp_dir = tempfile.mkdtemp(prefix="idc", dir="/tmp")  # short: Ray's socket paths have a length limit
@@ -122,6 +124,7 @@ class LocalCluster:
         self.env.update(env or {})
         self.nodes: list[Node] = []
         self.lost: list[Node] = []  # nodes killed by kill_node (their leftovers are still stopped by stop)
+        self._previous_sigterm: Any = None
 
     @property
     def gcs_address(self) -> str:
@@ -166,7 +169,16 @@ class LocalCluster:
         return node
 
     def start(self) -> LocalCluster:
-        """Start the head (with the dashboard on 127.0.0.1) and the workers; wait until all have joined."""
+        """Start the head (with the dashboard on 127.0.0.1) and the workers; wait until all have joined.
+
+        While the cluster runs, SIGTERM to this process (e.g. ``timeout``) raises ``SystemExit`` so that the
+        caller's ``with`` / ``finally`` stops the nodes (the default action would exit and leave them running).
+        """
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+            signal.SIG_DFL,
+            None,
+        ):
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             self._start(
                 "head",
@@ -249,12 +261,19 @@ class LocalCluster:
                 log.warning("ray start (%s, pid %d) did not exit", node.name, node.proc.pid)
         self.nodes = []
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _alive(pid: int, created: float) -> bool:

@@ -24,7 +24,7 @@ JOB = {
     "seed": 0,
     "model": {"spec": "tiny"},
     "method": {"name": "instdiffedit", "steps": 6, "n_noises": 1},
-    "actors": {"pool_size": 1, "num_cpus": 1, "batch_size": 2},
+    "actors": {"pool_size": 2, "num_cpus": 1, "batch_size": 2},
     "write": {"max_rows_per_file": 2},
     "ray": {"progress_bars": False},
 }
@@ -64,14 +64,15 @@ def test_ray_job_submit_on_two_nodes_and_a_lost_worker(tmp_path):
     pq.write_table(table, tmp_path / "in.parquet")
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({"input": str(tmp_path / "in.parquet"), "output": str(tmp_path / "out"), **JOB}))
-    with LocalCluster(head_cpus=1, worker_cpus=[1]) as c:
+    # the head holds at most one of the two actors, so the worker node always runs an editing actor
+    with LocalCluster(head_cpus=1, worker_cpus=[2]) as c:
         client = JobSubmissionClient(c.dashboard_url)
         # 1. the README's command, waiting for the end; status, logs and output checked
         proc = _submit(c, "plain", config, wait=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.returncode == 0, proc.stdout[-4000:]
         status, logs = _wait(client, "plain", 30)
         assert status == "SUCCEEDED"
-        assert "Ray: the Ray job's cluster at" in logs and "2 node(s), 2 CPUs" in logs
+        assert "Ray: the Ray job's cluster at" in logs and "2 node(s), 3 CPUs" in logs
         summary = json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
         assert (summary["ok"], summary["cluster"]["nodes"]) == (len(ids), 2)
         _ids_once(tmp_path / "out", ids)
@@ -85,14 +86,14 @@ def test_ray_job_submit_on_two_nodes_and_a_lost_worker(tmp_path):
             "temporary copy of its --working-dir upload" in logs
         )
 
-        # 3. chaos: the worker node is lost mid-job and replaced (as an autoscaler would)
+        # 3. chaos: the worker node (with an editing actor) is lost mid-job and replaced, as an autoscaler would
         chaos_out = tmp_path / "chaos"
         _submit(c, "chaos", config, "--output", str(chaos_out), wait=False)
         _wait(client, "chaos", 300, until=lambda s, lg: s in TERMINAL or "Starting execution of Dataset" in lg)
         time.sleep(8)  # the pool is editing
         worker = next(n for n in c.nodes if n.name != "head")
         killed = c.kill_node(worker)
-        c.add_worker(1)
+        c.add_worker(2)
         status, logs = _wait(client, "chaos", 420)
         outcome = {"killed_processes": len(killed), "first_status": status}
         if status != "SUCCEEDED":  # a clear failure, then a re-run completes without duplicates

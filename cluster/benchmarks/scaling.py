@@ -16,7 +16,7 @@ ran, GPU utilisation sampled through NVML when GPUs and ``pynvml`` exist, and co
 * CPU efficiency(k) = steady CPU s/row(1) / steady CPU s/row(k): 1.0 means an extra actor costs no extra CPU
   per row, i.e. k idle cores give k times the rate.
 
-    python -m cluster.benchmarks.scaling --layout single=3 --layout two-nodes=2,1 --actors 1 2 \\
+    python -m cluster.benchmarks.scaling --layout one-node=3 --layout two-nodes=2,1@2 --actors 1 2 \\
         --out docs/results/scaling.json
     RAY_ADDRESS=HEAD:6379 python -m cluster.benchmarks.scaling --actors 1 2 4 8 --num-gpus 1 --usd-per-hour 12
 
@@ -293,7 +293,9 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def run_layout(args: argparse.Namespace, name: str, cpus: list[int] | None, table: Any, work: Path) -> dict[str, Any]:
+def run_layout(
+    args: argparse.Namespace, name: str, cpus: list[int] | None, actors: list[int], table: Any, work: Path
+) -> dict[str, Any]:
     """Start the layout's cluster (or join ``--address``), warm it up, time every actor count, stop it."""
     cluster = LocalCluster(head_cpus=cpus[0], worker_cpus=cpus[1:]) if cpus else None
     info = None
@@ -303,7 +305,7 @@ def run_layout(args: argparse.Namespace, name: str, cpus: list[int] | None, tabl
         log.info("layout %s: %s", name, info.describe())
         write_table(table.slice(0, args.batch_size), str(work / "warm.parquet"), compression="snappy")
         batch.run_job(job_config(args, str(work / "warm.parquet"), str(work / f"warm-{name}"), 1))
-        results = [time_actors(args, table, work / name, k, local=cluster is not None) for k in args.actors]
+        results = [time_actors(args, table, work / name, k, local=cluster is not None) for k in actors]
     finally:
         disconnect(info)
         if cluster:
@@ -328,7 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="a running cluster (else --layout)")
-    p.add_argument("--layout", action="append", default=None, metavar="NAME=CPUS[,CPUS]", help="a local cluster")
+    p.add_argument(
+        "--layout",
+        action="append",
+        default=None,
+        metavar="NAME=CPUS[,CPUS][@K[,K]]",
+        help="a local cluster: the head's CPUs, then one worker node per further number; @K,K: its actor counts "
+        "(default --actors)",
+    )
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     p.add_argument("--model", default="tiny")
     p.add_argument("--steps", type=int, default=20)
@@ -343,22 +352,25 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    layouts: list[tuple[str, list[int] | None]] = []
+    layouts: list[tuple[str, list[int] | None, list[int]]] = []
     for spec in args.layout or []:
-        name, _, cpus = spec.partition("=")
-        layouts.append((name, [int(c) for c in cpus.split(",")]))
+        name, _, rest = spec.partition("=")
+        cpus, _, ks = rest.partition("@")
+        layouts.append(
+            (name, [int(c) for c in cpus.split(",")], [int(k) for k in ks.split(",")] if ks else args.actors)
+        )
     if not layouts:
         if not args.address:
             p.error("give --address (or RAY_ADDRESS) or at least one --layout NAME=CPUS[,CPUS]")
-        layouts = [("cluster", None)]
+        layouts = [("cluster", None, args.actors)]
     size = 32 if args.model == "tiny" else 64
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         work = Path(tmp)
         table = shapes_table(args.rows, seed=0, size=size)
         write_table(table, str(work / "full.parquet"), compression="snappy")
-        for name, _ in layouts:
+        for name, _, _ in layouts:
             (work / name).mkdir()
-        done = [run_layout(args, name, cpus, table, work) for name, cpus in layouts]
+        done = [run_layout(args, name, cpus, ks, table, work) for name, cpus, ks in layouts]
     compare = {}
     if len(done) > 1:  # the same actor count on other layouts, against the first layout
         base = done[0]
