@@ -171,9 +171,10 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         """Start the head (with the dashboard on 127.0.0.1) and the workers; wait until all have joined.
 
-        While the cluster runs, SIGTERM to this process (e.g. ``timeout``) raises ``SystemExit`` so that the
-        caller's ``with`` / ``finally`` stops the nodes (the default action would exit and leave them running).
+        While the cluster runs, SIGTERM to this process (e.g. ``timeout``) stops its nodes and then raises
+        ``SystemExit`` (the default action would exit and leave them running).
         """
+        _LIVE.append(self)
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
             signal.SIG_DFL,
             None,
@@ -260,6 +261,8 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 log.warning("ray start (%s, pid %d) did not exit", node.name, node.proc.pid)
         self.nodes = []
+        if self in _LIVE:
+            _LIVE.remove(self)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._previous_sigterm)
@@ -272,7 +275,13 @@ class LocalCluster:
         self.stop()
 
 
+_LIVE: list[LocalCluster] = []  # clusters started in this process and not stopped yet
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """Stop every live cluster of this process (by process id), then exit."""
+    for cluster in list(_LIVE):
+        cluster.stop()
     raise SystemExit(128 + signum)
 
 

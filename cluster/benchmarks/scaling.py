@@ -174,9 +174,11 @@ class GpuSampler:
 def _actor_nodes(run_id_started: float) -> dict[str, int]:
     """Node id (first 8 hex) → editing actors created after ``run_id_started`` (Ray's state API)."""
     try:
+        import ray
         from ray.util.state import list_actors
 
-        actors = list_actors(detail=True, limit=1000, raise_on_missing_output=False)
+        address = ray.get_runtime_context().gcs_address
+        actors = list_actors(address=address, detail=True, limit=1000, raise_on_missing_output=False)
     except Exception as exc:  # noqa: BLE001 - placement is a by-product
         log.info("no actor placement: %s", exc)
         return {}
@@ -218,9 +220,11 @@ def time_job(args: argparse.Namespace, path: str, out: str, actors: int, local: 
     }
 
 
-def time_actors(args: argparse.Namespace, table: Any, work: Path, actors: int, local: bool) -> dict[str, Any]:
+def time_actors(
+    args: argparse.Namespace, table: Any, full_path: str, work: Path, actors: int, local: bool
+) -> dict[str, Any]:
     """The small and the full job with ``actors`` actors; steady rows/s and CPU s/row from their difference."""
-    small_path, full_path = str(work / f"small-{actors}.parquet"), str(work / "full.parquet")
+    small_path = str(work / f"small-{actors}.parquet")
     write_table(table.slice(0, args.batch_size * actors), small_path, compression="snappy")
     small = time_job(args, small_path, str(work / f"out-{actors}-small"), actors, local)
     full = time_job(args, full_path, str(work / f"out-{actors}-full"), actors, local)
@@ -305,7 +309,8 @@ def run_layout(
         log.info("layout %s: %s", name, info.describe())
         write_table(table.slice(0, args.batch_size), str(work / "warm.parquet"), compression="snappy")
         batch.run_job(job_config(args, str(work / "warm.parquet"), str(work / f"warm-{name}"), 1))
-        results = [time_actors(args, table, work / name, k, local=cluster is not None) for k in actors]
+        full = str(work / "full.parquet")
+        results = [time_actors(args, table, full, work / name, k, local=cluster is not None) for k in actors]
     finally:
         disconnect(info)
         if cluster:

@@ -278,6 +278,12 @@ def run_job(cfg: BatchConfig, run_id: str | None = None, address: str | None = N
         ModelLoadError: the editing actors cannot load the model (on a local cluster, a missing model folder
             or an unavailable device is found before Ray starts).
     """
+    # Every module the driver needs is imported before Ray starts workers: under `ray job submit --working-dir`,
+    # Ray may delete and re-extract the job's working directory (the driver's own code) when it sets up the
+    # runtime environment of the job's first workers on the head node (Ray 2.60, working_dir overwrite=True);
+    # an import at that moment fails with ModuleNotFoundError.
+    from pipelines.batch.sink import PartSink
+
     run_id = run_id or new_run_id()
     cfg = cfg.with_(input=resolve_path(cfg.input, "input"), output=resolve_path(cfg.output, "output"))
     local = will_be_local(address)
@@ -322,7 +328,8 @@ def run_job(cfg: BatchConfig, run_id: str | None = None, address: str | None = N
         _write_manifest(out_fs, out_path, run_id, cfg)
         skip = pa.array(sorted(done & input_ids), type=pa.string()) if done else None
         retried = sorted(prior.error_ids & input_ids) if cfg.retry_errors else []
-        _execute(cfg, plan, in_fs, (out_fs, out_path), skip, run_id, pa.array(retried, type=pa.string()), todo)
+        sink = PartSink(out_fs, out_path, run_id, cfg.write.max_rows_per_file, cfg.write.compression)
+        _execute(cfg, plan, in_fs, sink, skip, run_id, pa.array(retried, type=pa.string()), todo)
     else:
         _write_manifest(out_fs, out_path, run_id, cfg)
     seconds = time.perf_counter() - t0
@@ -362,7 +369,7 @@ def _execute(
     cfg: BatchConfig,
     plan: InputPlan,
     in_fs: Any,
-    out: tuple[Any, str],
+    sink: Any,
     skip: pa.Array | None,
     run_id: str,
     retried: pa.Array,
@@ -379,15 +386,12 @@ def _execute(
     """
     import ray
 
-    from pipelines.batch.sink import PartSink
-
-    out_fs, out_path = out
+    out_fs, out_path = sink.fs, sink.path
     ctx = ray.data.DataContext.get_current()
     console = configure_ray_console(cfg.ray.progress_bars)
     previous_v2 = getattr(ctx, "use_datasource_v2", None)
     if previous_v2 is not None:
         ctx.use_datasource_v2 = cfg.ray.datasource_v2
-    sink = PartSink(out_fs, out_path, run_id, cfg.write.max_rows_per_file, cfg.write.compression)
     try:
         ds = build_dataset(cfg, plan, in_fs, skip, run_id, retried)
         with ProgressLine(out_fs, out_path, run_id, todo):
