@@ -95,7 +95,12 @@ def test_ray_job_submit_on_two_nodes_and_a_lost_worker(tmp_path):
         killed = c.kill_node(worker)
         c.add_worker(2)
         status, logs = _wait(client, "chaos", 420)
-        outcome = {"killed_processes": len(killed), "first_status": status}
+        outcome = {
+            "killed_processes": len(killed),
+            "first_status": status,
+            "node_loss_seen_by_job": "dead or unavailable" in logs or "marked dead" in logs,
+            "retried_after_loss": "will be retried" in logs,
+        }
         if status != "SUCCEEDED":  # a clear failure, then a re-run completes without duplicates
             last = [line for line in logs.splitlines() if line.strip()][-1]
             outcome["failure"] = last
