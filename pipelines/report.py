@@ -47,14 +47,19 @@ def read_output(output: str, storage_cfg: storage.StorageConfig | None = None) -
         The rows in the output schema (:func:`latest_rows`), sorted by id.
 
     Raises:
-        InputNotFoundError: no Parquet files under ``output``.
-        StorageError: ``output`` cannot be reached, or a file under it is not Parquet (the message names it).
+        InputNotFoundError: no readable Parquet files under ``output`` (unreadable ones are skipped with a warning).
+        StorageError: ``output`` cannot be reached.
         SchemaError: the files are not in the batch output schema.
     """
     fs, path = storage.resolve(output, storage_cfg)
     files = storage.list_files(fs, path)
     if not files:
         raise InputNotFoundError(f"no Parquet files under {storage.display(fs, path)}")
+    files, unreadable = storage.readable_parquet(fs, files)
+    for f, reason in unreadable.items():
+        log.warning("skipping unreadable file %s (%s); a re-run of the job moves it to _invalid/", f, reason)
+    if not files:
+        raise InputNotFoundError(f"no readable Parquet files under {storage.display(fs, path)}")
     with storage.reading(f"batch output {storage.display(fs, path)}"):
         table = pads.dataset(files, filesystem=fs, format="parquet").to_table()
     problems = S.output_schema_problems(table.schema)

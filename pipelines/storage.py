@@ -242,6 +242,29 @@ def list_files(fs: pafs.FileSystem, path: str, suffix: str = ".parquet") -> list
     return sorted(out)
 
 
+def readable_parquet(fs: pafs.FileSystem, files: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Split ``files`` into Parquet files whose footer reads and the others (e.g. truncated by a killed writer).
+
+    Args:
+        fs: the filesystem.
+        files: Parquet file paths inside ``fs``.
+
+    Returns:
+        ``(readable, unreadable)``: the readable paths in order, and path → reason (one line) for the rest.
+    """
+    import pyarrow.parquet as pq
+
+    readable, unreadable = [], {}
+    for f in files:
+        try:
+            pq.read_metadata(f, filesystem=fs)
+        except (pa.ArrowException, OSError) as exc:
+            unreadable[f] = _cause(exc)
+        else:
+            readable.append(f)
+    return readable, unreadable
+
+
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     """The whole content of the file ``path`` in ``fs``."""
     with fs.open_input_stream(path) as f:
@@ -291,6 +314,57 @@ def write_table(
         fs.create_dir(parent, recursive=True)
     pq.write_table(table, path, filesystem=fs, row_group_size=row_group_size, compression=compression)
     return display(fs, path)
+
+
+def temporary_name(path: str) -> str:
+    """Where :func:`write_parquet_part` writes ``path`` before committing it: a hidden name in the same folder.
+
+    The name starts with ``.`` (hidden from :func:`list_files`, pyarrow's dataset discovery and Spark) and
+    carries a random suffix, so concurrent writers never share one.
+    """
+    import uuid
+
+    folder, name = posixpath.split(path)
+    return posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def write_parquet_part(
+    fs: pafs.FileSystem,
+    path: str,
+    table: pa.Table,
+    compression: str = "zstd",
+    row_group_size: int | None = None,
+) -> None:
+    """Write one Parquet part so that readers see the whole file or nothing (the job's part writer).
+
+    On a local filesystem the file is written under :func:`temporary_name` and committed by renaming it to
+    ``path`` (atomic on POSIX within one filesystem); a writer killed midway leaves only a hidden temporary
+    file, which readers skip. Object stores (S3, GCS) publish an object only when its upload completes, so
+    there the file is written in place. Parent folders are created.
+
+    Args:
+        fs: the filesystem.
+        path: the final file path inside ``fs``.
+        table: the rows.
+        compression: a Parquet codec.
+        row_group_size: rows per row group (``None``: pyarrow's default).
+    """
+    import pyarrow.parquet as pq
+
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        pq.write_table(table, path, filesystem=fs, row_group_size=row_group_size, compression=compression)
+        return
+    tmp = temporary_name(path)
+    try:
+        pq.write_table(table, tmp, filesystem=fs, row_group_size=row_group_size, compression=compression)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
 
 
 def display(fs: pafs.FileSystem, path: str) -> str:

@@ -160,5 +160,5 @@ def test_python_m_entry_point_joins_the_cluster_at_ray_address(ray_local, tmp_pa
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "connecting to the Ray cluster at" in proc.stderr
+    assert "Ray: the Ray cluster at" in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"] == 2

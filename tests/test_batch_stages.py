@@ -361,6 +361,7 @@ def test_an_actor_that_cannot_load_the_model_ends_the_job_with_its_own_error(tmp
 
     from instdiff.errors import ModelLoadError
     from pipelines.batch import driver
+    from pipelines.ray_connect import ClusterInfo
 
     traceback_text = (
         "\x1b[36mray::MapWorker(MapBatches(EditStage)).__init__()\x1b[39m (pid=1, ip=127.0.0.1)\n"
@@ -372,10 +373,11 @@ def test_an_actor_that_cannot_load_the_model_ends_the_job_with_its_own_error(tmp
     died = ActorDiedError(RayTaskError("__init__", traceback_text, ModelLoadError("x")))
 
     class Dataset:
-        def write_parquet(self, *args: object, **kwargs: object) -> None:
+        def write_datasink(self, *args: object, **kwargs: object) -> None:
             raise died
 
-    monkeypatch.setattr(driver, "connect_ray", lambda cfg: False)
+    cluster = ClusterInfo(kind="local", address="127.0.0.1:1", started=False, nodes=1, cpus=2.0, gpus=0.0)
+    monkeypatch.setattr(driver, "connect_ray", lambda cfg, address=None: cluster)
     monkeypatch.setattr(driver, "check_resources", lambda cfg, local: None)
     monkeypatch.setattr(driver, "build_dataset", lambda *args, **kwargs: Dataset())
     with pytest.raises(ModelLoadError) as info:

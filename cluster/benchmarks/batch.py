@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from pipelines import batch
 from pipelines.config import BatchConfig, parse_config
 from pipelines.make_dataset import shapes_table
+from pipelines.ray_connect import connect, disconnect
 from pipelines.runinfo import write_report
 from pipelines.storage import write_table
 
@@ -309,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         stage = batch.EditStage(cfg.model, cfg.method, cfg.image, threads=1)
         model_load_s = time.perf_counter() - t0
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        # a private cluster on this machine, never the one in Ray's address file (pipelines.ray_connect)
+        cluster = connect("local", num_cpus=args.cpus, log_to_driver=False)
         niceness = int(ray.get(ray.remote(lambda: os.nice(0)).remote()))  # Ray workers' CPU priority
         # an unmeasured job first: task workers import their libraries once per cluster, not once per job
         write_table(table.slice(0, args.batch_size), small_path, compression="snappy")
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["fixed_cost_s"],
                 )
         finally:
-            ray.shutdown()
+            disconnect(cluster)
     by_k = {r["actors"]: r for r in results}
     scaling = {}
     for k, r in by_k.items():

@@ -5,8 +5,9 @@ Run it::
     instdiff batch --config configs/batch/demo.yaml [--input PATH] [--output PATH] [--set method.steps=20]
     python -m pipelines.batch --config configs/batch/demo.yaml          # the same thing
 
-With ``RAY_ADDRESS`` set the job connects to that cluster, otherwise it starts a local one, so the same
-command runs under Ray's job API::
+With ``--address`` or ``RAY_ADDRESS`` the job joins that cluster (under ``ray job submit``: the job's cluster),
+otherwise it starts a private local one (:mod:`pipelines.ray_connect`), so the same command runs under Ray's
+job API (input and output absolute or ``s3://`` there)::
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m pipelines.batch --config configs/batch/gpu-s3.yaml
@@ -14,14 +15,15 @@ command runs under Ray's job API::
 The pipeline (one read, three map stages, one write; rows stream through, nothing is materialised)::
 
     read_parquet → read_stage (tasks: normalize types, decode) → EditStage (actor pool, model loaded once per actor)
-                 → finalize_batch (tasks: PNG encoding, metrics) → write_parquet (≤ max_rows_per_file)
+                 → finalize_batch (tasks: PNG encoding, metrics) → PartSink (≤ max_rows_per_file, parts committed whole)
 
 Modules, by responsibility: :mod:`~pipelines.batch.rows` (the rows between stages, per-row seed and error
 text, carried columns), :mod:`~pipelines.batch.inputs` (many input files planned as one table, the read stage
 that normalizes each block), :mod:`~pipelines.batch.decode`, :mod:`~pipelines.batch.edit_stage` and
 :mod:`~pipelines.batch.finalize` (the three stages), :mod:`~pipelines.batch.runner` (the stages in one process,
-without Ray),
-:mod:`~pipelines.batch.resume` (what an output already holds; run file names), :mod:`~pipelines.batch.ray_cluster`
+without Ray), :mod:`~pipelines.batch.resume` (what an output already holds; unreadable parts set aside),
+:mod:`~pipelines.batch.sink` (the Parquet parts, each committed by rename), :mod:`~pipelines.batch.progress`
+(the console: one progress line, Ray Data's bars on a terminal only), :mod:`~pipelines.batch.ray_cluster`
 (connecting to Ray, resource checks), :mod:`~pipelines.batch.driver` (input plan, dataset, :func:`run_job`,
 run summary) and :mod:`~pipelines.batch.cli` (the command line). Only the edit stage loads torch models and
 diffusers, inside its methods: the decode and finalize workers, which import this package, never do.

@@ -37,7 +37,8 @@ _FLAG_KEYS = {
 
 _PARSER_TEXT = {
     "description": "Edit every row of a Parquet dataset on Ray Data and write Parquet with the edited images, "
-    "masks and metrics. Connects to RAY_ADDRESS when set, else starts a local cluster. "
+    "masks and metrics. Runs on the Ray cluster at --address or RAY_ADDRESS (under `ray job submit`: the job's "
+    "cluster), else on a private local cluster. Relative paths are refused under `ray job submit`. "
     "Re-running with the same output resumes. Input schema:\n" + S.describe_input_schema(),
     "formatter_class": argparse.RawDescriptionHelpFormatter,
     "epilog": "examples:\n"
@@ -63,6 +64,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML job config (configs/batch/*.yaml); flags override it")
     p.add_argument("--input", default=None, help="input Parquet file or folder, local or s3://bucket/prefix")
     p.add_argument("--output", default=None, help="output folder, local or s3://bucket/prefix")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join: HOST:PORT of its head (GCS), 'auto', ray://HOST:PORT, or 'local' for a private "
+        "cluster on this machine (default: RAY_ADDRESS, else a private local cluster)",
+    )
     add_model_args(p)
     p.set_defaults(model=None, inpaint_model=None, device=None, dtype=None, local_files_only=None)
     p.add_argument("--method", default=None, help="instdiffedit, sdedit, diffedit or fisedit (method.name)")
@@ -132,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     running = ray.is_initialized()
     cfg = config_from_args(args)
     try:
-        summary = run_job(cfg)
+        summary = run_job(cfg, address=getattr(args, "address", None))
     finally:
         if not running and ray.is_initialized():
             ray.shutdown()

@@ -4,7 +4,7 @@ The pipeline (one read, three map stages, one write; rows stream through, nothin
 
     read_parquet (one read per set of files with the same columns) → read_stage (tasks: normalize + decode)
                  → EditStage (actor pool, model loaded once per actor)
-                 → finalize_batch (tasks: PNG encoding, metrics) → write_parquet (≤ max_rows_per_file)
+                 → finalize_batch (tasks: PNG encoding, metrics) → PartSink (≤ max_rows_per_file, atomic parts)
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import collections
 import contextlib
 import json
 import logging
-import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,11 @@ from pipelines.batch.decode import DecodeOptions
 from pipelines.batch.edit_stage import EditStage
 from pipelines.batch.finalize import finalize_batch
 from pipelines.batch.inputs import InputPlan, plan_input, read_stage
+from pipelines.batch.progress import ProgressLine, configure_ray_console, restore_ray_console
 from pipelines.batch.ray_cluster import check_resources, connect_ray
-from pipelines.batch.resume import RUNS_DIR, PriorOutput, check_resumable, new_run_id, run_filenames, scan_output
+from pipelines.batch.resume import RUNS_DIR, PriorOutput, check_resumable, new_run_id, scan_output, set_aside
 from pipelines.config import BatchConfig, ModelConfig, fingerprint, to_dict
+from pipelines.ray_connect import ClusterInfo, resolve_path, summary_fields, will_be_local
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class JobSummary:
         rows_per_s: ``written / seconds``.
         files: data files this run wrote.
         top_errors: the ten most frequent error texts of this run and their counts.
+        cluster: the Ray cluster the run used (kind, address, nodes, cpus, gpus; empty when nothing was edited).
     """
 
     run_id: str
@@ -68,6 +70,7 @@ class JobSummary:
     rows_per_s: float
     files: int
     top_errors: dict[str, int]
+    cluster: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as plain JSON-able data."""
@@ -137,20 +140,6 @@ def build_dataset(
     )
 
 
-def _append_mode() -> dict[str, Any]:
-    """``write_parquet`` arguments that add files next to the existing ones and never delete or replace any.
-
-    Ray Data's public ``ray.data.SaveMode`` (Ray 2.60) names ``APPEND``. Where ``ray.data`` has no public
-    ``SaveMode`` (older releases), ``mode`` is left out: ``write_parquet`` then appends, its only behaviour
-    before save modes existed and their default since. The job's file names carry the run id and the write's
-    uuid, so appending never meets an existing name.
-    """
-    import ray.data
-
-    save_mode = getattr(ray.data, "SaveMode", None)
-    return {"mode": save_mode.APPEND} if save_mode is not None else {}
-
-
 def _write_json(fs: Any, path: str, data: dict) -> None:
     storage.write_bytes(fs, path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
@@ -208,16 +197,21 @@ def _actor_cause(exc: Exception) -> str:
     return " ".join(text.split())
 
 
-def run_job(cfg: BatchConfig, run_id: str | None = None) -> JobSummary:
+def run_job(cfg: BatchConfig, run_id: str | None = None, address: str | None = None) -> JobSummary:
     """Run one bulk-edit job (resuming into ``cfg.output``) and return its summary.
 
-    Everything that can be checked without Ray is checked first (the output path, the model's device, dtype
-    and local folder, the input, what the output holds); the run's manifest ``_runs/<run_id>.json`` is written
-    only after those checks and the cluster's resource check pass.
+    Everything that can be checked without Ray is checked first (the paths, the model's device, dtype and
+    local folder, the input, what the output holds); the run's manifest ``_runs/<run_id>.json`` is written
+    only after those checks and the cluster's resource check pass. Relative input and output paths are
+    resolved against the directory the command was started from, and refused in a job started by ``ray job
+    submit`` (:func:`pipelines.ray_connect.resolve_path`). Unreadable data files in the output are moved to
+    ``_invalid/`` and their ids edited again.
 
     Args:
         cfg: the job config.
         run_id: the run's id (``None``: :func:`~pipelines.batch.resume.new_run_id`).
+        address: the Ray cluster to join (``--address``; ``None``: ``RAY_ADDRESS``, else a private local
+            cluster; :mod:`pipelines.ray_connect`).
 
     Returns:
         What the run did, read back from its files.
@@ -228,11 +222,20 @@ def run_job(cfg: BatchConfig, run_id: str | None = None) -> JobSummary:
         SchemaError: the input schema or ids are not accepted.
         ConfigError: a device or dtype name that is not accepted; the output holds rows made with other
             settings, or data while ``resume`` is false; on a local cluster, a pool that cannot run.
+        UsageError: a relative input or output path in a job started by ``ray job submit``.
+        RayConnectError: the cluster named by ``address`` / ``RAY_ADDRESS`` cannot be joined.
         ModelLoadError: the editing actors cannot load the model (on a local cluster, a missing model folder
             or an unavailable device is found before Ray starts).
     """
+    # Every module the driver needs is imported before Ray starts workers: under `ray job submit --working-dir`,
+    # Ray may delete and re-extract the job's working directory (the driver's own code) when it sets up the
+    # runtime environment of the job's first workers on the head node (Ray 2.60, working_dir overwrite=True);
+    # an import at that moment fails with ModuleNotFoundError.
+    from pipelines.batch.sink import PartSink
+
     run_id = run_id or new_run_id()
-    local = not os.environ.get("RAY_ADDRESS")
+    cfg = cfg.with_(input=resolve_path(cfg.input, "input"), output=resolve_path(cfg.output, "output"))
+    local = will_be_local(address)
     in_fs, in_path = storage.resolve(cfg.input, cfg.storage)
     out_fs, out_path = storage.resolve(cfg.output, cfg.storage)
     out_display = storage.display(out_fs, out_path)
@@ -245,6 +248,7 @@ def run_job(cfg: BatchConfig, run_id: str | None = None) -> JobSummary:
     if cfg.resume:
         prior = scan_output(out_fs, out_path)
         check_resumable(prior, cfg, out_display)
+        set_aside(out_fs, out_path, prior)
     elif storage.list_files(out_fs, out_path):
         raise ConfigError(f"resume: false but output {out_display} already holds data; use an empty output")
     else:
@@ -264,19 +268,23 @@ def run_job(cfg: BatchConfig, run_id: str | None = None) -> JobSummary:
         todo,
     )
     t0 = time.perf_counter()
+    cluster: ClusterInfo | None = None
     if todo > 0:
         # 4. the pipeline: read → decode → edit (actors) → encode + metrics → write
-        started = connect_ray(cfg)
-        check_resources(cfg, local=started or local)
+        cluster = connect_ray(cfg, address)
+        check_resources(cfg, local=cluster.local or (cluster.kind == "existing" and local))
+        log.info("output: %s (run %s)", out_display, run_id)
         _write_manifest(out_fs, out_path, run_id, cfg)
         skip = pa.array(sorted(done & input_ids), type=pa.string()) if done else None
         retried = sorted(prior.error_ids & input_ids) if cfg.retry_errors else []
-        _execute(cfg, plan, in_fs, (out_fs, out_path), skip, run_id, pa.array(retried, type=pa.string()))
+        sink = PartSink(out_fs, out_path, run_id, cfg.write.max_rows_per_file, cfg.write.compression)
+        _execute(cfg, plan, in_fs, sink, skip, run_id, pa.array(retried, type=pa.string()), todo)
     else:
         _write_manifest(out_fs, out_path, run_id, cfg)
     seconds = time.perf_counter() - t0
     # 5. summary, read back from this run's files
     summary = summarize_run(out_fs, out_path, run_id, plan.rows, skip_ok, skip_err, seconds)
+    summary.cluster = summary_fields(cluster)
     _write_json(out_fs, storage.join(out_path, RUNS_DIR, f"{run_id}.summary.json"), summary.to_dict())
     log.info(
         "run %s: %d ok, %d error, %d skipped; %.2f rows/s over %.1f s; output: %s",
@@ -310,12 +318,16 @@ def _execute(
     cfg: BatchConfig,
     plan: InputPlan,
     in_fs: Any,
-    out: tuple[Any, str],
+    sink: Any,
     skip: pa.Array | None,
     run_id: str,
     retried: pa.Array,
+    todo: int,
 ) -> None:
     """Build the pipeline and write it into the output; an actor that cannot start becomes one error line.
+
+    The console: Ray Data's progress bars on a terminal only, one instdiff progress line per interval
+    (:mod:`pipelines.batch.progress`). Ray Data's per-operator stats go to ``_runs/<run_id>.stats.txt``.
 
     Raises:
         ModelLoadError: an editing actor died in its constructor (the model could not be loaded); the message
@@ -323,22 +335,19 @@ def _execute(
     """
     import ray
 
-    out_fs, out_path = out
+    out_fs, out_path = sink.fs, sink.path
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.ray.progress_bars
+    console = configure_ray_console(cfg.ray.progress_bars)
     previous_v2 = getattr(ctx, "use_datasource_v2", None)
     if previous_v2 is not None:
         ctx.use_datasource_v2 = cfg.ray.datasource_v2
     try:
         ds = build_dataset(cfg, plan, in_fs, skip, run_id, retried)
-        ds.write_parquet(
-            out_path,
-            filesystem=out_fs,
-            filename_provider=run_filenames(run_id),
-            max_rows_per_file=cfg.write.max_rows_per_file,
-            compression=cfg.write.compression,
-            **_append_mode(),
-        )
+        with ProgressLine(out_fs, out_path, run_id, todo):
+            ds.write_datasink(sink)
+        stats = _data_stats(ds)
+        if stats:
+            storage.write_bytes(out_fs, storage.join(out_path, RUNS_DIR, f"{run_id}.stats.txt"), stats.encode())
     except ray.exceptions.ActorDiedError as exc:
         if not exc.actor_init_failed:
             raise
@@ -350,8 +359,23 @@ def _execute(
             f"{_actor_cause(exc)}"
         ) from None
     finally:
+        restore_ray_console(console)
         if previous_v2 is not None:
             ctx.use_datasource_v2 = previous_v2
+
+
+def _data_stats(ds: Any) -> str:
+    """Ray Data's per-operator stats of the write that just ran ("" when Ray does not expose them).
+
+    ``Dataset.write_datasink`` keeps the executed write plan as ``_write_ds`` (Ray 2.60); its ``stats()`` is the
+    public per-operator summary (tasks, wall and CPU time, rows, bytes, nodes used).
+    """
+    written = getattr(ds, "_write_ds", None)
+    try:
+        return str(written.stats()) if written is not None else ""
+    except Exception as exc:  # noqa: BLE001 - stats are a by-product; the run's rows are already committed
+        log.debug("no Ray Data stats: %s", exc)
+        return ""
 
 
 def summarize_run(

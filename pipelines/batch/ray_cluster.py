@@ -1,52 +1,36 @@
-"""The Ray cluster a job runs on: join ``RAY_ADDRESS`` or start a local one, and check it can run the pool."""
+"""The Ray cluster a job runs on (the rules are :mod:`pipelines.ray_connect`'s), and whether it can run the pool."""
 
 from __future__ import annotations
 
 import logging
-import os
 
 from instdiff.errors import ConfigError
 from pipelines.config import BatchConfig
+from pipelines.ray_connect import ClusterInfo, connect
 
 log = logging.getLogger(__name__)
 
 
-def connect_ray(cfg: BatchConfig) -> bool:
-    """Connect to ``RAY_ADDRESS`` when set, else start a local cluster (``cfg.ray.num_cpus`` CPUs).
-
-    A local cluster is single-user: unless ``RAY_AUTH_MODE`` is set, token authentication is turned off.
+def connect_ray(cfg: BatchConfig, address: str | None = None) -> ClusterInfo:
+    """Start or join the job's Ray cluster by the project's connection rules (:mod:`pipelines.ray_connect`).
 
     Args:
-        cfg: the job config (its ``ray`` section sizes a local cluster).
+        cfg: the job config (its ``ray`` section sizes a private local cluster; ignored when joining one).
+        address: ``--address`` (``None``: ``RAY_ADDRESS``, else a private local cluster).
 
     Returns:
-        True if this call started or joined Ray; False if Ray was already initialised.
+        The cluster; ``started`` is true when this call started or joined Ray (the caller shuts it down).
 
     Raises:
+        RayConnectError: the address is malformed or does not answer.
         ConfigError: Ray refuses the ``ray`` section's settings for a local cluster (e.g. an object store below
             its minimum size).
     """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address)
-    else:
-        # a local single-user cluster: opt out of token auth unless the user chose a mode
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        log.info("RAY_ADDRESS is not set; starting a local Ray cluster")
-        try:
-            ray.init(
-                num_cpus=cfg.ray.num_cpus,
-                object_store_memory=cfg.ray.object_store_memory,
-                include_dashboard=False,
-            )
-        except ValueError as exc:  # Ray's own limits, e.g. its minimum object store size
-            raise ConfigError(f"ray: cannot start a local cluster with these settings: {exc}") from None
-    return True
+    return connect(
+        address,
+        num_cpus=cfg.ray.num_cpus,
+        object_store_memory=cfg.ray.object_store_memory,
+    )
 
 
 def check_resources(cfg: BatchConfig, local: bool) -> None:

@@ -1,8 +1,10 @@
 """Resume: what an output folder already holds, whether this job may add to it, and the names runs write.
 
-Every run writes its own ``part-<run_id>-<write_uuid>-<task>-<i>.parquet`` files and ``_runs/<run_id>.json``
-(its settings), so no earlier file is ever overwritten; a re-run skips the ids already written and refuses
-to mix rows made with other settings into the same output.
+Every run writes its own ``part-<run_id>-<write_id>-<task>-<i>.parquet`` files (:mod:`pipelines.batch.sink`)
+and ``_runs/<run_id>.json`` (its settings), so no earlier file is ever overwritten; a re-run skips the ids
+already written and refuses to mix rows made with other settings into the same output. A data file that
+cannot be read (left by a writer of an older version, or damaged later) is moved to ``_invalid/`` so that
+plain Parquet readers of the folder keep working, and its ids are edited again.
 """
 
 from __future__ import annotations
@@ -25,28 +27,12 @@ from pipelines.config import BatchConfig, fingerprint
 log = logging.getLogger(__name__)
 
 RUNS_DIR = "_runs"  # run manifests and summaries, next to the data (readers skip "_"-prefixed paths)
+INVALID_DIR = "_invalid"  # unreadable data files, moved aside by a resuming run
 
 
 def new_run_id() -> str:
     """A fresh run id ``<YYYYmmddTHHMMSS>-<6 hex>`` (local time, then random)."""
     return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-
-
-def run_filenames(run_id: str) -> Any:
-    """A Ray ``FilenameProvider`` giving ``part-<run_id>-<write_uuid>-<task>-<i>.parquet`` (never reused)."""
-    from ray.data.datasource import FilenameProvider
-
-    class RunFilenames(FilenameProvider):
-        """File names of one run's Parquet parts."""
-
-        def __init__(self) -> None:
-            super().__init__(file_format="parquet")
-
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            """``part-<run_id>-<write_uuid>-<task_index>.parquet`` (Ray's ``FilenameProvider`` hook)."""
-            return f"part-{run_id}-{write_uuid}-{task_index:06d}.parquet"
-
-    return RunFilenames()
 
 
 def run_of(path: str) -> str | None:
@@ -66,7 +52,9 @@ class PriorOutput:
         ok_ids: ids written with status ok.
         error_ids: ids written only as errors.
         files: readable data files.
-        unreadable: data files that could not be read (their rows are redone).
+        unreadable: data files that could not be read (their rows are redone), where they were found.
+        reasons: why each unreadable file could not be read.
+        moved: where :func:`set_aside` moved unreadable files (``_invalid/...``).
         fingerprints: run id → settings fingerprint, of the runs that wrote data.
     """
 
@@ -74,6 +62,8 @@ class PriorOutput:
     error_ids: set[str] = field(default_factory=set)
     files: int = 0
     unreadable: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
     fingerprints: dict[str, dict] = field(default_factory=dict)
 
 
@@ -85,7 +75,8 @@ def scan_output(fs: Any, path: str) -> PriorOutput:
         path: the output folder inside ``fs`` (missing: nothing written yet).
 
     Returns:
-        What the folder holds; unreadable files and run manifests are logged and skipped.
+        What the folder holds; unreadable data files are listed in ``unreadable`` (:func:`set_aside` moves them),
+        unreadable run manifests are logged and skipped.
     """
     prior = PriorOutput()
     data_runs = set()
@@ -94,13 +85,8 @@ def scan_output(fs: Any, path: str) -> PriorOutput:
         try:
             t = pq.read_table(f, columns=[S.ID, S.STATUS], filesystem=fs)
         except (pa.ArrowException, OSError) as exc:
-            log.warning(
-                "output file %s is unreadable (%s); its rows will be redone. Move it out of the output "
-                "folder so that plain Parquet readers can read the folder.",
-                f,
-                exc,
-            )
             prior.unreadable.append(f)
+            prior.reasons.append(" ".join(str(exc).split()))
             continue
         prior.files += 1
         ids, status = t[S.ID].to_pylist(), t[S.STATUS].to_pylist()
@@ -117,6 +103,44 @@ def scan_output(fs: Any, path: str) -> PriorOutput:
         except (OSError, ValueError, KeyError) as exc:
             log.warning("cannot read run manifest %s (%s); ignoring it", f, exc)
     return prior
+
+
+def set_aside(fs: Any, path: str, prior: PriorOutput) -> None:
+    """Move every unreadable data file of ``prior`` to ``_invalid/`` under ``path``, with a warning naming it.
+
+    Plain Parquet readers of the folder (``pyarrow.parquet.read_table``, ``instdiff report``) then work again;
+    ``_``-prefixed folders are not data to them. The files' ids are not in ``prior``, so the job edits them again.
+
+    Args:
+        fs: the output filesystem.
+        path: the output folder inside ``fs``.
+        prior: what :func:`scan_output` found (``moved`` is filled in).
+    """
+    for f, reason in zip(prior.unreadable, prior.reasons, strict=True):
+        where = _move_aside(fs, path, f)
+        if where:
+            prior.moved.append(where)
+        log.warning(
+            "output file %s is unreadable (%s); %s; its ids will be edited again",
+            storage.display(fs, f),
+            reason,
+            f"moved it to {storage.display(fs, where)}" if where else "it stays where readers of the folder fail on it",
+        )
+
+
+def _move_aside(fs: Any, root: str, f: str) -> str | None:
+    """Move data file ``f`` (under ``root``) to ``root/_invalid/<its relative path>``; ``None`` if it failed."""
+    rel = f[len(root.rstrip("/")) + 1 :] if f.startswith(root.rstrip("/") + "/") else f.rsplit("/", 1)[-1]
+    dest = storage.join(root, INVALID_DIR, rel)
+    try:
+        if storage.exists(fs, dest):
+            dest = f"{dest}.{uuid.uuid4().hex[:6]}"
+        fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+        fs.move(f, dest)
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("could not move %s to %s: %s", storage.display(fs, f), storage.display(fs, dest), exc)
+        return None
+    return dest
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

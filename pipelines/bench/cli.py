@@ -41,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run only these labels (others are still aggregated from earlier outputs)",
     )
     p.add_argument("--aggregate-only", action="store_true", help="do not run; re-render from existing outputs")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (HOST:PORT, 'auto', ray://..., 'local'; default: RAY_ADDRESS, else a private "
+        "local cluster)",
+    )
     p.set_defaults(func=run)
 
 
@@ -78,6 +84,6 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key):
             overrides[key] = getattr(args, key)
     cfg = load_bench_config(args.config, overrides)
-    paths = run_bench(cfg, command_line(args), args.only, args.aggregate_only)
+    paths = run_bench(cfg, command_line(args), args.only, args.aggregate_only, getattr(args, "address", None))
     print(json.dumps(paths))
     return 0

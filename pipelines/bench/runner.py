@@ -107,7 +107,9 @@ def _generate_sources(cfg: BenchConfig, table: pa.Table) -> pa.Table:
     )
 
 
-def execute(cfg: BenchConfig, input_uri: str, only: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+def execute(
+    cfg: BenchConfig, input_uri: str, only: Sequence[str] | None = None, address: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Run every run (or those whose label or slug is in ``only``) through the bulk job.
 
     A run that wrote rows records its facts in ``OUTPUT/_bench/<run>.json``; a resumed run with nothing left
@@ -117,6 +119,8 @@ def execute(cfg: BenchConfig, input_uri: str, only: Sequence[str] | None = None)
         cfg: the bench config.
         input_uri: the input rows (:func:`build_input`).
         only: labels or slugs to run (``None``: all).
+        address: the Ray cluster of the ``ray`` engine (``--address``; ``None``: ``RAY_ADDRESS``, else a private
+            local cluster; :mod:`pipelines.ray_connect`).
 
     Returns:
         Run label → the job's summary with ``bench_seconds`` (s), ``load_avg_1m`` (before, after) and
@@ -143,8 +147,8 @@ def execute(cfg: BenchConfig, input_uri: str, only: Sequence[str] | None = None)
             t0 = time.perf_counter()
             load_before = os.getloadavg()[0]
             if cfg.engine == "ray":
-                started = batch.connect_ray(bcfg) or started
-                summary = batch.run_job(bcfg).to_dict()
+                started = batch.connect_ray(bcfg, address).started or started
+                summary = batch.run_job(bcfg, address=address).to_dict()
             else:
                 summary = _run_in_process(bcfg)
             summary["bench_seconds"] = round(time.perf_counter() - t0, 3)
@@ -315,7 +319,11 @@ def _config_dict(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def run_bench(
-    cfg: BenchConfig, command: str, only: Sequence[str] | None = None, aggregate_only: bool = False
+    cfg: BenchConfig,
+    command: str,
+    only: Sequence[str] | None = None,
+    aggregate_only: bool = False,
+    address: str | None = None,
 ) -> dict[str, str]:
     """The whole benchmark: 1. input rows, 2. every run through the bulk job, 3. tables, plots, contact sheet.
 
@@ -324,6 +332,7 @@ def run_bench(
         command: the command line recorded with the results.
         only: labels or slugs to run (others are still aggregated from earlier outputs).
         aggregate_only: do not run; re-render from existing outputs and recorded facts.
+        address: the Ray cluster to run on (:func:`execute`).
 
     Returns:
         The files written (:func:`aggregate`).
@@ -333,7 +342,7 @@ def run_bench(
     input_uri, table = build_input(cfg)
     log.info("benchmark %s: %d rows, %d runs, engine %s", cfg.name, table.num_rows, len(cfg.runs), cfg.engine)
     # 2. the runs (each resumes into its own output folder)
-    facts = None if aggregate_only else execute(cfg, input_uri, only)
+    facts = None if aggregate_only else execute(cfg, input_uri, only, address)
     log.info("runs done in %.1f min; scoring", (time.perf_counter() - t0) / 60)
     # 3. aggregate (time: the sum over runs of their last editing execution)
     return aggregate(cfg, table, command, facts)
