@@ -166,10 +166,12 @@ def test_rayservice_serve_config_is_valid_for_ray_serve_and_the_app():
     serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_config)
     (app,) = serve_config["applications"]
-    serve_cfg = pytest.importorskip("pipelines.serve.config", reason="the Serve app")
-    assert app["import_path"] == serve_cfg.IMPORT_PATH
-    settings = serve_cfg.ServeSettings.from_args(app["args"])
+    from pipelines.serve.config import IMPORT_PATH, parse_args
+
+    assert app["import_path"] == IMPORT_PATH
+    settings = parse_args(app["args"])  # the app's own parser: unknown keys and bad values raise ConfigError
     assert settings.replicas.num_gpus == 1
+    assert settings.replicas.autoscaling["max_replicas"] >= 2
 
 
 def test_serve_deploy_schema_catches_mistakes():
