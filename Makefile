@@ -10,7 +10,7 @@ DEMO_N ?= 64
 DEMO_DATA := data/shapes-$(DEMO_N).parquet
 DEMO_OUT ?= out/demo
 
-.PHONY: setup test test-slow demo lint clean bench-editors bench-batch
+.PHONY: setup test test-slow test-browser test-cluster demo lint clean bench-editors bench-batch
 
 setup: $(STAMP)
 
@@ -22,7 +22,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
+
+# The web page in headless Chromium (tests/test_serve_browser.py), against the fake API and the real app
+# (instdiff serve, tiny model). Installs Debian's chromium + chromium-driver first when missing (root or sudo).
+test-browser: setup
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
+	$(BIN)/python -m pytest -q -rs -m "not gpu" tests/test_serve_browser.py
+
+# A head and a worker node on 127.0.0.1, the README's ray job submit, a worker killed mid-job; and a job
+# submitted to a head whose PATH lacks the venv (cluster/runtime_env.yaml). Several minutes.
+test-cluster: setup
+	$(BIN)/python -m pytest -q -rs -m slow tests/test_cluster_multinode.py tests/test_cluster_runtime_env.py
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

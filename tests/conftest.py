@@ -13,14 +13,22 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """A local 2-CPU Ray cluster without dashboard or token auth, shared by the session's Ray tests."""
+    """A private local 2-CPU Ray cluster on 127.0.0.1, without dashboard or token auth, shared by the session's
+    Ray tests (``address="local"``: never another user's cluster from Ray's address file)."""
     ray = pytest.importorskip("ray")
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
     mp.delenv("RAY_ADDRESS", raising=False)
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=256 * 2**20,
+            log_to_driver=False,
+        )
     yield
     if started:
         ray.shutdown()

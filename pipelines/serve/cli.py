@@ -1,6 +1,7 @@
 """``instdiff serve``: run the HTTP app from a Ray Serve config file until Ctrl-C.
 
-Without ``RAY_ADDRESS`` it starts a private local Ray on 127.0.0.1 (no dashboard); with it, it joins that cluster.
+Ray by the project's connection rules (:func:`pipelines.ray_connect.connect`): ``--address`` or ``RAY_ADDRESS``
+joins that cluster, inside a Ray job the job's cluster, otherwise a private local Ray (never someone else's).
 The same file works with ``serve run FILE`` and ``serve deploy FILE``; its ``deployments:`` overrides are applied
 here too (:func:`pipelines.serve.app.make_app`).
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 
 from pipelines.serve.config import load_serve_file
@@ -29,19 +29,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"Ray Serve config file (default: {DEFAULT_CONFIG})")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (HOST:PORT, 'auto', ray://..., 'local'; default: RAY_ADDRESS, else a private "
+        "local cluster)",
+    )
     p.set_defaults(func=run)
 
 
-def connect(host: str, port: int) -> None:
-    """Join the Ray cluster at ``RAY_ADDRESS``, else start a private local one on 127.0.0.1; start Serve's HTTP
-    proxy on ``host:port``."""
-    import ray
+def connect(host: str, port: int, address: str | None = None) -> None:
+    """Start or join Ray by the connection rules (:func:`pipelines.ray_connect.connect`); start Serve's HTTP
+    proxy on ``host:port``.
+
+    Raises:
+        RayConnectError: the cluster named by ``address`` / ``RAY_ADDRESS`` cannot be joined.
+    """
     from ray import serve
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    from pipelines.ray_connect import connect as connect_ray
+
+    cluster = connect_ray(address, log_to_driver=False)
+    log.info("Ray: %s", cluster.describe())
     serve.start(http_options={"host": host, "port": port})
 
 
@@ -65,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be 1 to 65535; got {args.port}")
     spec = load_serve_file(args.config)
-    connect(args.host, args.port)
+    connect(args.host, args.port, args.address)
     try:
         serve.run(make_app(spec.args, spec.deployments), name=spec.name, route_prefix=spec.route_prefix)
         url = f"http://{args.host}:{args.port}{spec.route_prefix}"
