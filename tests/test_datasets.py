@@ -115,7 +115,7 @@ def test_editing_mask_and_flexit_hostile_files_are_bad_rows(editing_mask_root, t
     with pytest.raises(DatasetError) as err:
         datasets.read_editing_mask(str(editing_mask_root))
     assert "2 bad row(s)" in str(err.value) and "line 1: image refused as a decompression bomb" in str(err.value)
-    assert "line 3: not a readable image (0 bytes)" in str(err.value)
+    assert "line 3: image is empty (0 bytes)" in str(err.value)
     table = datasets.read_editing_mask(str(editing_mask_root), on_bad_row="skip")
     assert table.column("id").to_pylist() == ["ILSVRC2012_val_00028602"]
 
