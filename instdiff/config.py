@@ -201,7 +201,8 @@ class EditConfig:
     ``prompt_mode``, ``inpaint`` / ``inpaint_steps`` (``None`` = ``steps``) / ``inpaint_strength`` (``None`` =
     ``strength``: start from the input noised to r; 1.0: from pure noise) for the final step;
     ``inpaint_steps_match``: the final step's schedule has ⌈r·steps⌉ steps (the edit's count; from pure noise it
-    then costs what SDEdit's loop costs), overriding ``inpaint_steps``, ``paste_back`` (composite the input back outside the final mask, in pixel space).
+    then costs what SDEdit's loop costs), overriding ``inpaint_steps``; ``paste_back`` (composite the input back
+    outside the final mask, in pixel space).
     The n-noise mask phase: ``mask_steps`` caps how many steps run the n noises and update the mask (``None`` =
     every step, the paper); ``mask_stable`` ends the phase early once every image's mask has at least this IoU
     with its previous step's mask; ``mask_guidance`` ``False`` runs the phase on the conditional rows alone (the
@@ -209,8 +210,8 @@ class EditConfig:
     ``inpaint_strength`` = r it starts from the input noised to r, as SDEdit does); with ``inpaint: none`` the
     first noise's blended denoising continues alone. ``mask_prompt``: the mask phase conditions on the target
     prompt (paper) or on the source prompt, whose edited words name what is in the image (rows with an empty
-    source prompt use the target; needs a final inpainting, ``inpaint`` not ``none``). ``attention_layers``: fnmatch patterns on the
-    cross-attention processor paths read at ``attention_downsample`` (``None`` = all of them), e.g. the
+    source prompt use the target; needs a final inpainting, ``inpaint`` not ``none``). ``attention_layers``:
+    fnmatch patterns on the cross-attention processor paths read at ``attention_downsample`` (``None`` = all of them), e.g. the
     layers a probe measured to localise (``cluster.benchmarks.attention_probe``).
     DiffEdit: ``diffedit_noises`` noises for the mask, ``diffedit_mask_strength`` (their noise level) and
     ``diffedit_threshold`` on the min-max normalised difference.
@@ -270,7 +271,9 @@ class EditConfig:
             self.mask_prompt is MaskPrompt.TARGET or self.inpaint is not Inpaint.NONE,
             "mask_prompt: 'source' needs a final inpainting (inpaint auto, unet or blend), not inpaint: none",
         )
-        _check(self.mask_steps is None or self.mask_steps >= 1, f"mask_steps: must be null or >= 1; got {self.mask_steps}")
+        _check(
+            self.mask_steps is None or self.mask_steps >= 1, f"mask_steps: must be null or >= 1; got {self.mask_steps}"
+        )
         _check(
             self.mask_stable is None or 0.0 < self.mask_stable <= 1.0,
             f"mask_stable: must be null or in (0, 1] (an IoU); got {self.mask_stable}",
@@ -295,9 +298,7 @@ class EditConfig:
         return replace(self, **kw)
 
     @classmethod
-    def for_model(
-        cls, defaults: Mapping[str, Any], preset: Preset | str = "model", **overrides: Any
-    ) -> EditConfig:
+    def for_model(cls, defaults: Mapping[str, Any], preset: Preset | str = "model", **overrides: Any) -> EditConfig:
         """The settings a model folder recommends (its ``instdiff.json``), with ``overrides`` on top.
 
         ``steps`` and ``guidance`` come from the folder's top-level keys; with ``preset="model"`` an
@@ -324,7 +325,9 @@ class EditConfig:
         if method is Method.INSTDIFFEDIT and preset is Preset.MODEL:
             section = defaults.get("instdiffedit", {})
             if not isinstance(section, Mapping):
-                raise ConfigError(f"instdiff.json: instdiffedit must be a mapping of EditConfig fields; got {section!r}")
+                raise ConfigError(
+                    f"instdiff.json: instdiffedit must be a mapping of EditConfig fields; got {section!r}"
+                )
             data.update(copy.deepcopy(dict(section)))
         for key, value in overrides.items():
             if key == "mask" and isinstance(value, Mapping):

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from instdiff.config import EditConfig, MaskConfig, Method
+from instdiff.config import EditConfig, Method
 from instdiff.errors import UsageError
 from pipelines import storage
 from pipelines.commands import add_model_args
@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--source",
         default=None,
         help="source prompt describing the input (required by diffedit, which contrasts the two prompts; "
-        "instdiffedit and sdedit do not read it)",
+        "instdiffedit's embedded-model default finds the edited words' region from it, and without it uses "
+        "the paper's token choice; sdedit does not read it)",
     )
     p.add_argument("--method", default="instdiffedit", choices=["instdiffedit", "sdedit", "diffedit"])
     add_model_args(p)
@@ -45,8 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="classifier-free guidance (default: the model folder's instdiff.json, else the paper's 7.5)",
     )
-    p.add_argument("--noises", type=int, default=3, help="InstDiffEdit parallel noises n (paper: 3)")
-    p.add_argument("--phi", type=float, default=0.2, help="InstDiffEdit binarisation threshold φ (paper: 0.2)")
+    p.add_argument(
+        "--preset",
+        default="model",
+        choices=["model", "paper"],
+        help="InstDiffEdit settings: the model folder's instdiff.json (the embedded model: its measured best "
+        "variant; SD checkpoints: the paper's) or the paper's Eq. 6-9 and loop",
+    )
+    p.add_argument("--noises", type=int, default=None, help="InstDiffEdit parallel noises n (paper: 3)")
+    p.add_argument("--phi", type=float, default=None, help="InstDiffEdit binarisation threshold φ (paper: 0.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--size-policy",
@@ -68,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Edit one image and write the PNG (and the mask); print a JSON summary line.
 
-    Steps and guidance default to the model folder's ``instdiff.json``, else the paper's 50 and 7.5. With the
+    Steps, guidance and (``--preset model``) InstDiffEdit's settings default to the model folder's
+    ``instdiff.json`` (:meth:`instdiff.config.EditConfig.for_model`), else the paper's. With the
     embedded model (``--model default``) and no ``--size``, the image is resized to the model's resolution.
 
     Returns:
@@ -112,14 +121,12 @@ def run(args: argparse.Namespace) -> int:
     prepared = imageio.fit_to_multiple(array, size_multiple(bundle), args.size_policy, size)
     for note in notes + prepared.notes:
         log.warning("%s", note)
-    cfg = EditConfig(
-        method=Method(args.method),
-        steps=args.steps if args.steps is not None else int(bundle.defaults.get("steps", 50)),
-        strength=args.strength,
-        guidance=args.guidance if args.guidance is not None else float(bundle.defaults.get("guidance", 7.5)),
-        n_noises=args.noises,
-        seed=args.seed,
-        mask=MaskConfig(phi=args.phi),
+    given = {"steps": args.steps, "guidance": args.guidance, "n_noises": args.noises}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if args.phi is not None:
+        overrides["mask"] = {"phi": args.phi}
+    cfg = EditConfig.for_model(
+        bundle.defaults, args.preset, method=Method(args.method), strength=args.strength, seed=args.seed, **overrides
     )
     source = args.source if args.source is not None else args.target
     result = edit(bundle, imageio.to_model_tensor(prepared.array), [source], [args.target], cfg)

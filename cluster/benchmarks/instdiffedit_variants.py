@@ -125,7 +125,10 @@ def markdown(res: Mapping[str, Any]) -> str:
                 f"{x['mask_area']:.2f} | {x['unet_calls_per_image']:.0f} | {x['seconds_per_image']:.4f} |"
             )
         lines += ["", "Per edit kind (IoU / success):", ""]
-        lines += ["| row | " + " | ".join(synthetic.EDIT_KINDS) + " |", "| --- |" + " --- |" * len(synthetic.EDIT_KINDS)]
+        lines += [
+            "| row | " + " | ".join(synthetic.EDIT_KINDS) + " |",
+            "| --- |" + " --- |" * len(synthetic.EDIT_KINDS),
+        ]
         for name, x in rows.items():
             cells = [
                 f"{x['per_kind'][k]['iou']:.3f} / {x['per_kind'][k]['success']:.3f}" if k in x["per_kind"] else "-"
@@ -133,7 +136,13 @@ def markdown(res: Mapping[str, Any]) -> str:
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if "goals" in r:
-            lines += ["", "Goals (model-default row, this run):", "", "| goal | value | bar | met |", "| --- | --- | --- | --- |"]
+            lines += [
+                "",
+                "Goals (model-default row, this run):",
+                "",
+                "| goal | value | bar | met |",
+                "| --- | --- | --- | --- |",
+            ]
             for g, v in r["goals"].items():
                 lines.append(f"| {g} | {v['value']:.4f} | {v['bar']:.4f} | {'yes' if v['met'] else 'no'} |")
         lines.append("")

@@ -129,7 +129,9 @@ def edit(
     read = list(target_prompts) + (list(source_prompts) if cfg.needs_source_prompt else [])
     unknown = bundle.unknown_words(read)
     if unknown:
-        log.warning("words the model's tokenizer splits into letters (unknown to %s): %s", bundle.name, ", ".join(unknown))
+        log.warning(
+            "words the model's tokenizer splits into letters (unknown to %s): %s", bundle.name, ", ".join(unknown)
+        )
     try:
         fn = EDITORS[method]
     except KeyError:

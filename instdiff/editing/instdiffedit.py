@@ -197,8 +197,8 @@ def instdiffedit(
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
             m = mask.repeat_interleave(n, dim=0).to(x.dtype)
             x = m * x_prev + (1 - m) * noised(sched, x0n, noise, t_prev)
-            stable = cfg.mask_stable is not None and prev is not None and bool(
-                (iou(mask, prev) >= cfg.mask_stable).all()
+            stable = (
+                cfg.mask_stable is not None and prev is not None and bool((iou(mask, prev) >= cfg.mask_stable).all())
             )
             prev = mask
             if done >= last_mask_step or stable:
