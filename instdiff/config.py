@@ -211,8 +211,8 @@ class EditConfig:
     first noise's blended denoising continues alone. ``mask_prompt``: the mask phase conditions on the target
     prompt (paper) or on the source prompt, whose edited words name what is in the image (rows with an empty
     source prompt use the target; needs a final inpainting, ``inpaint`` not ``none``). ``attention_layers``:
-    fnmatch patterns on the cross-attention processor paths read at ``attention_downsample`` (``None`` = all of them), e.g. the
-    layers a probe measured to localise (``cluster.benchmarks.attention_probe``).
+    fnmatch patterns on the cross-attention processor paths read at ``attention_downsample`` (``None`` = all
+    of them), e.g. the layers a probe measured to localise (``cluster.benchmarks.attention_probe``).
     DiffEdit: ``diffedit_noises`` noises for the mask, ``diffedit_mask_strength`` (their noise level) and
     ``diffedit_threshold`` on the min-max normalised difference.
 
