@@ -140,6 +140,30 @@ class ModelBundle:
             rows.append(out)
         return torch.tensor(rows, dtype=torch.long)
 
+    def unknown_words(self, prompts: Sequence[str]) -> list[str]:
+        """Words the tokenizer spells out in letters: split into two or more pieces of at most two characters.
+
+        A model never saw such a word as a unit (the embedded model's vocabulary is the shapes world's; SD's
+        CLIP splits only rare words, into longer pieces), so its maps and edits for it are noise.
+
+        Args:
+            prompts: prompts to look through.
+
+        Returns:
+            The distinct such words, in order of first appearance.
+        """
+        found: list[str] = []
+        for prompt in prompts:
+            word: list[str] = []
+            for piece in self.tokenizer.tokenize(prompt):
+                word.append(piece.removesuffix("</w>"))
+                if piece.endswith("</w>"):
+                    text = "".join(word)
+                    if len(word) >= 2 and max(len(w) for w in word) <= 2 and text not in found:
+                        found.append(text)
+                    word = []
+        return found
+
     def token_count(self, prompt: str) -> int:
         """Number of tokens of ``prompt`` including start and end tokens, before truncation."""
         return len(self.tokenizer(prompt, truncation=False).input_ids)

@@ -16,6 +16,7 @@ torch, and every other module may import this one without a cycle.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -90,6 +91,34 @@ class Refinement(StrEnum):
     OFFICIAL = "official"  # official code: norm(mean(+1 maps)) − norm(mean(−1 maps)), clamped at 0
 
 
+class MaskPrompt(StrEnum):
+    """Which prompt InstDiffEdit's mask phase conditions on (and reads the maps of)."""
+
+    TARGET = "target"  # the paper: the target prompt (or its edit words)
+    SOURCE = "source"  # the source prompt: its edited words' maps find the object that is in the image
+
+
+class Preset(StrEnum):
+    """Where InstDiffEdit's settings come from (:meth:`EditConfig.for_model`)."""
+
+    MODEL = "model"  # the model folder's instdiff.json (the embedded model: its measured best variant)
+    PAPER = "paper"  # the paper's Eq. 6–9 and loop
+
+
+class Reference(StrEnum):
+    """The map Eq. 6 compares the word maps with, to pick the index token."""
+
+    START = "start"  # paper Eq. 6: the start token's map
+    SINK = "sink"  # the attention sink: the non-word token (start, end or padding) holding the most mass
+
+
+class TokenChoice(StrEnum):
+    """Which token maps make the mask."""
+
+    PAPER = "paper"  # paper Eq. 6–8: the index token and the position vector P from map similarities
+    EDIT_SPAN = "edit_span"  # +1 on the target's words that differ from the source (a word diff), −1 on the rest
+
+
 class SizePolicy(StrEnum):
     """What to do with image sides that are not multiples of the model's step (VAE factor × UNet downsampling)."""
 
@@ -133,6 +162,11 @@ class MaskConfig:
     blur twice), always with the running mean and the current-step blend; it reads ``gamma1``, ``gamma2`` and
     ``phi`` and refuses non-default values of the paper pipeline's fields. :meth:`official` and :meth:`paper`
     build the two presets.
+    ``reference``: the map Eq. 6 compares word maps with: the start token (paper) or the measured attention
+    sink, the non-word token holding the most attention mass (the start token on SD, so the same there; the end
+    and padding tokens on the embedded model). ``tokens``: Eq. 6–8's similarity-based choice (paper) or
+    ``edit_span``: +1 on the target prompt's words that a word diff against the source prompt marks as new,
+    −1 on the other words (Eq. 6–8 are used when the prompts do not differ).
 
     Raises:
         ConfigError: a value outside the ranges above, or a paper-pipeline field set with ``preset: official``.
@@ -175,6 +209,8 @@ class MaskConfig:
     def blends_at_current_step(self) -> bool:
         """Whether Eq. 5 blends with the input noised to the current step t (the official recipe always does)."""
         return self.blend_current_step or self.preset is MaskPreset.OFFICIAL
+    reference: Reference = Reference.START
+    tokens: TokenChoice = TokenChoice.PAPER
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -225,6 +261,21 @@ class EditConfig:
     Every editor with a mask (InstDiffEdit, DiffEdit): ``feather``, the width in px, at the input's size, of the
     soft edge laid outside the mask when an edit made at a smaller working size is pasted onto the original
     pixels (``instdiff.composite.paste_back``; 0 = a hard edge).
+    ``prompt_mode``, ``inpaint`` / ``inpaint_steps`` (``None`` = ``steps``) / ``inpaint_strength`` (``None`` =
+    ``strength``: start from the input noised to r; 1.0: from pure noise) for the final step;
+    ``inpaint_steps_match``: the final step's schedule has ⌈r·steps⌉ steps (the edit's count; from pure noise it
+    then costs what SDEdit's loop costs), overriding ``inpaint_steps``; ``paste_back`` (composite the input back
+    outside the final mask, in pixel space).
+    The n-noise mask phase: ``mask_steps`` caps how many steps run the n noises and update the mask (``None`` =
+    every step, the paper); ``mask_stable`` ends the phase early once every image's mask has at least this IoU
+    with its previous step's mask; ``mask_guidance`` ``False`` runs the phase on the conditional rows alone (the
+    maps come from them; half the UNet rows). After the phase the final inpainting does the edit (with
+    ``inpaint_strength`` = r it starts from the input noised to r, as SDEdit does); with ``inpaint: none`` the
+    first noise's blended denoising continues alone. ``mask_prompt``: the mask phase conditions on the target
+    prompt (paper) or on the source prompt, whose edited words name what is in the image (rows with an empty
+    source prompt use the target; needs a final inpainting, ``inpaint`` not ``none``). ``attention_layers``:
+    fnmatch patterns on the cross-attention processor paths read at ``attention_downsample`` (``None`` = all
+    of them), e.g. the layers a probe measured to localise (``cluster.benchmarks.attention_probe``).
     DiffEdit: ``diffedit_noises`` noises for the mask, ``diffedit_mask_strength`` (their noise level) and
     ``diffedit_threshold`` on the min-max normalised difference.
 
@@ -244,9 +295,15 @@ class EditConfig:
     prompt_mode: PromptMode = PromptMode.FULL
     inpaint: Inpaint = Inpaint.AUTO
     inpaint_steps: int | None = None
-    inpaint_strength: float = 1.0
+    inpaint_strength: float | None = 1.0
+    inpaint_steps_match: bool = False
     paste_back: bool = True
     feather: int = 4
+    mask_steps: int | None = None
+    mask_stable: float | None = None
+    mask_guidance: bool = True
+    mask_prompt: MaskPrompt = MaskPrompt.TARGET
+    attention_layers: tuple[str, ...] | None = None
     # DiffEdit
     diffedit_noises: int = 10
     diffedit_mask_strength: float = 0.5
@@ -271,7 +328,21 @@ class EditConfig:
             self.inpaint_steps is None or self.inpaint_steps >= 1,
             f"inpaint_steps: must be null or >= 1; got {self.inpaint_steps}",
         )
-        _check(0.0 < self.inpaint_strength <= 1.0, f"inpaint_strength: must be in (0, 1]; got {self.inpaint_strength}")
+        _check(
+            self.inpaint_strength is None or 0.0 < self.inpaint_strength <= 1.0,
+            f"inpaint_strength: must be null (the edit's strength r) or in (0, 1]; got {self.inpaint_strength}",
+        )
+        _check(
+            self.mask_prompt is MaskPrompt.TARGET or self.inpaint is not Inpaint.NONE,
+            "mask_prompt: 'source' needs a final inpainting (inpaint auto, unet or blend), not inpaint: none",
+        )
+        _check(
+            self.mask_steps is None or self.mask_steps >= 1, f"mask_steps: must be null or >= 1; got {self.mask_steps}"
+        )
+        _check(
+            self.mask_stable is None or 0.0 < self.mask_stable <= 1.0,
+            f"mask_stable: must be null or in (0, 1] (an IoU); got {self.mask_stable}",
+        )
         _check(self.diffedit_noises >= 1, f"diffedit_noises: must be >= 1; got {self.diffedit_noises}")
         _check(
             0.0 < self.diffedit_mask_strength <= 1.0,
@@ -290,6 +361,46 @@ class EditConfig:
     def with_(self, **kw: Any) -> EditConfig:
         """A copy with ``kw`` replaced (validated again)."""
         return replace(self, **kw)
+
+    @classmethod
+    def for_model(cls, defaults: Mapping[str, Any], preset: Preset | str = "model", **overrides: Any) -> EditConfig:
+        """The settings a model folder recommends (its ``instdiff.json``), with ``overrides`` on top.
+
+        ``steps`` and ``guidance`` come from the folder's top-level keys; with ``preset="model"`` an
+        InstDiffEdit config also takes the folder's ``instdiffedit`` section (any EditConfig fields, ``mask``
+        nested), e.g. the embedded model's measured best variant. ``preset="paper"`` keeps the paper's
+        InstDiffEdit (Eq. 6–9, every step with n noises); SDEdit and DiffEdit read only steps and guidance.
+
+        Args:
+            defaults: the bundle's ``defaults`` (the parsed ``instdiff.json``; empty for SD checkpoints).
+            preset: ``model`` or ``paper``.
+            **overrides: EditConfig fields; ``mask`` may be a mapping of MaskConfig fields, merged over the
+                preset's.
+
+        Returns:
+            The config.
+
+        Raises:
+            ConfigError: an unknown preset, key or a value out of range (in the folder's section or the
+                overrides).
+        """
+        preset = _enum(Preset, preset, "preset")
+        data: dict[str, Any] = {k: defaults[k] for k in ("steps", "guidance") if k in defaults}
+        method = Method(_enum(Method, overrides.get("method", Method.INSTDIFFEDIT), "method"))
+        if method is Method.INSTDIFFEDIT and preset is Preset.MODEL:
+            section = defaults.get("instdiffedit", {})
+            if not isinstance(section, Mapping):
+                raise ConfigError(
+                    f"instdiff.json: instdiffedit must be a mapping of EditConfig fields; got {section!r}"
+                )
+            data.update(copy.deepcopy(dict(section)))
+        for key, value in overrides.items():
+            if key == "mask" and isinstance(value, Mapping):
+                data["mask"] = {**data.get("mask", {}), **value}
+            else:
+                data[key] = value
+        data["method"] = method
+        return from_mapping(cls, data, "instdiffedit")
 
 
 # ---- mapping → dataclass ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from instdiff.config import MaskConfig, MaskPreset, Refinement
+from instdiff.config import MaskConfig, MaskPreset, Reference, Refinement
 from instdiff.errors import ConfigError
 from instdiff.masks_official import official_mask
 
@@ -58,18 +58,42 @@ def word_token_mask(n_tokens: torch.Tensor, t: int) -> torch.Tensor:
     return (idx >= 1) & (idx <= (n_tokens.unsqueeze(1) - 2))
 
 
-def index_token(maps: torch.Tensor, n_tokens: torch.Tensor, invert_start: bool = False) -> torch.Tensor:
+def sink_token(maps: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """The attention sink: per image, the non-word token (start, end or padding) holding the most attention mass.
+
+    Eq. 6 compares word maps with the start token's map because on SD the start token is where attention that
+    has nowhere better to go collects. Models differ in where that is; the sink is measured here (on SD it is
+    the start token, so Eq. 6 is unchanged there).
+
+    Args:
+        maps: (B, T, h, w) token maps (attention probabilities).
+        n_tokens: (B,) long, tokens per prompt including start and end.
+
+    Returns:
+        (B,) long token index.
+    """
+    mass = maps.flatten(2).sum(-1)  # (B, T)
+    mass = mass.masked_fill(word_token_mask(n_tokens, maps.shape[1]), float("-inf"))
+    return mass.argmax(dim=1)
+
+
+def index_token(
+    maps: torch.Tensor, n_tokens: torch.Tensor, invert_start: bool = False, reference: Reference = Reference.START
+) -> torch.Tensor:
     """InstDiffEdit Eq. 6: per image, the word token whose map is most similar (cosine) to the start token's.
 
     Args:
         maps: (B, T, h, w) token maps.
         n_tokens: (B,) long, tokens per prompt including start and end.
-        invert_start: replace the start map by 1 − minmax(start) (the official code's variant).
+        invert_start: replace the reference map by 1 − minmax(reference) (the official code's variant).
+        reference: the start token (paper) or the attention sink (:func:`sink_token`).
 
     Returns:
         (B,) long token index.
     """
-    start = maps[:, 0]  # (B, h, w)
+    rows = torch.arange(maps.shape[0], device=maps.device)
+    ref = torch.zeros_like(rows) if Reference(reference) is Reference.START else sink_token(maps, n_tokens)
+    start = maps[rows, ref]  # (B, h, w)
     if invert_start:
         start = 1.0 - minmax(start)
     sims = _cosine(maps, start)  # (B, T)
@@ -110,6 +134,32 @@ def position_vector(
     p = torch.where(sims > gamma1, torch.ones_like(p), p)
     p = torch.where(sims < gamma2, -torch.ones_like(p), p)
     return p * word_token_mask(n_tokens, sims.shape[1]).to(p.dtype)
+
+
+def positions(
+    maps: torch.Tensor, n_tokens: torch.Tensor, cfg: MaskConfig = MaskConfig(), span: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The position vector P: Eq. 6–8 (with ``cfg.reference``), or +1 on an edit span where one is given.
+
+    Rows of ``span`` holding at least one word token get +1 on those tokens and 0 elsewhere (the
+    ``edit_span`` token choice); the other rows (prompts that do not differ) get Eq. 6–8.
+
+    Args:
+        maps: (B, T, h, w) token maps.
+        n_tokens: (B,) long, tokens per prompt including start and end.
+        cfg: γ1, γ2, ``invert_start``, ``reference``.
+        span: (B, T) bool, the target tokens a word diff against the source marks as new; ``None``: Eq. 6–8.
+
+    Returns:
+        (B, T) float in {−1, 0, +1}; zero outside word tokens.
+    """
+    idx = index_token(maps, n_tokens, cfg.invert_start, cfg.reference)
+    p = position_vector(similarity_vector(maps, idx), n_tokens, cfg.gamma1, cfg.gamma2)
+    if span is None:
+        return p
+    span = span.to(maps.device) & word_token_mask(n_tokens, maps.shape[1])
+    has = span.any(dim=1, keepdim=True)
+    return torch.where(has, span.to(p.dtype), p)
 
 
 def refine(maps: torch.Tensor, position: torch.Tensor, mode: Refinement = Refinement.WEIGHTED) -> torch.Tensor:
@@ -224,6 +274,7 @@ def instdiffedit_mask(
     cfg: MaskConfig = MaskConfig(),
     position: torch.Tensor | None = None,
     words: torch.Tensor | None = None,
+    span: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """InstDiffEdit's instant mask for one step (paper Eq. 6–9).
 
@@ -236,9 +287,10 @@ def instdiffedit_mask(
         n_tokens: (B,) long, tokens per prompt including start and end.
         latent_hw: (H, W) of the latent grid.
         cfg: thresholds, refinement and smoothing.
-        position: P (B, T) from the first step; ``None`` computes it here (Eq. 6–8).
+        position: P (B, T) from the first step; ``None`` computes it here (:func:`positions`, Eq. 6–8).
         words: (B, T) long word units (:func:`instdiff.masks_official.official_word_ids`), needed by the
             official preset only.
+        span: (B, T) bool edit-span tokens for ``cfg.tokens == "edit_span"`` (see :func:`positions`).
 
     Returns:
         ``(mask (B, 1, H, W) bool on the latent grid, soft map (B, 1, H, W) in [0, 1], position (B, T))``.
@@ -251,8 +303,7 @@ def instdiffedit_mask(
             raise ConfigError("mask preset 'official' needs the prompts' word units (official_word_ids)")
         return official_mask(maps, words, n_tokens, latent_hw, cfg, position)
     if position is None:
-        idx = index_token(maps, n_tokens, cfg.invert_start)
-        position = position_vector(similarity_vector(maps, idx), n_tokens, cfg.gamma1, cfg.gamma2)
+        position = positions(maps, n_tokens, cfg, span)
     ref = refine(maps, position, cfg.refinement).unsqueeze(1)  # (B, 1, h, w)
     grid = cfg.smooth_resolution
     target = (grid, grid) if grid is not None else latent_hw

@@ -332,7 +332,9 @@ def inpaint(
         x0: (B, C, h, w) latents of ``images``.
         mask_lat: (B, 1, h, w) bool region to regenerate.
         prompts: B target prompts.
-        cfg: ``inpaint``, ``inpaint_steps``, ``inpaint_strength``, ``steps``, ``guidance``.
+        cfg: ``inpaint``, ``inpaint_steps`` (or ``inpaint_steps_match``), ``inpaint_strength`` (``None``:
+            ``strength``), ``steps``,
+            ``guidance``.
         gens: per-image generators to draw the noise from (continuing the editor's draws).
         counter: runs and counts the UNet.
 
@@ -347,11 +349,14 @@ def inpaint(
     if mode is Inpaint.UNET and bundle.inpaint_unet is None:
         raise EditInputError("inpaint='unet' needs a bundle with an inpainting UNet (--inpaint-model)")
     steps = cfg.inpaint_steps or cfg.steps
-    sched, ts = schedule(bundle, steps, cfg.inpaint_strength)
+    if cfg.inpaint_steps_match:
+        steps = steps_for_strength(cfg.steps, cfg.strength)
+    strength = cfg.inpaint_strength if cfg.inpaint_strength is not None else cfg.strength
+    sched, ts = schedule(bundle, steps, strength)
     noise = make_noise([], 1, tuple(x0.shape[1:]), gens).to(bundle.device, bundle.dtype)
     cond, uncond = embeddings(bundle, prompts, 1)
     m = mask_lat.to(bundle.dtype)
-    if cfg.inpaint_strength >= 1.0:
+    if strength >= 1.0:
         x = noise * sched.init_noise_sigma
     else:
         x = noised(sched, x0, noise, ts[0])

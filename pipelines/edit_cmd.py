@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from instdiff.config import EditConfig, MaskConfig, MaskPreset, Method, PromptMode
+from instdiff.config import EditConfig, Method
 from instdiff.errors import UsageError
 from pipelines import storage
 from pipelines.commands import add_model_args
@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--source",
         default=None,
         help="source prompt describing the input (required by diffedit, which contrasts the two prompts; "
-        "instdiffedit and sdedit do not read it)",
+        "instdiffedit's embedded-model default finds the edited words' region from it, and without it uses "
+        "the paper's token choice; sdedit does not read it)",
     )
     p.add_argument("--method", default="instdiffedit", choices=["instdiffedit", "sdedit", "diffedit"])
     add_model_args(p)
@@ -49,15 +50,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="classifier-free guidance (default: the model folder's instdiff.json, else the paper's 7.5)",
     )
-    p.add_argument("--noises", type=int, default=3, help="InstDiffEdit parallel noises n (paper: 3)")
-    p.add_argument("--phi", type=float, default=0.2, help="InstDiffEdit binarisation threshold φ (paper: 0.2)")
+    p.add_argument(
+        "--preset",
+        default="model",
+        choices=["model", "paper"],
+        help="InstDiffEdit settings: the model folder's instdiff.json (the embedded model: its measured best "
+        "variant; SD checkpoints: the paper's) or the paper's Eq. 6-9 and loop",
+    )
+    p.add_argument("--noises", type=int, default=None, help="InstDiffEdit parallel noises n (paper: 3)")
+    p.add_argument("--phi", type=float, default=None, help="InstDiffEdit binarisation threshold φ (paper: 0.2)")
     p.add_argument(
         "--mask-preset",
         default="paper",
         choices=["paper", "official"],
         help="InstDiffEdit mask computation: the paper's Eq. 6-9, or the official code's recipe (8-bit per-word "
         "maps, its blur and thresholds, blending at the current step), which also conditions on the target's "
-        "words absent from --source",
+        "words absent from --source; official implies --preset paper",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -93,7 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Edit one image and write the PNG (and the mask); print a JSON summary line.
 
-    Steps and guidance default to the model folder's ``instdiff.json``, else the paper's 50 and 7.5. With the
+    Steps, guidance and (``--preset model``) InstDiffEdit's settings default to the model folder's
+    ``instdiff.json`` (:meth:`instdiff.config.EditConfig.for_model`), else the paper's. With the
     embedded model (``--model default``) and no ``--size``, the image is resized to the model's resolution.
     The image (and ``--mask``) are read as a viewer shows them (:func:`instdiff.imageio.decode_image`: EXIF
     orientation applied, the first frame of an animated file); what was done is logged as warnings and listed
@@ -116,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from instdiff import imageio
     from instdiff.composite import restore
     from instdiff.editing import edit, size_multiple
-    from instdiff.inputs import editor_defaults, require_source, working_size
+    from instdiff.inputs import require_source, working_size
     from instdiff.models import load_bundle
 
     out = Path(args.out)
@@ -149,17 +158,24 @@ def run(args: argparse.Namespace) -> int:
     notes += prepared.notes
     for note in notes:
         log.warning("%s", note)
-    steps, guidance = editor_defaults(bundle, args.steps, args.guidance)
-    cfg = EditConfig(
+    given = {"steps": args.steps, "guidance": args.guidance, "n_noises": args.noises}
+    overrides: dict = {k: v for k, v in given.items() if v is not None}
+    mask = {} if args.phi is None else {"phi": args.phi}
+    preset = args.preset
+    if args.mask_preset == "official":  # the official recipe on the paper's loop, conditioned on the edit words
+        preset = "paper"
+        mask["preset"] = "official"
+        overrides["prompt_mode"] = "edit_words"
+    if mask:
+        overrides["mask"] = mask
+    cfg = EditConfig.for_model(
+        bundle.defaults,
+        preset,
         method=Method(args.method),
-        steps=steps,
         strength=args.strength,
-        guidance=guidance,
-        n_noises=args.noises,
         seed=args.seed,
-        mask=MaskConfig(phi=args.phi, preset=MaskPreset(args.mask_preset)),
-        prompt_mode=PromptMode.EDIT_WORDS if args.mask_preset == "official" else PromptMode.FULL,
         feather=args.feather,
+        **overrides,
     )
     source = args.source if args.source is not None else args.target
     result = edit(bundle, imageio.to_model_tensor(prepared.array), [source], [args.target], cfg)

@@ -6,7 +6,9 @@ summary table (mean, std, min, max, count over ok rows), the status counts and t
 Input images are read from the job's input (recorded in ``OUTPUT_DIR/_runs/*.json``, or ``--input``).
 
 Written to ``OUTPUT_DIR/_report/`` for a local output (``index.html``, ``contact_sheet.png``,
-``summary.json``), or to ``--out``.
+``summary.json``), or to ``--out``. The command ends with a one-line verdict (:func:`verdict`): rows ok, mean
+IoU and, for shapes-world rows (whose ``meta`` names the target phrase), edit success as the shapes-world
+scorer reads it (the target phrase found inside the ground-truth edit region).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import html
 import json
 import logging
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from pipelines.contact_sheet import TILE, Panel, SheetRow, draw_contact_sheet, t
 log = logging.getLogger(__name__)
 
 PANELS = ("input", "gt mask", "pred mask", "edited")
+SUCCESS_ROWS = 256  # ok rows the verdict's edit success is measured on (the scorer reads each edited image)
 
 
 def read_output(output: str, storage_cfg: storage.StorageConfig | None = None) -> pa.Table:
@@ -162,7 +166,8 @@ def read_inputs(input_uri: str, ids: list[str], storage_cfg: storage.StorageConf
         storage_cfg: S3 settings.
 
     Returns:
-        ``{id: {"image": bytes, "mask": bytes | None}}``; empty when there are no ids or no input files.
+        ``{id: {"image": bytes, "mask": bytes | None, "meta": str | None}}``; empty when there are no ids or
+        no input files.
     """
     fs, path = storage.resolve(input_uri, storage_cfg)
     files = storage.list_files(fs, path)
@@ -171,10 +176,10 @@ def read_inputs(input_uri: str, ids: list[str], storage_cfg: storage.StorageConf
     from pipelines.batch.inputs import read_input_table
 
     # as the job reads it: every file's columns, Image structs as bytes, dictionaries decoded
-    table = read_input_table(fs, files, columns=(S.ID, S.IMAGE, S.MASK), ids=ids)
+    table = read_input_table(fs, files, columns=(S.ID, S.IMAGE, S.MASK, S.META), ids=ids)
     out = {}
     for row in table.to_pylist():
-        out[row[S.ID]] = {"image": row.get(S.IMAGE), "mask": row.get(S.MASK)}
+        out[row[S.ID]] = {"image": row.get(S.IMAGE), "mask": row.get(S.MASK), "meta": row.get(S.META)}
     return out
 
 
@@ -187,7 +192,8 @@ def _panels(row: dict[str, Any], inp: dict[str, Any]) -> list[bytes | None]:
 def contact_sheet(rows: list[dict[str, Any]], inputs: dict[str, dict]) -> bytes:
     """PNG grid: one line per row (input | gt mask | pred mask | edited) under a header, ids on the left.
 
-    Drawn by :func:`pipelines.contact_sheet.draw_contact_sheet` (180 px of labels: id, IoU, mask area).
+    Drawn by :func:`pipelines.contact_sheet.draw_contact_sheet` (300 px of labels: id, IoU, mask area and the
+    row's source and target prompts, wrapped).
 
     Args:
         rows: output rows (``pipelines.schema`` output columns), in the order shown.
@@ -203,10 +209,77 @@ def contact_sheet(rows: list[dict[str, Any]], inputs: dict[str, dict]) -> bytes:
             row[S.ID][:28],
             f"iou {iou:.2f}" if iou is not None else "iou -",
             f"area {row.get(S.MASK_AREA) or 0:.2f}",
+            *_wrap("from: " + (row.get(S.SOURCE_PROMPT) or "-")),
+            *_wrap("to: " + (row.get(S.TARGET_PROMPT) or "-")),
         ]
         panels = [Panel(data, mask=k in (1, 2)) for k, data in enumerate(_panels(row, inputs.get(row[S.ID], {})))]
         lines.append(SheetRow("\n".join(label), panels))
-    return draw_contact_sheet(PANELS, lines, label_width=180, header_height=20)
+    return draw_contact_sheet(PANELS, lines, label_width=LABEL_WIDTH, header_height=20)
+
+
+LABEL_WIDTH = 300  # px of row labels on the contact sheet (about 48 characters of PIL's default font)
+
+
+def _wrap(text: str, width: int = 48, lines: int = 4) -> list[str]:
+    """``text`` in at most ``lines`` lines of ``width`` characters (the last one ends in '...' when cut)."""
+    out = textwrap.wrap(text, width) or [""]
+    if len(out) > lines:
+        out = out[:lines]
+        out[-1] = out[-1][: width - 3] + "..."
+    return out
+
+
+def edit_success(rows: list[dict[str, Any]], inputs: dict[str, dict]) -> tuple[float | None, int]:
+    """Share of shapes-world rows whose target phrase the shapes scorer finds inside the ground-truth mask.
+
+    Rows count when their input's ``meta`` (JSON) holds a ``target_phrase`` and the input has a mask; the
+    edited image is read at the mask's size (:func:`instdiff.scorer.phrase_present`).
+
+    Args:
+        rows: ok output rows.
+        inputs: :func:`read_inputs` of their ids.
+
+    Returns:
+        ``(share or None without such rows, rows counted)``.
+    """
+    from instdiff.imageio import decode_image, decode_mask
+    from instdiff.scorer import phrase_present
+
+    hits = []
+    for row in rows:
+        inp = inputs.get(row[S.ID], {})
+        try:
+            phrase = json.loads(inp.get("meta") or "{}").get("target_phrase")
+        except (ValueError, AttributeError):
+            phrase = None
+        if not phrase or inp.get("mask") is None or row.get(S.EDITED) is None:
+            continue
+        try:
+            image, _ = decode_image(row[S.EDITED])
+            region = decode_mask(inp["mask"], (image.shape[1], image.shape[0]))
+            hits.append(bool(phrase_present(image, phrase, region=region)))
+        except Exception as exc:  # noqa: BLE001 - a row the scorer cannot read is left out, not fatal
+            log.warning("edit success: row %s left out (%s)", row[S.ID], exc)
+    return (sum(hits) / len(hits), len(hits)) if hits else (None, 0)
+
+
+def verdict(summary: dict[str, Any]) -> str:
+    """The report's one-line verdict: rows ok, mean IoU, edit success (when measured).
+
+    Args:
+        summary: :func:`summarize`'s result, with ``edit_success`` and ``edit_success_rows`` when measured.
+
+    Returns:
+        e.g. ``verdict: 64/64 rows ok, mean IoU 0.62, edit success 0.70 (64 shapes rows)``.
+    """
+    iou = summary["metrics"].get(S.IOU, {}).get("mean")
+    parts = [
+        f"verdict: {summary['ok']}/{summary['rows']} rows ok",
+        f"mean IoU {iou:.2f}" if iou is not None else "no IoU",
+    ]
+    if summary.get("edit_success") is not None:
+        parts.append(f"edit success {summary['edit_success']:.2f} ({summary['edit_success_rows']} shapes rows)")
+    return ", ".join(parts)
 
 
 def _img(data: bytes | None, alt: str) -> str:
@@ -331,7 +404,8 @@ def make_report(
         storage_cfg: S3 settings.
 
     Returns:
-        ``{file name: where it was written}``.
+        ``{file name: where it was written}`` and ``"verdict"``: the one-line verdict (:func:`verdict`; edit
+        success over the first :data:`SUCCESS_ROWS` ok rows).
 
     Raises:
         InputNotFoundError: no Parquet files under ``output``.
@@ -356,6 +430,18 @@ def make_report(
             log.warning("cannot read the input %s (%s); showing outputs only", input_uri, exc)
     else:
         log.warning("no input recorded for %s and no --input; showing outputs only", output)
+    scored = ok.slice(0, SUCCESS_ROWS).to_pylist()
+    if input_uri and scored:
+        try:
+            extra = (
+                read_inputs(input_uri, [r[S.ID] for r in scored[len(rows) :]], storage_cfg)
+                if len(scored) > len(rows)
+                else {}
+            )
+        except (OSError, pa.ArrowException):
+            extra = {}
+        summary["edit_success"], summary["edit_success_rows"] = edit_success(scored, {**inputs, **extra})
+    summary["verdict"] = verdict(summary)
     out_fs, out_path = storage.resolve(report_dir, storage_cfg)
     paths = {name: storage.join(out_path, name) for name in ("index.html", "contact_sheet.png", "summary.json")}
     storage.write_bytes(
@@ -365,7 +451,7 @@ def make_report(
     storage.write_bytes(
         out_fs, paths["summary.json"], json.dumps(summary, indent=2, default=str, allow_nan=True).encode("utf-8")
     )
-    return {k: storage.display(out_fs, v) for k, v in paths.items()}
+    return {k: storage.display(out_fs, v) for k, v in paths.items()} | {"verdict": summary["verdict"]}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -393,7 +479,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     paths = make_report(args.output, args.out, args.input, args.limit)
     log.info("report: %s (open it in a browser); contact sheet: %s", paths["index.html"], paths["contact_sheet.png"])
+    line = paths.pop("verdict")
     print(json.dumps(paths))
+    print(line, flush=True)
     return 0
 
 
@@ -402,6 +490,7 @@ __all__ = [
     "TILE",
     "contact_sheet",
     "default_report_dir",
+    "edit_success",
     "job_input",
     "latest_rows",
     "make_report",
@@ -412,4 +501,5 @@ __all__ = [
     "run",
     "summarize",
     "tile",
+    "verdict",
 ]

@@ -105,12 +105,24 @@ def test_report_page_sheet_and_summary(output):
     assert "<td>iou</td>" in page and "C_m: mean pixel change inside" in page
     sheet = Image.open(io.BytesIO((output / "_report" / "contact_sheet.png").read_bytes()))
     assert sheet.size[1] >= 2 * TILE
-    assert sheet.size == (180 + 4 * (TILE + 4), 20 + 2 * (TILE + 4))  # 180 px of labels, 4 panels, 2 rows
+    assert sheet.size == (300 + 4 * (TILE + 4), 20 + 2 * (TILE + 4))  # 300 px of labels, 4 panels, 2 rows
     summary = json.loads((output / "_report" / "summary.json").read_text())
     assert (summary["rows"], summary["ok"], summary["error"]) == (4, 3, 1)
     assert summary["metrics"]["iou"]["mean"] == 1.0 and summary["metrics"]["c_non"]["max"] == 0.0
     assert summary["metrics"]["c_m"]["min"] > 0.0
     assert summary["top_errors"] == {"cannot decode image": 1}
+    assert summary["verdict"].startswith("verdict: 3/4 rows ok, mean IoU 1.00")
+    assert paths["verdict"] == summary["verdict"]
+
+
+def test_verdict_and_prompt_wrapping():
+    from pipelines.report import _wrap, verdict
+
+    s = {"rows": 10, "ok": 9, "metrics": {"iou": {"mean": 0.6234}}, "edit_success": 0.7, "edit_success_rows": 9}
+    assert verdict(s) == "verdict: 9/10 rows ok, mean IoU 0.62, edit success 0.70 (9 shapes rows)"
+    assert verdict({"rows": 1, "ok": 0, "metrics": {"iou": {"mean": None}}}) == "verdict: 0/1 rows ok, no IoU"
+    lines = _wrap("to: " + "a red circle " * 20, width=20, lines=3)
+    assert len(lines) == 3 and all(len(x) <= 20 for x in lines) and lines[-1].endswith("...")
 
 
 def test_summarize_handles_outputs_without_ok_rows():
@@ -124,7 +136,9 @@ def test_summarize_handles_outputs_without_ok_rows():
 
 def test_report_command(output, tmp_path, capsys):
     assert main(["report", str(output), "--out", str(tmp_path / "rep"), "--limit", "1"]) == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    printed = json.loads(lines[-2])
+    assert lines[-1].startswith("verdict: ") and "rows ok, mean IoU" in lines[-1]
     assert printed["contact_sheet.png"] == str(tmp_path / "rep" / "contact_sheet.png")
     assert (tmp_path / "rep" / "index.html").read_text().count("<figure>") == 4
     assert main(["report", str(tmp_path / "nothing")]) == 2

@@ -139,3 +139,40 @@ def test_micro_training_run_learns_and_saves_a_loadable_model(tmp_path):
     assert bundle.inpaint_unet is not None and bundle.inpaint_unet.config.in_channels == 9
     assert bundle.defaults["attention_downsample"] == 1
     assert bundle.vae.config.scaling_factor == pytest.approx(summary["vae_scaling_factor"])
+
+
+def test_checkpoints_hold_the_ema_weights_and_training_goes_on(micro_training):
+    from instdiff.training.stages import Ema
+
+    p = torch.nn.Parameter(torch.ones(3))
+    ema = Ema([p], decay=0.5)
+    with torch.no_grad():
+        p.fill_(3.0)
+    ema.update()  # warm-up decay min(0.5, 2/11): shadow = 1 + (1 - 2/11) * 2
+    with ema.swapped():
+        torch.testing.assert_close(p.detach(), torch.full((3,), 1.0 + 2.0 * 9 / 11))
+    assert torch.equal(p.detach(), torch.full((3,), 3.0))
+
+    cfg, (tokenizer, text_encoder, vae, unet, scheduler), data = micro_training
+    dev = torch.device("cpu")
+    mean, std = encode_dataset(vae, data.images, dev)
+    ids = token_ids(tokenizer, data.captions)
+    unet_cfg = dataclasses.replace(cfg.unet, steps=4, batch_size=4, checkpoint_every=2)
+    seen = []
+    weight = next(unet.parameters())
+    train_unet(
+        text_encoder,
+        unet,
+        (mean, std),
+        ids,
+        token_ids(tokenizer, [""]),
+        scheduler.alphas_cumprod,
+        unet_cfg,
+        dev,
+        False,
+        LossLog(every=2),
+        torch.Generator().manual_seed(0),
+        checkpoint=lambda done: seen.append((done, weight.detach().clone())),
+    )
+    assert [d for d, _ in seen] == [2, 4]
+    torch.testing.assert_close(seen[-1][1], weight.detach())  # the last checkpoint = the EMA the stage ends with

@@ -2,6 +2,9 @@
 per image, and mask IoU against the exact edit masks. Writes JSON (and a Markdown table beside it).
 
     python -m cluster.benchmarks.editors --model default --n 32 --out docs/results/editors.json
+
+Settings come from the model folder (``EditConfig.for_model``: its steps-independent defaults such as guidance
+and, for ``instdiffedit``, its recommended variant); ``instdiffedit-paper`` is the paper's InstDiffEdit.
 """
 
 from __future__ import annotations
@@ -41,7 +44,13 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--strength", type=float, default=0.5)
-    ap.add_argument("--methods", nargs="+", default=["instdiffedit", "diffedit", "sdedit"])
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["instdiffedit", "instdiffedit-paper", "diffedit", "sdedit"],
+        help="editors; instdiffedit uses the model folder's instdiff.json (EditConfig.for_model), "
+        "instdiffedit-paper the paper's Eq. 6-9 and loop",
+    )
     ap.add_argument("--out", default="docs/results/editors.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -53,7 +62,9 @@ def main(argv: list[str] | None = None) -> Path:
     gt = torch.stack([torch.from_numpy(p.edit_mask) for p in pairs]).unsqueeze(1)
     results = {}
     for name in args.methods:
-        cfg = EditConfig(method=Method(name), steps=args.steps, strength=args.strength)
+        preset = "paper" if name.endswith("-paper") else "model"
+        method = Method(name.removesuffix("-paper"))
+        cfg = EditConfig.for_model(bundle.defaults, preset, method=method, steps=args.steps, strength=args.strength)
         # warm-up on one pair so one-time costs (allocations, kernel selection) are not timed
         edit(bundle, images[:1], [pairs[0].source_prompt], [pairs[0].target_prompt], cfg.with_(steps=2))
         ious, calls, t0 = [], [], time.perf_counter()

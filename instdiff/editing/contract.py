@@ -126,6 +126,12 @@ def edit(
     if cfg.needs_source_prompt:
         check_prompts(bundle, source_prompts, "source")
     seeds = check_seeds(seeds if seeds is not None else [cfg.seed] * b, b, "images")
+    read = list(target_prompts) + (list(source_prompts) if cfg.needs_source_prompt else [])
+    unknown = bundle.unknown_words(read)
+    if unknown:
+        log.warning(
+            "words the model's tokenizer splits into letters (unknown to %s): %s", bundle.name, ", ".join(unknown)
+        )
     try:
         fn = EDITORS[method]
     except KeyError:
@@ -190,7 +196,8 @@ def expected_unet_calls(cfg: EditConfig) -> float:
             final step uses the inpainting UNet or latent blending).
 
     Returns:
-        Evaluations (batch rows) per image: 2 per guided step.
+        Evaluations (batch rows) per image: 2 per guided step, 1 per conditional-only step. With
+        ``mask_stable`` set, InstDiffEdit's count is an upper bound (the phase may end early).
 
     Raises:
         ValueError: FISEdit, whose count depends on the mask it finds.
@@ -202,8 +209,15 @@ def expected_unet_calls(cfg: EditConfig) -> float:
     if method is Method.DIFFEDIT:
         return 2.0 * cfg.diffedit_noises + k + 2.0 * k
     if method is Method.INSTDIFFEDIT:
-        calls = 2.0 * cfg.n_noises * k
-        if cfg.inpaint is not Inpaint.NONE:
-            calls += 2.0 * steps_for_strength(cfg.inpaint_steps or cfg.steps, cfg.inpaint_strength)
+        # the n-noise mask phase (an upper bound when mask_stable may end it early), then either the first
+        # noise alone (inpaint none) or the final inpainting
+        phase = k if cfg.mask_steps is None else min(cfg.mask_steps, k)
+        calls = (2.0 if cfg.mask_guidance else 1.0) * cfg.n_noises * phase
+        if cfg.inpaint is Inpaint.NONE:
+            calls += 2.0 * (k - phase)
+        else:
+            r = cfg.inpaint_strength if cfg.inpaint_strength is not None else cfg.strength
+            steps = k if cfg.inpaint_steps_match else cfg.inpaint_steps or cfg.steps
+            calls += 2.0 * steps_for_strength(steps, r)
         return calls
     raise ValueError(f"no closed form for {method.value}")

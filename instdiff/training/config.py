@@ -66,7 +66,8 @@ class UNetConfig:
     weighting (``None`` = plain ε MSE). ``max_seconds`` stops the stage early (recorded in the summary).
     ``grounding_weight``: weight of the TokenCompose-style token grounding loss
     (:mod:`instdiff.training.grounding`; 0 = off, as in the shipped runs 1-2) on the cross-attention layers at
-    the ``grounding_downsample`` factors.
+    the ``grounding_downsample`` factors. ``checkpoint_every``: every so many steps the EMA weights are saved as a
+    complete model folder ``<out>/checkpoint`` (0 = never); a later run continues it with ``init_from``.
     """
 
     block_out_channels: tuple[int, ...] = (64, 96, 128)
@@ -86,6 +87,7 @@ class UNetConfig:
     max_seconds: float | None = None
     grounding_weight: float = 0.0
     grounding_downsample: tuple[int, ...] = (1, 2)
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, TrainConfigError)

@@ -7,6 +7,9 @@
    0.18215 analogue);
 3. train the CLIP text encoder and the UNet jointly (optionally with the token grounding loss);
 4. fine-tune the inpainting UNet, widened from the base UNet (or the earlier run's, continued);
+   With ``unet.checkpoint_every`` the EMA weights are saved every so many steps as ``<out>/checkpoint``, a
+   complete model folder with its loss log and summary, so a stopped run continues with
+   ``init_from: <out>/checkpoint``;
 5. save the bundle, the sample grid, the probe, the loss log and plot, and the summary
    (:mod:`instdiff.training.report`).
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -145,8 +149,39 @@ def train_shapes(config: TrainConfig | str | Path, out_dir: str | Path, device: 
                     region_fractions(data.labels, side).to(dev, torch.float16),
                     token_targets(tokenizer, ids.cpu()).to(dev),
                 )
+            t_unet = time.perf_counter()
+
+            def save_checkpoint(done: int) -> None:
+                bundle = ModelBundle(tokenizer, text_encoder, vae, unet, scheduler, inpaint_unet, name=cfg.name)
+                bundle.defaults = dict(cfg.editor_defaults)
+                now = time.perf_counter()
+                _write_checkpoint(
+                    bundle,
+                    out / CHECKPOINT_DIR,
+                    cfg,
+                    losses,
+                    n_scenes=len(data),
+                    steps={"vae": vae_steps, "unet": done, "inpaint": 0},
+                    times={**times, "unet": now - t_unet, "total": now - t_start},
+                    psnr=psnr,
+                    device=dev,
+                    previous=previous,
+                )
+
             unet_steps = train_unet(
-                text_encoder, unet, latents, ids, empty_ids, alphas, cfg.unet, dev, amp, losses, gen, grounding
+                text_encoder,
+                unet,
+                latents,
+                ids,
+                empty_ids,
+                alphas,
+                cfg.unet,
+                dev,
+                amp,
+                losses,
+                gen,
+                grounding,
+                checkpoint=save_checkpoint,
             )
 
     # 4. inpainting UNet: from the base UNet with conv_in widened to latents + mask + masked-image latents
@@ -219,8 +254,60 @@ def train_shapes(config: TrainConfig | str | Path, out_dir: str | Path, device: 
         previous=previous,
     )
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # the finished folder supersedes it
     log.info("done in %.1f s; weights %.2f MB", times["total"], summary["weights_mb"])
     return summary
+
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _write_checkpoint(
+    bundle: ModelBundle,
+    folder: Path,
+    cfg: TrainConfig,
+    losses: LossLog,
+    *,
+    n_scenes: int,
+    steps: dict[str, int],
+    times: dict[str, float],
+    psnr: float,
+    device: torch.device,
+    previous: dict[str, Any] | None,
+) -> None:
+    """Save ``bundle`` with its loss log and summary as ``folder``, replacing an earlier checkpoint whole.
+
+    The folder is written next to ``folder`` first and renamed, so a run killed while saving leaves the previous
+    checkpoint intact.
+    """
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save(bundle, tmp, cfg.save_dtype)
+    earlier = _read_json(Path(cfg.init_from) / LOSSES_FILE) if cfg.init_from else None
+    history, _ = merge_losses(earlier, losses.stages)
+    (tmp / LOSSES_FILE).write_text(json.dumps(history) + "\n")
+    modules = {"text_encoder": bundle.text_encoder, "vae": bundle.vae, "unet": bundle.unet}
+    if bundle.inpaint_unet is not None:
+        modules["inpaint_unet"] = bundle.inpaint_unet
+    summary = training_summary(
+        cfg,
+        tmp,
+        n_scenes=n_scenes,
+        steps=steps,
+        times=times,
+        losses=losses,
+        psnr=psnr,
+        scaling=float(bundle.vae.config.scaling_factor),
+        modules=modules,
+        probe=None,
+        device=device,
+        previous=previous,
+    )
+    summary["checkpoint"] = True
+    (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    log.info("checkpoint at unet step %d saved to %s", steps["unet"], folder)
 
 
 def _read_json(path: Path) -> Any:

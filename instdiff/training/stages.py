@@ -58,6 +58,19 @@ class Ema:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
 
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Within the ``with`` block the parameters hold the averages; the current values come back after."""
+        with torch.no_grad():
+            backup = [p.detach().clone() for p in self.params]
+            self.copy_to()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup, strict=True):
+                    p.copy_(b)
+
     @torch.no_grad()
     def copy_to(self) -> None:
         """Overwrite the parameters with the averages (in the parameters' dtype)."""
@@ -270,6 +283,7 @@ def train_unet(
     losses: LossLog,
     gen: torch.Generator,
     grounding: tuple[torch.Tensor, torch.Tensor] | None = None,
+    checkpoint: Callable[[int], None] | None = None,
 ) -> int:
     """Stage 2: text encoder + UNet with the ε loss, caption dropout and EMA.
 
@@ -290,6 +304,8 @@ def train_unet(
         gen: random generator on ``device``.
         grounding: ``(region fractions (N, V, S, S), token targets (N, T))`` turns on the token grounding loss
             (:mod:`instdiff.training.grounding`) with weight ``cfg.grounding_weight``.
+        checkpoint: called with the steps done every ``cfg.checkpoint_every`` steps, while the modules hold
+            the EMA weights (it saves them; the training weights come back afterwards).
 
     Returns:
         Steps done.
@@ -339,6 +355,11 @@ def train_unet(
             ema.update()
             losses.add("unet", step, per.mean())
             done = step + 1
+            if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                for rec in recorders.values():
+                    rec.probs = None  # drop the last step's graph (the modules are copied to be saved)
+                with ema.swapped():
+                    checkpoint(done)
     finally:
         if previous is not None:
             unet.set_attn_processor(previous)
