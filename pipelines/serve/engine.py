@@ -2,7 +2,7 @@
 
 Kept apart from the deployment so the in-process benchmark baseline and the tests run the very same steps. Each
 step is a call into ``instdiff``: the size the image is edited at and the default steps and guidance
-(:func:`instdiff.inputs.working_size`, :func:`~instdiff.inputs.editor_defaults`), the source-prompt rule
+(:func:`instdiff.inputs.working_size`, :meth:`~instdiff.config.EditConfig.for_model`), the source-prompt rule
 (:func:`~instdiff.inputs.require_source`), prompt and seed checks (:func:`~instdiff.inputs.check_prompts`,
 :func:`~instdiff.inputs.check_seed`), geometry (:func:`instdiff.imageio.fit_to_multiple` /
 :func:`instdiff.composite.paste_back`), the editor contract (:func:`instdiff.editing.edit`) and PNG encoding
@@ -29,7 +29,7 @@ from instdiff import imageio
 from instdiff.bundle import ModelBundle
 from instdiff.config import EditConfig, Method, SizePolicy, to_plain
 from instdiff.errors import EditInputError, InstdiffError
-from instdiff.inputs import check_prompts, check_seed, editor_defaults, require_source, working_size
+from instdiff.inputs import check_prompts, check_seed, require_source, working_size
 from pipelines.serve.errors import error_body, is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,17 @@ def prepare_edit(
     if req.source_prompt is not None and method.needs_source_prompt():
         check_prompts(bundle, [req.source_prompt], "source")
     seed = check_seed(req.seed)
-    steps, guidance = editor_defaults(bundle, req.steps, req.guidance_scale)
-    cfg = EditConfig(method=method, steps=steps, strength=req.strength, guidance=guidance, seed=seed)
+    # the model folder's recommended settings (steps, guidance; the embedded model's InstDiffEdit variant), as the
+    # CLI's default --preset model; the request's own values on top
+    given = {"steps": req.steps, "guidance": req.guidance_scale}
+    cfg = EditConfig.for_model(
+        bundle.defaults,
+        "model",
+        method=method,
+        strength=req.strength,
+        seed=seed,
+        **{k: v for k, v in given.items() if v is not None},
+    )
     h, w = req.image.shape[:2]
     if size == "model":
         size = bundle.resolution
