@@ -50,17 +50,17 @@ def post(url: str, path: str, **kw):
 
 
 def expected_edit(bundle, image: np.ndarray, target: str, steps: int, seed: int, method: str = "instdiffedit"):
-    """The same edit by direct library calls (no server code): decode → fit → edit → back to the input size."""
+    """The same edit by direct library calls (no server code): decode → fit → edit → composite at the input size."""
     from instdiff import imageio
+    from instdiff.composite import restore
     from instdiff.config import EditConfig, Method
     from instdiff.editing import edit, size_multiple
 
     array, _ = imageio.decode_image(png(image))
     prepared = imageio.fit_to_multiple(array, size_multiple(bundle), "resize", bundle.resolution)
-    cfg = EditConfig(method=Method(method), steps=steps, seed=seed)
+    cfg = EditConfig.for_model(bundle.defaults, "model", method=Method(method), steps=steps, seed=seed)
     result = edit(bundle, imageio.to_model_tensor(prepared.array), [target], [target], cfg, [seed])
-    out = imageio.undo_fit(imageio.from_model_tensor(result.images)[0], prepared)
-    mask = imageio.undo_fit(result.masks[0, 0].numpy(), prepared)
+    ((out, mask),) = restore(result, [array], [prepared], cfg)
     return out, mask
 
 
