@@ -36,6 +36,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-files-only", action="store_true", help="never contact the hub")
 
 
+def add_address_arg(p: argparse.ArgumentParser) -> None:
+    """Add ``--address``: the Ray cluster a command joins (the rules: :func:`pipelines.ray_connect.connect`)."""
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join: HOST:PORT of its head (GCS), 'auto', ray://HOST:PORT, or 'local' for a private "
+        "cluster on this machine (default: RAY_ADDRESS, else a private local cluster)",
+    )
+
+
 def configure_logging(verbose: bool = False) -> None:
     """INFO (DEBUG with ``verbose``) to stderr with time, level and logger name; chatty libraries at WARNING."""
     logging.basicConfig(

@@ -10,7 +10,7 @@ from typing import Any
 from instdiff.errors import ConfigError
 from pipelines import schema as S
 from pipelines.batch.driver import run_job
-from pipelines.commands import add_model_args, configure_logging, run_command
+from pipelines.commands import add_address_arg, add_model_args, configure_logging, run_command
 from pipelines.config import BatchConfig, load_config, parse_assignment
 
 # dedicated flags → the config keys they set
@@ -64,12 +64,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML job config (configs/batch/*.yaml); flags override it")
     p.add_argument("--input", default=None, help="input Parquet file or folder, local or s3://bucket/prefix")
     p.add_argument("--output", default=None, help="output folder, local or s3://bucket/prefix")
-    p.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to join: HOST:PORT of its head (GCS), 'auto', ray://HOST:PORT, or 'local' for a private "
-        "cluster on this machine (default: RAY_ADDRESS, else a private local cluster)",
-    )
+    add_address_arg(p)
     add_model_args(p)
     p.set_defaults(model=None, inpaint_model=None, device=None, dtype=None, local_files_only=None)
     p.add_argument("--method", default=None, help="instdiffedit, sdedit, diffedit or fisedit (method.name)")

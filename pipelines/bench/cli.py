@@ -10,6 +10,7 @@ from typing import Any
 from instdiff.config import parse_assignment
 from pipelines.bench.config import ENGINES, load_bench_config
 from pipelines.bench.runner import run_bench
+from pipelines.commands import add_address_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,12 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run only these labels (others are still aggregated from earlier outputs)",
     )
     p.add_argument("--aggregate-only", action="store_true", help="do not run; re-render from existing outputs")
-    p.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to join (HOST:PORT, 'auto', ray://..., 'local'; default: RAY_ADDRESS, else a private "
-        "local cluster)",
-    )
+    add_address_arg(p)
     p.set_defaults(func=run)
 
 

@@ -12,6 +12,7 @@ import argparse
 import logging
 import time
 
+from pipelines.commands import add_address_arg
 from pipelines.serve.config import load_serve_file
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"Ray Serve config file (default: {DEFAULT_CONFIG})")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    p.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to join (HOST:PORT, 'auto', ray://..., 'local'; default: RAY_ADDRESS, else a private "
-        "local cluster)",
-    )
+    add_address_arg(p)
     p.set_defaults(func=run)
 
 
