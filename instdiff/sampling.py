@@ -159,9 +159,22 @@ def embeddings(bundle: ModelBundle, prompts: Sequence[str], repeat: int) -> tupl
 
 
 def make_scheduler(bundle: ModelBundle, steps: int) -> Any:
-    """A fresh DDIM scheduler of the bundle's config set to ``steps`` steps on the bundle's device."""
+    """A fresh DDIM scheduler of the bundle's config set to ``steps`` steps on the bundle's device.
+
+    Raises:
+        EditInputError: ``steps`` puts a timestep past the scheduler's training steps (with diffusers'
+            ``steps_offset`` = 1, as SD's scheduler has, 1000 steps of a 1000-step schedule reach t = 1000).
+    """
     sched = bundle.fresh_scheduler()
+    train = int(sched.config.num_train_timesteps)
+    if steps > train:
+        raise EditInputError(f"steps: at most {train} (the scheduler's training steps); got {steps}")
     sched.set_timesteps(steps, device=bundle.device)
+    if int(sched.timesteps.max()) >= len(sched.alphas_cumprod):
+        raise EditInputError(
+            f"steps: {steps} puts a timestep at {int(sched.timesteps.max())}, past this scheduler's {train} "
+            f"training steps; use fewer (at most {train - 1} here)"
+        )
     return sched
 
 

@@ -254,3 +254,17 @@ def test_fisedit_through_the_contract_matches_generated_sources(bundle):
     assert r.images.shape == sources.shape and r.masks.shape == (1, 1, 32, 32)
     torch.testing.assert_close(r.extras["source_images"].float().cpu(), sources, atol=1e-4, rtol=0)
     assert r.unet_calls > 0
+
+
+def test_steps_past_the_training_schedule_are_refused():
+    """1000 DDIM steps of a 1000-step schedule with steps_offset 1 reach t = 1000: a clear error, not IndexError."""
+    from instdiff.errors import EditInputError
+    from instdiff.sampling import make_scheduler
+    from instdiff.tiny import tiny_bundle
+
+    bundle = tiny_bundle()
+    train = int(bundle.fresh_scheduler().config.num_train_timesteps)
+    assert int(make_scheduler(bundle, train - 1).timesteps.max()) < train
+    for steps in (train, train + 5):
+        with pytest.raises(EditInputError, match="steps"):
+            make_scheduler(bundle, steps)
