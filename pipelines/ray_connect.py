@@ -196,8 +196,9 @@ def connect(
     if kind == "existing":
         return _info("existing", started=False)
     if kind == "local":
-        # a private single-user cluster: opt out of token auth unless the user chose a mode
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray 2.60 turns token auth on for a local cluster unless RAY_AUTH_MODE says otherwise; keep it: some of
+        # Ray's own services listen beyond 127.0.0.1 whatever _node_ip_address says, and the token is what keeps
+        # other users of the network out of this cluster
         try:
             ray.init(
                 address="local",

@@ -61,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
         ConfigError: not a Serve config of this app, or bad ``args``.
         UsageError: a port outside 1–65535.
     """
-    import ray
     from ray import serve
 
     from instdiff.errors import UsageError
@@ -80,9 +79,27 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         log.info("stopping")
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        _shutdown_quietly()
     return 0
+
+
+def _shutdown_quietly() -> None:
+    """Stop Serve and Ray without a traceback: a terminal's Ctrl-C reaches Ray's processes too (same process
+    group), and a second Ctrl-C while they stop must not interrupt the shutdown half-way."""
+    import signal
+
+    import ray
+    from ray import serve
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for stop in (serve.shutdown, ray.shutdown):
+            try:
+                stop()
+            except Exception as exc:  # noqa: BLE001 - already stopping; say what failed and go on
+                log.warning("while stopping: %s: %s", type(exc).__name__, exc)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 __all__ = ["connect", "register", "run"]
