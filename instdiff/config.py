@@ -32,6 +32,8 @@ from typing import Any
 from instdiff.errors import ConfigError, InputNotFoundError, StorageError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # decoded images larger than this are refused (decompression bombs)
+MAX_GUIDANCE = 100.0
+"""The largest classifier-free guidance scale accepted (SD uses 7.5; far larger scales saturate the image)."""
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the seeds torch.Generator.manual_seed takes (negative: modulo 2^64)
 
 
@@ -209,6 +211,7 @@ class MaskConfig:
     def blends_at_current_step(self) -> bool:
         """Whether Eq. 5 blends with the input noised to the current step t (the official recipe always does)."""
         return self.blend_current_step or self.preset is MaskPreset.OFFICIAL
+
     reference: Reference = Reference.START
     tokens: TokenChoice = TokenChoice.PAPER
 
@@ -313,7 +316,10 @@ class EditConfig:
         check_fields(self)
         _check(self.steps >= 1, f"steps: must be >= 1; got {self.steps}")
         _check(0.0 < self.strength <= 1.0, f"strength: must be in (0, 1]; got {self.strength}")
-        _check(math.isfinite(self.guidance), f"guidance: must be a finite number; got {self.guidance}")
+        _check(
+            math.isfinite(self.guidance) and 0.0 <= self.guidance <= MAX_GUIDANCE,
+            f"guidance: accepted 0 to {MAX_GUIDANCE:g} (classifier-free guidance; SD uses 7.5); got {self.guidance}",
+        )
         _check(
             SEED_MIN <= self.seed <= SEED_MAX,
             f"seed: must be in [{SEED_MIN}, {SEED_MAX}] (what torch.Generator.manual_seed takes); got {self.seed}",
@@ -673,6 +679,7 @@ def to_plain(obj: Any) -> Any:
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "MAX_GUIDANCE",
     "EditConfig",
     "Inpaint",
     "MaskConfig",

@@ -108,7 +108,8 @@ def check_prompts(bundle: ModelBundle, prompts: Sequence[str], what: str) -> Non
         what: which prompts, for the message (``"source"``, ``"target"``, ``"generation"``).
 
     Raises:
-        EditInputError: a single string instead of a sequence, a prompt that is not a string, or a blank one.
+        EditInputError: a single string instead of a sequence, a prompt that is not a string, a blank one, or
+            one that is not valid Unicode (a lone surrogate).
     """
     if isinstance(prompts, str | bytes):
         raise EditInputError(f"{what} prompts must be a list of strings, one per image; got one string {prompts!r}")
@@ -118,6 +119,11 @@ def check_prompts(bundle: ModelBundle, prompts: Sequence[str], what: str) -> Non
             raise EditInputError(f"{name} must be a string; got {type(p).__name__} {p!r}")
         if not p.strip():
             raise EditInputError(f"{name} is empty; a non-empty text is required")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as exc:  # e.g. a lone surrogate ("\ud800" in JSON): no tokenizer reads it
+            bad = p[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+            raise EditInputError(f"{name} is not valid Unicode text ({bad} at {exc.start}); send UTF-8 text") from None
         cut = truncation(bundle, p)
         if cut is not None:
             log.warning(

@@ -204,6 +204,13 @@ BAD_JSON = [
     ("empty prompt", lambda: {"image": _good(), "target_prompt": ""}, 422, "invalid_field", "empty"),
     ("whitespace prompt", lambda: {"image": _good(), "target_prompt": "  \t "}, 422, "invalid_field", "empty"),
     (
+        "huge guidance",
+        lambda: {"image": _good(), "target_prompt": "x", "guidance_scale": 1e308},
+        422,
+        "invalid_field",
+        "100",
+    ),
+    (
         "unknown method",
         lambda: {"image": _good(), "target_prompt": "x", "method": "magic"},
         422,
@@ -263,6 +270,23 @@ def test_bad_json_inputs(url, name, body, status, code, words):
     [
         ("/v1/edits", {"data": b"{not json", "headers": {"content-type": "application/json"}}, 400, "bad_json", "JSON"),
         ("/v1/edits", {"data": b"[1, 2]", "headers": {"content-type": "application/json"}}, 400, "bad_json", "object"),
+        (
+            "/v1/edits",
+            {"data": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}},
+            400,
+            "bad_json",
+            "deeply",
+        ),
+        (
+            "/v1/edits",
+            {
+                "data": ('{"image": "' + _good() + '", "target_prompt": "\\ud800"}').encode(),
+                "headers": {"content-type": "application/json"},
+            },
+            422,
+            "invalid_field",
+            "Unicode",
+        ),
         ("/v1/edits", {"data": b"x", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type", "json"),
         (
             "/v1/edits",

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from instdiff.config import check_fields
+from instdiff.config import MAX_GUIDANCE, check_fields
 from instdiff.errors import ConfigError
 
 
@@ -149,8 +149,8 @@ class FISEditConfig:
         check_fields(self)
         if self.num_steps < 1:
             raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
-        if not math.isfinite(self.guidance_scale):
-            raise ConfigError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
+        if not (math.isfinite(self.guidance_scale) and 0.0 <= self.guidance_scale <= MAX_GUIDANCE):
+            raise ConfigError(f"guidance_scale: accepted 0 to {MAX_GUIDANCE:g}; got {self.guidance_scale}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ConfigError(f"threshold must be null (Otsu) or a fraction in (0, 1], got {self.threshold}")
         for name in ("open_radius", "margin", "composite_margin", "cache_budget_bytes"):

@@ -10,9 +10,12 @@ server and answered 500 with a message that names no internals.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from instdiff.errors import ConfigError, EditInputError, ImageInputError, InstdiffError, UsageError
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(InstdiffError):
@@ -68,6 +71,7 @@ def error_body(exc: BaseException) -> dict[str, Any]:
     if code == "out_of_memory":
         message = "the model ran out of accelerator memory for this request, even alone; retry later or ask less"
     elif code == "internal":
+        log.error("request failed: %s", type(exc).__name__, exc_info=exc)  # the promise the message makes
         message = f"internal error ({type(exc).__name__}); the request was not completed and the server logged it"
     else:
         message = " ".join(str(exc).split()) or type(exc).__name__

@@ -101,6 +101,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, "bad_json", f"request body is not valid JSON ({exc}); send a JSON object") from None
+    except RecursionError:
+        raise RequestError(400, "bad_json", "request body nests too deeply; send a flat JSON object") from None
     if not isinstance(data, dict):
         raise RequestError(400, "bad_json", f"request body must be a JSON object; got {type(data).__name__}")
     return data
