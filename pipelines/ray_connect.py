@@ -8,9 +8,10 @@ connect through :func:`connect`. The rules, in order:
    ``ray job submit`` is this case: Ray's job supervisor sets ``RAY_ADDRESS`` to the job's cluster. Joining
    never passes ``num_cpus`` / ``num_gpus`` (Ray refuses them for an existing cluster); an address that does
    not answer is refused within seconds instead of retried for minutes.
-3. Neither: a private cluster on this machine (``ray.init(address="local")``, bound to 127.0.0.1, without
-   dashboard). Plain ``ray.init()`` would join the cluster named in Ray's address file (the last
-   ``ray start`` on this machine, possibly someone else's); ``address="local"`` never does.
+3. Neither: a private cluster on this machine (``ray.init(address="local")``, node address 127.0.0.1, without
+   dashboard, Ray's token authentication left on: Ray 2.60 binds some of its services beyond 127.0.0.1).
+   Plain ``ray.init()`` would join the cluster named in Ray's address file (the last ``ray start`` on this
+   machine, possibly someone else's); ``address="local"`` never does.
 
 Relative paths (:func:`resolve_path`): a command started by the user resolves them against the directory it
 was started from. A job started by ``ray job submit`` runs in a directory Ray chose (with ``--working-dir``, a
