@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         0.
 
     Raises:
-        UsageError: ``--out`` or ``--mask-out`` is not a ``.png`` file.
+        UsageError: ``--out`` or ``--mask-out`` is not a ``.png`` file, or ``--mask-preset official`` with
+            another method than InstDiffEdit.
         StorageError: ``--out`` or ``--mask-out`` is a folder, or a file is in the way of its parent folders.
         ImageInputError: the image cannot be decoded or brought to the model's geometry; the mask cannot be
             decoded, has another size than the image, or has no edit pixel.
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     if args.size is not None and args.size < 16:
         raise UsageError(f"--size must be at least 16 px (the longer side after resizing), got {args.size}")
     require_source(args.method, args.source, "--source")
+    if args.mask_preset != "paper" and args.method != "instdiffedit":
+        raise UsageError(f"--mask-preset {args.mask_preset} applies to --method instdiffedit only; got {args.method}")
     for flag, path in (("--out", args.out), ("--mask-out", args.mask_out)):
         if path is None:
             continue

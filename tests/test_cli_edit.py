@@ -61,6 +61,11 @@ def test_mask_preset_official(scene, tmp_path, capsys):
     assert rc == 0 and np.asarray(Image.open(out)).shape == (32, 32, 3)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["mask_preset"] == "official"
+    # the preset is InstDiffEdit's: with another editor it is refused in one line, before the model loads
+    capsys.readouterr()
+    rc = main(args + ["--method", "sdedit", "--target", pair.target_prompt, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--mask-preset official applies to --method instdiffedit only" in err[0]
 
 
 def test_odd_size_rgba_input_is_converted_and_restored(tmp_path):
