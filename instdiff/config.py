@@ -266,7 +266,7 @@ class EditConfig:
     pixels (``instdiff.composite.paste_back``; 0 = a hard edge).
     ``prompt_mode``, ``inpaint`` / ``inpaint_steps`` (``None`` = ``steps``) / ``inpaint_strength`` (``None`` =
     ``strength``: start from the input noised to r; 1.0: from pure noise) for the final step;
-    ``inpaint_steps_match``: the final step's schedule has ⌈r·steps⌉ steps (the edit's count; from pure noise it
+    ``inpaint_steps_match``: the final step's schedule has ⌊r·steps⌋ steps (the edit's count; from pure noise it
     then costs what SDEdit's loop costs), overriding ``inpaint_steps``; ``paste_back`` (composite the input back
     outside the final mask, in pixel space).
     The n-noise mask phase: ``mask_steps`` caps how many steps run the n noises and update the mask (``None`` =

@@ -22,7 +22,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from instdiff.bundle import ModelBundle
-from instdiff.config import SEED_MAX, SEED_MIN, Method
+from instdiff.config import SEED_MAX, SEED_MIN, EditConfig, MaskPrompt, Method, TokenChoice
 from instdiff.errors import EditInputError
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,30 @@ def working_size(bundle: ModelBundle, model_spec: str, image_size: tuple[int, in
     return size
 
 
+def source_advice(cfg: EditConfig, source: str | None) -> str | None:
+    """A warning when InstDiffEdit settings that read the source prompt get none (the embedded model's default).
+
+    Those settings (``mask_prompt: source`` or ``mask.tokens: edit_span``) find the edited region from the words
+    that differ between the two prompts; without a source prompt the mask falls back to the target prompt's maps,
+    which on the embedded model often cover the background instead of the object.
+
+    Args:
+        cfg: the edit's settings.
+        source: the source prompt given, or ``None`` / blank.
+
+    Returns:
+        The warning text, or ``None`` when there is nothing to say.
+    """
+    reads_source = cfg.mask_prompt is MaskPrompt.SOURCE or cfg.mask.tokens is TokenChoice.EDIT_SPAN
+    if cfg.method is Method.INSTDIFFEDIT and reads_source and not (source or "").strip():
+        return (
+            "no source prompt: these InstDiffEdit settings find the edited region from the words that differ "
+            "between the source and target prompts; without one the mask is often wrong - give a source prompt "
+            "(a description of the input image)"
+        )
+    return None
+
+
 def require_source(method: Method | str, source: str | None, what: str = "source_prompt") -> None:
     """Refuse a missing source prompt for a method that reads it (:meth:`Method.needs_source_prompt`).
 
@@ -249,6 +273,7 @@ __all__ = [
     "editor_defaults",
     "prompt_labels",
     "require_source",
+    "source_advice",
     "truncation",
     "working_size",
 ]

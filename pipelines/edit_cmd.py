@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from instdiff import imageio
     from instdiff.composite import restore
     from instdiff.editing import edit, size_multiple
-    from instdiff.inputs import require_source, working_size
+    from instdiff.inputs import require_source, source_advice, working_size
     from instdiff.models import load_bundle
 
     out = Path(args.out)
@@ -180,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
         feather=args.feather,
         **overrides,
     )
+    advice = source_advice(cfg, args.source)
+    if advice:
+        log.warning("%s", advice)
+        notes.append(advice)
     source = args.source if args.source is not None else args.target
     result = edit(bundle, imageio.to_model_tensor(prepared.array), [source], [args.target], cfg)
     # the edit at the input's size, pasted onto the original pixels outside the mask (instdiff.composite)

@@ -268,3 +268,18 @@ def test_steps_past_the_training_schedule_are_refused():
     for steps in (train, train + 5):
         with pytest.raises(EditInputError, match="steps"):
             make_scheduler(bundle, steps)
+
+
+def test_source_advice_when_settings_read_a_source_prompt_that_is_missing():
+    """The embedded default reads the source prompt; without one the CLI and the app warn (instdiff.inputs)."""
+    from instdiff.config import EditConfig, MaskConfig, Method
+    from instdiff.inputs import source_advice
+
+    reads = EditConfig(method=Method.INSTDIFFEDIT, mask_prompt="source")
+    assert "give a source prompt" in source_advice(reads, None)
+    assert "give a source prompt" in source_advice(reads, "   ")
+    assert source_advice(reads, "a red square") is None
+    span = EditConfig(method=Method.INSTDIFFEDIT, mask=MaskConfig(tokens="edit_span"))
+    assert source_advice(span, None) is not None
+    assert source_advice(EditConfig(method=Method.INSTDIFFEDIT), None) is None  # the paper reads the target only
+    assert source_advice(EditConfig(method=Method.SDEDIT, mask_prompt="source"), None) is None

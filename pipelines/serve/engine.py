@@ -29,7 +29,7 @@ from instdiff import imageio
 from instdiff.bundle import ModelBundle
 from instdiff.config import EditConfig, Method, SizePolicy, to_plain
 from instdiff.errors import EditInputError, InstdiffError
-from instdiff.inputs import check_prompts, check_seed, require_source, working_size
+from instdiff.inputs import check_prompts, check_seed, require_source, source_advice, working_size
 from pipelines.serve.errors import error_body, is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,9 @@ def prepare_edit(
 
     prepared = imageio.fit_to_multiple(req.image, size_multiple(bundle), SizePolicy(policy), size)
     source = req.source_prompt if req.source_prompt is not None else req.target_prompt
-    return PreparedEdit(req, cfg, prepared, seed, source, list(req.notes) + list(prepared.notes))
+    advice = source_advice(cfg, req.source_prompt)
+    warnings = list(req.notes) + list(prepared.notes) + ([advice] if advice else [])
+    return PreparedEdit(req, cfg, prepared, seed, source, warnings)
 
 
 def group_key(p: PreparedEdit) -> tuple[Any, ...]:
