@@ -395,7 +395,8 @@ def test_queue_limit_answers_503(small_queue_url):
 
 def test_timeout_answers_504(small_queue_url):
     time.sleep(3)  # let the queue drain
-    body = {"image": b64(png(scene(32, 32))), "target_prompt": "x", "steps": 400, "strength": 1.0, "method": "sdedit"}
+    # 999 steps (the most a 1000-step schedule takes): about 10 s on an idle CPU, well past the 4 s timeout
+    body = {"image": b64(png(scene(32, 32))), "target_prompt": "x", "steps": 999, "strength": 1.0, "method": "sdedit"}
     r = requests.post(f"{small_queue_url}/v1/edits", json=body, timeout=60)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
     assert "request_timeout_s" in r.json()["error"]["message"]
