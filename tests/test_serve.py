@@ -494,7 +494,7 @@ def test_embedded_model_edit_and_session(port, url):
                 imageio.to_model_tensor(img),
                 ["a blue circle"],
                 ["a blue circle"],
-                EditConfig(steps=4, guidance=5.0),
+                EditConfig.for_model(b.defaults, "model", steps=4, seed=1),  # the app's settings: the model's
                 [1],
             )
         finally:
