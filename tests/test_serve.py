@@ -512,3 +512,20 @@ def test_embedded_model_edit_and_session(port, url):
         assert e.status_code == 200 and decode_b64png(e.json()["image"]).shape == (64, 64, 3)
     finally:
         serve.delete("emb")
+
+
+def test_a_field_given_twice_is_refused(url):
+    """JSON keys and form fields given twice: 400 naming the field (no silent last-one-wins), then /healthz 200."""
+    dup = ('{"image": "' + _good() + '", "target_prompt": "a", "target_prompt": "b"}').encode()
+    r = requests.post(f"{url}/v1/edits", data=dup, headers={"content-type": "application/json"}, timeout=TIMEOUT)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_json", r.text
+    assert "'target_prompt' is given twice" in r.json()["error"]["message"]
+    r = requests.post(
+        f"{url}/v1/edits",
+        files=[("image", ("x.png", png(scene(32, 32)), "image/png"))],
+        data=[("target_prompt", "a"), ("target_prompt", "b")],
+        timeout=TIMEOUT,
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_multipart", r.text
+    assert "'target_prompt' is given twice" in r.json()["error"]["message"]
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200

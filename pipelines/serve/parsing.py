@@ -98,7 +98,9 @@ def parse_json(body: bytes) -> dict[str, Any]:
         RequestError: 400 for invalid JSON or a top level that is not an object.
     """
     try:
-        data = json.loads(body)
+        data = json.loads(body, object_pairs_hook=_unique_keys)
+    except RequestError:
+        raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, "bad_json", f"request body is not valid JSON ({exc}); send a JSON object") from None
     except RecursionError:
@@ -108,14 +110,33 @@ def parse_json(body: bytes) -> dict[str, Any]:
     return data
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a key given twice (which one would win is not the client's to guess).
+
+    Raises:
+        RequestError: 400 naming the repeated field.
+    """
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RequestError(400, "bad_json", f"field {key!r} is given twice; give each field once")
+        out[key] = value
+    return out
+
+
 def form_values(cls: type, form: Any) -> dict[str, Any]:
     """Multipart form → a mapping for ``cls``: files as bytes, text fields of non-text types read as JSON.
 
     An empty text value of an optional field counts as absent (HTML forms send empty inputs).
+
+    Raises:
+        RequestError: 400 for a field given twice.
     """
     hints = typing.get_type_hints(cls)
     out: dict[str, Any] = {}
     for key, value in form.multi_items():
+        if key in out:
+            raise RequestError(400, "bad_multipart", f"form field {key!r} is given twice; give each field once")
         if hasattr(value, "file"):  # an upload
             out[key] = value.file.read()
             continue
