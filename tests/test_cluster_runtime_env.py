@@ -9,94 +9,34 @@ with the runtime environment that ``python -m cluster.runtime_env`` writes. Ever
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
+from cluster.local import RAY_BIN, LocalCluster
+
 ROOT = Path(__file__).resolve().parents[1]
-RAY = Path(sys.prefix) / "bin" / "ray"
 TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(temp_dir: str) -> None:
-    """Kill the processes of the cluster that uses ``temp_dir`` (ours alone: the folder is private)."""
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
 
 pytestmark = pytest.mark.slow  # starts a Ray node and submits two jobs: about a minute on 2 cores
 
 
 @pytest.fixture(scope="module")
 def head_without_venv_on_path():
-    if not RAY.exists():
-        pytest.skip(f"no ray executable at {RAY}")
-    temp_dir = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dashboard = _free_port(), _free_port()
-    env = {
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "PATH": "/usr/bin:/bin",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    cmd = [
-        str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
-        "--num-cpus", "1", "--temp-dir", temp_dir, "--disable-usage-stats",
-    ]  # fmt: skip
-    # Ray's fixed default ports (agent 52365, client 10001, ...) clash with any other cluster on the machine
-    for flag in (
-        "--dashboard-agent-listen-port",
-        "--dashboard-agent-grpc-port",
-        "--runtime-env-agent-port",
-        "--metrics-export-port",
-        "--ray-client-server-port",
-        "--node-manager-port",
-        "--object-manager-port",
-    ):
-        cmd += [flag, str(_free_port())]  # fmt: skip
-    try:
-        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-        if started.returncode != 0:
-            pytest.fail(f"ray start failed: {started.stderr[-2000:]}")
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        _stop(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    """A one-node cluster (cluster.local: 127.0.0.1, free ports, private temp dir, stopped by pid) whose PATH,
+    and so its jobs' entrypoint PATH, lacks this venv."""
+    if not RAY_BIN.exists():
+        pytest.skip(f"no ray executable at {RAY_BIN}")
+    with LocalCluster(head_cpus=1, worker_cpus=[], env={"PATH": "/usr/bin:/bin"}) as cluster:
+        yield cluster.dashboard_url
 
 
 def _submit(address: str, *extra: str) -> subprocess.CompletedProcess:
     probe = "import sys, pyarrow, instdiff, pipelines.batch; print('PROJECT-PYTHON', sys.prefix)"
-    cmd = [str(RAY), "job", "submit", "--address", address, *extra, "--", "python", "-c", probe]
+    cmd = [str(RAY_BIN), "job", "submit", "--address", address, *extra, "--", "python", "-c", probe]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     deadline = time.monotonic() + TIMEOUT_S
