@@ -45,8 +45,7 @@ def connect(host: str, port: int, address: str | None = None) -> None:
 
     from pipelines.ray_connect import connect as connect_ray
 
-    cluster = connect_ray(address, log_to_driver=False)
-    log.info("Ray: %s", cluster.describe())
+    connect_ray(address, log_to_driver=False)  # logs which cluster it is
     serve.start(http_options={"host": host, "port": port})
 
 
