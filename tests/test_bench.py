@@ -109,6 +109,29 @@ def test_config_errors_name_the_key(tmp_path, change, message):
         bench.parse_bench_config(_config(tmp_path, **change))
 
 
+def test_earlier_runs_are_tabulated_and_checked(tmp_path):
+    from pipelines.bench.render import earlier_runs
+
+    earlier = tmp_path / "t-2026-01-01.json"
+    results = [
+        {"label": "SDEdit", "params": {}, "iou": 0.25, "ok": 4, "rows": 4},
+        {"label": "s a", "sweep": "s", "params": {"method.strength": 0.4}, "iou": 0.5, "ok": 3, "rows": 4},
+    ]
+    earlier.write_text(json.dumps({"commit": "abc123", "created": "2026-01-01", "results": results}))
+    cfg = bench.parse_bench_config(_config(tmp_path, earlier=[str(earlier)]))
+    md = "\n".join(earlier_runs(cfg.earlier))
+    assert "## Earlier run: [t-2026-01-01.json](t-2026-01-01.json)" in md and "Commit `abc123`, 2026-01-01" in md
+    assert "| SDEdit |" in md and "| 25.0 |" in md  # IoU in %
+    assert "| 0.4 |" in md and "| 3 / 4 |" in md  # the sweep's table, by its parameter
+    with pytest.raises(ConfigError, match=r"earlier: .*missing.json does not exist"):
+        bench.parse_bench_config(_config(tmp_path, earlier=[str(tmp_path / "missing.json")]))
+    with pytest.raises(ConfigError, match="earlier: expected a list of results .json paths"):
+        bench.parse_bench_config(_config(tmp_path, earlier="x.json"))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="bad.json is not a readable benchmark results file"):
+        earlier_runs([str(tmp_path / "bad.json")])
+
+
 def _fake_output(path, pairs, edited, pred, latency=0.8, batch_rows=4, unet=20.0, method="sdedit"):
     """A run output folder in the job's output schema, made from known images and masks."""
     from instdiff import metrics

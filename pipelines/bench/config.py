@@ -24,7 +24,7 @@ from pipelines.datasets import FORMATS as DATA_FORMATS
 ENGINES = ("ray", "in-process")
 TEXT_SCORES = ("auto", "shapes", "clip", "none")
 
-_TOP_KEYS = ("name", "output", "results", "engine", "data", "base", "runs", "sweeps", "metrics", "sheet", "notes")
+_TOP_KEYS = ("name", "output", "results", "engine", "data", "base", "runs", "sweeps", "metrics", "sheet", "notes", "earlier")
 _SWEEP_KEYS = ("name", "label", "settings", "grid")
 _JOB_PATHS = ("input", "output")  # batch-job keys the bench sets for every run
 
@@ -94,6 +94,8 @@ class BenchConfig:
     metrics: MetricSpec = field(default_factory=MetricSpec)
     sheet: SheetSpec = field(default_factory=SheetSpec)
     notes: tuple[str, ...] = ()  # printed under "Notes" in the Markdown (e.g. where settings differ from the paper)
+    # results JSON files of earlier runs of this benchmark, tabulated under "Earlier runs" for comparison
+    earlier: tuple[str, ...] = ()
 
 
 def slugify(text: str) -> str:
@@ -274,6 +276,12 @@ def parse_bench_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | N
     notes = data.get("notes") or []
     if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
         raise ConfigError(f"notes: expected a list of strings; got {notes!r}")
+    earlier = data.get("earlier") or []
+    if not isinstance(earlier, list) or not all(isinstance(e, str) and e.endswith(".json") for e in earlier):
+        raise ConfigError(f"earlier: expected a list of results .json paths of earlier runs; got {earlier!r}")
+    missing = [e for e in earlier if not Path(e).is_file()]
+    if missing:
+        raise ConfigError(f"earlier: {missing[0]} does not exist (paths are relative to the working directory)")
     cfg = BenchConfig(
         name=name,
         output=str(data.get("output") or f"out/bench/{slugify(name)}"),
@@ -285,6 +293,7 @@ def parse_bench_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | N
         metrics=metrics,
         sheet=sheet,
         notes=tuple(notes),
+        earlier=tuple(earlier),
     )
     for run in cfg.runs:  # fail before anything runs
         try:

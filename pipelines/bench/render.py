@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from instdiff.errors import ConfigError
 from pipelines import schema as S
 from pipelines.bench.config import BenchConfig
 from pipelines.bench.scoring import NO_CLIP, Inputs, Scorers, read_run_rows
@@ -400,11 +401,42 @@ def render_markdown(
     ]
     if notes:
         out += ["", "## Notes", ""] + [f"* {n}" for n in notes]
+    out += earlier_runs(cfg.earlier)
     errors = {k: v for r in results for k, v in r.get("top_errors", {}).items()}
     if errors:
         out += ["", "## Errors", ""] + [f"* {v} × {k}" for k, v in errors.items()]
     out += ["", f"Raw numbers: [{name}.json]({name}.json).", ""]
     return "\n".join(out)
+
+
+def earlier_runs(paths: Sequence[str]) -> list[str]:
+    """The "Earlier runs" section: each earlier results JSON's tables, headed by its commit and date.
+
+    Args:
+        paths: results ``.json`` files written by earlier runs of the benchmark (the config's ``earlier``).
+
+    Returns:
+        Markdown lines (empty for no paths).
+
+    Raises:
+        ConfigError: a file that is missing or holds no benchmark results.
+    """
+    out: list[str] = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+            results = data["results"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"earlier: {path} is not a readable benchmark results file ({exc})") from None
+        plain = [r for r in results if not r.get("sweep")]
+        swept = [r for r in results if r.get("sweep")]
+        out += ["", f"## Earlier run: [{Path(path).name}]({Path(path).name})", ""]
+        out += [f"Commit `{data.get('commit', '?')}`, {data.get('created', '?')}; kept for comparison.", ""]
+        if plain:
+            out += [markdown_table(plain, TABLE1), ""]
+        if swept:
+            out += [markdown_table(swept, TABLE2, list(swept[0]["params"])), ""]
+    return out
 
 
 def _made_with(command: str) -> str:
