@@ -11,7 +11,8 @@ Figures (all on data the training never saw: training used scene seeds 0..9999, 
    10001), masks only;
 4. on the *test* pairs (seed 10000): mask IoU against the exact edit mask (InstDiffEdit goal ≥ 0.5; the
    paper reports 0.562 with SD 1.4), edit success (the target phrase is found inside the edit region) and
-   C_non (mean |Δ|/255 outside it) for InstDiffEdit, DiffEdit and SDEdit.
+   C_non (mean |Δ|/255 outside it) for InstDiffEdit with the model's recommended settings (instdiff.json),
+   InstDiffEdit with the paper's, DiffEdit and SDEdit.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from instdiff import synthetic
+from instdiff.config import to_plain
 from instdiff.editing import EditConfig, Inpaint, Method, PromptMode, edit, generate
 from instdiff.imageio import from_model_tensor
 from instdiff.masks import MaskConfig, iou
@@ -46,6 +48,31 @@ SCORER_SCENE_SEED = 10_002
 GENERATION_SCENE_SEED = 10_003
 GOALS = {"generation_fidelity": 0.8, "instdiffedit_iou": 0.5}
 PAPER_IOU_SD14 = 0.562
+
+
+METHODS = ("instdiffedit", "instdiffedit_paper", "diffedit", "sdedit")
+METHODS_HELP = (
+    "instdiffedit: the model's recommended settings (instdiff.json, EditConfig.for_model preset 'model'); "
+    "instdiffedit_paper: the paper's Eq. 6-9 and loop (preset 'paper'); diffedit; sdedit"
+)
+
+
+def method_config(name: str, defaults: dict[str, Any], steps: int, guidance: float) -> EditConfig:
+    """The settings one row of the edit table runs with (:meth:`EditConfig.for_model`).
+
+    Args:
+        name: one of :data:`METHODS`.
+        defaults: the model folder's ``instdiff.json`` (empty for SD checkpoints: then both InstDiffEdit rows
+            are the paper's).
+        steps: DDIM steps.
+        guidance: classifier-free guidance scale.
+
+    Returns:
+        The config.
+    """
+    if name == "instdiffedit_paper":
+        return EditConfig.for_model(defaults, "paper", steps=steps, guidance=guidance)
+    return EditConfig.for_model(defaults, "model", method=name, steps=steps, guidance=guidance)
 
 
 def _batches(n: int, size: int) -> list[range]:
@@ -373,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also measure generation fidelity at these guidance scales on validation captions",
     )
     ap.add_argument("--guidance-sweep-captions", type=int, default=128)
-    ap.add_argument("--methods", nargs="+", default=["instdiffedit", "diffedit", "sdedit"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help=METHODS_HELP)
     ap.add_argument("--skip", nargs="*", default=[], choices=["scorer", "generation", "edits"])
     ap.add_argument("--out", default="docs/results/shapes_quality.json")
     ap.add_argument("--md", default=None, help="Markdown report (default: --out with .md)")
@@ -393,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle = load_bundle(args.model, device=args.device, dtype=args.dtype)
     steps = args.steps or int(bundle.defaults.get("steps", 50))
     guidance = args.guidance if args.guidance is not None else float(bundle.defaults.get("guidance", 7.5))
-    base = EditConfig(steps=steps, guidance=guidance)
+    base = EditConfig.for_model(bundle.defaults, "paper", steps=steps, guidance=guidance)
     res: dict[str, Any] = {
         "model": args.model,
         "model_defaults": bundle.defaults,
@@ -432,15 +459,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     #    the validation pairs (else the model's default); plus the best validation setting when it differs
     if "edits" not in args.skip:
         pairs = synthetic.make_edit_pairs(args.pairs, seed=TEST_PAIR_SEED, size=bundle.resolution)
-        configs = {name: base.with_(method=Method(name)) for name in args.methods}
-        if "sweep" in res:
+        configs = {name: method_config(name, bundle.defaults, steps, guidance) for name in args.methods}
+        if "sweep" in res and "instdiffedit_paper" in configs:
             paper = [r for r in res["sweep"] if r["phi"] == MaskConfig().phi and r["prompt_mode"] == "full"]
             best = max(res["sweep"], key=lambda r: r["iou"])
-            if paper and "instdiffedit" in configs:
+            if paper:
                 f = max(paper, key=lambda r: r["iou"])["attention_downsample"]
-                configs["instdiffedit"] = configs["instdiffedit"].with_(attention_downsample=f)
+                configs["instdiffedit_paper"] = configs["instdiffedit_paper"].with_(attention_downsample=f)
             if paper and (best["phi"], best["prompt_mode"]) != (MaskConfig().phi, "full"):
-                configs["instdiffedit_tuned"] = base.with_(
+                configs["instdiffedit_paper_tuned"] = base.with_(
                     method=Method.INSTDIFFEDIT,
                     attention_downsample=best["attention_downsample"],
                     mask=replace(base.mask, phi=best["phi"]),
@@ -450,11 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["edits"] = {"n_pairs": len(pairs), "pairs_seed": TEST_PAIR_SEED, "methods": methods}
         for name, cfg in configs.items():
             methods[name] = run_edits(bundle, pairs, cfg, args.batch)
-            methods[name]["config"] = {
-                "attention_downsample": cfg.attention_downsample,
-                "phi": cfg.mask.phi,
-                "prompt_mode": cfg.prompt_mode.value,
-            }
+            methods[name]["config"] = to_plain(cfg)
             log.info("%s: %s", name, {k: v for k, v in methods[name].items() if k != "per_kind"})
             write(res)
     # 4. generation fidelity

@@ -1,0 +1,34 @@
+"""cluster.benchmarks.shapes_quality: which settings each edit row runs, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+from cluster.benchmarks import shapes_quality as sq
+from instdiff.config import MaskPreset, Method
+from instdiff.models import load_bundle
+
+
+def test_rows_use_the_model_defaults_and_the_paper_preset():
+    defaults = load_bundle("default").defaults
+    model = sq.method_config("instdiffedit", defaults, 50, 5.0)
+    paper = sq.method_config("instdiffedit_paper", defaults, 50, 5.0)
+    section = defaults["instdiffedit"]
+    assert model.mask_steps == section["mask_steps"] and model.mask.phi == section["mask"]["phi"]
+    assert model.attention_downsample == section["attention_downsample"]
+    assert paper.mask_steps != section["mask_steps"] and paper.mask.phi == 0.2  # the paper's φ
+    assert paper.mask.preset is MaskPreset.PAPER
+    assert sq.method_config("diffedit", defaults, 50, 5.0).method is Method.DIFFEDIT
+    # an SD folder has no instdiff.json: both InstDiffEdit rows are the paper's
+    assert sq.method_config("instdiffedit", {}, 50, 7.5) == sq.method_config("instdiffedit_paper", {}, 50, 7.5)
+
+
+def test_tiny_run_writes_every_requested_row(tmp_path):
+    out = tmp_path / "q.json"
+    argv = ["--model", "tiny", "--pairs", "2", "--steps", "2", "--batch", "2", "--skip", "scorer", "generation"]
+    sq.main([*argv, "--methods", "instdiffedit", "instdiffedit_paper", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res["edits"]["methods"]) == {"instdiffedit", "instdiffedit_paper"}
+    for row in res["edits"]["methods"].values():
+        assert row["n"] == 2 and 0.0 <= row["iou"] <= 1.0 and row["config"]["steps"] == 2
+    assert "| instdiffedit_paper |" in out.with_suffix(".md").read_text()
