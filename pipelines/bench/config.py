@@ -24,7 +24,20 @@ from pipelines.datasets import FORMATS as DATA_FORMATS
 ENGINES = ("ray", "in-process")
 TEXT_SCORES = ("auto", "shapes", "clip", "none")
 
-_TOP_KEYS = ("name", "output", "results", "engine", "data", "base", "runs", "sweeps", "metrics", "sheet", "notes", "earlier")
+_TOP_KEYS = (
+    "name",
+    "output",
+    "results",
+    "engine",
+    "data",
+    "base",
+    "runs",
+    "sweeps",
+    "metrics",
+    "sheet",
+    "notes",
+    "earlier",
+)
 _SWEEP_KEYS = ("name", "label", "settings", "grid")
 _JOB_PATHS = ("input", "output")  # batch-job keys the bench sets for every run
 
