@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cluster.benchmarks import shapes_quality as sq
 from instdiff.config import MaskPreset, Method
 from instdiff.models import load_bundle
@@ -32,3 +34,12 @@ def test_tiny_run_writes_every_requested_row(tmp_path):
     for row in res["edits"]["methods"].values():
         assert row["n"] == 2 and 0.0 <= row["iou"] <= 1.0 and row["config"]["steps"] == 2
     assert "| instdiffedit_paper |" in out.with_suffix(".md").read_text()
+    # an earlier run's edit rows are tabulated beside the new ones
+    again = tmp_path / "again.json"
+    sq.main([*argv, "--methods", "sdedit", "--earlier", str(out), "--out", str(again)])
+    md = again.with_suffix(".md").read_text()
+    assert (
+        "## Earlier run: [q.json](q.json) (2 test pairs)" in md and md.count("| instdiffedit_paper |") == 2
+    )  # its edit and per-kind rows
+    with pytest.raises(SystemExit):
+        sq.main([*argv, "--earlier", str(tmp_path / "missing.json"), "--out", str(again)])

@@ -269,6 +269,40 @@ def sweep(
 
 
 # ---- report ----------------------------------------------------------------------------------
+def edits_table(e: dict[str, Any]) -> list[str]:
+    """The edit table and the per-kind table of one ``edits`` section (Markdown lines).
+
+    Args:
+        e: ``res["edits"]`` of this or an earlier run.
+
+    Returns:
+        Markdown lines, ending with an empty line.
+    """
+    lines = [
+        "| method | mask IoU | edit success | source removed | C_non | s / image | UNet calls |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m, r in e["methods"].items():
+        lines.append(
+            f"| {m} | {r['iou']:.3f} | {r['success']:.3f} | {r['source_removed']:.3f} | "
+            f"{r['c_non']:.4f} | {r['seconds_per_image']:.3f} | {r['unet_calls_per_image']:.0f} |"
+        )
+    lines += [
+        "",
+        "Per edit kind (IoU / success):",
+        "",
+        "| method | " + " | ".join(synthetic.EDIT_KINDS) + " |",
+        "| --- |" + " --- |" * len(synthetic.EDIT_KINDS),
+    ]
+    for m, r in e["methods"].items():
+        cells = [
+            f"{r['per_kind'][k]['iou']:.3f} / {r['per_kind'][k]['success']:.3f}" if k in r["per_kind"] else "-"
+            for k in synthetic.EDIT_KINDS
+        ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def markdown(res: dict[str, Any]) -> str:
     """A short Markdown report of the JSON result.
 
@@ -336,36 +370,23 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append("")
     if "edits" in res:
         e = res["edits"]
+        lines += [f"## Edits ({e['n_pairs']} test pairs, seed {e['pairs_seed']})", "", *edits_table(e)]
         lines += [
-            f"## Edits ({e['n_pairs']} test pairs, seed {e['pairs_seed']})",
-            "",
-            "| method | mask IoU | edit success | source removed | C_non | s / image | UNet calls |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for m, r in e["methods"].items():
-            lines.append(
-                f"| {m} | {r['iou']:.3f} | {r['success']:.3f} | {r['source_removed']:.3f} | "
-                f"{r['c_non']:.4f} | {r['seconds_per_image']:.3f} | {r['unet_calls_per_image']:.0f} |"
-            )
-        lines += [
-            "",
-            "Per edit kind (IoU / success):",
-            "",
-            "| method | " + " | ".join(synthetic.EDIT_KINDS) + " |",
-            "| --- |" + " --- |" * len(synthetic.EDIT_KINDS),
-        ]
-        for m, r in e["methods"].items():
-            cells = [
-                f"{r['per_kind'][k]['iou']:.3f} / {r['per_kind'][k]['success']:.3f}" if k in r["per_kind"] else "-"
-                for k in synthetic.EDIT_KINDS
-            ]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines += [
-            "",
             f"InstDiffEdit IoU goal ≥ {GOALS['instdiffedit_iou']} (paper, SD 1.4 on Editing-Mask: "
             f"{PAPER_IOU_SD14}). SDEdit's mask is the whole image.",
             "",
         ]
+    for path in res.get("earlier", []):
+        earlier = json.loads(Path(path).read_text())
+        if "edits" in earlier:
+            e = earlier["edits"]
+            lines += [
+                f"## Earlier run: [{Path(path).name}]({Path(path).name}) ({e['n_pairs']} test pairs)",
+                "",
+                f"Commit `{earlier.get('git_commit', '?')}`; kept for comparison.",
+                "",
+                *edits_table(e),
+            ]
     return "\n".join(lines)
 
 
@@ -404,8 +425,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["scorer", "generation", "edits"])
     ap.add_argument("--out", default="docs/results/shapes_quality.json")
     ap.add_argument("--md", default=None, help="Markdown report (default: --out with .md)")
+    ap.add_argument("--earlier", nargs="*", default=[], help="results JSON of earlier runs, tabulated for comparison")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    missing = [p for p in args.earlier if not Path(p).is_file()]
+    if missing:
+        ap.error(f"--earlier: {missing[0]} does not exist")
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -428,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "git_commit": git_commit(),
         "argv": list(argv if argv is not None else sys.argv[1:]),
         "edit_config": json.loads(json.dumps(asdict(base), default=str)),
+        "earlier": list(args.earlier),
     }
     # 1. scorer and VAE
     if "scorer" not in args.skip:
