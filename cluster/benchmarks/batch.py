@@ -296,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.out or ROOT / "docs" / "results" / f"batch-{args.model}.json")
     size = 32 if args.model == "tiny" else 64
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
