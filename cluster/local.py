@@ -6,18 +6,36 @@ nor written). The head runs the dashboard on 127.0.0.1 (``ray job submit`` needs
 kill_node` kills one node's whole process tree by process id (a lost machine); :meth:`LocalCluster.stop` stops
 everything that was started, by process id and process group, never with ``ray stop``.
 
+Ray's token authentication is on: Ray 2.60 binds some of its services (GCS, raylet, agents) beyond 127.0.0.1
+whatever ``--node-ip-address`` says, so without it anyone who reaches this machine could submit work. Each
+cluster gets its own random token (``secrets.token_hex(32)``, 256 bits as Ray's ``ray get-auth-token
+--generate``), kept in a file readable by this user only (0600, in the 0700 temp dir), never in an environment
+variable's value or a log line. Ray (``ray/_private/authentication`` and its C++ ``AuthenticationTokenLoader``)
+reads the mode from ``RAY_AUTH_MODE`` and the token from, in this order, ``RAY_AUTH_TOKEN``,
+``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``; the nodes, every job they start, ``ray job submit`` and
+``ray.init`` all read the same variables, and the dashboard's HTTP API wants ``Authorization: Bearer TOKEN``
+(401 without, 403 with a wrong one).
+
 Usage::
 
     with LocalCluster(head_cpus=2, worker_cpus=[2]) as c:
         c.gcs_address        # 127.0.0.1:PORT, for ray.init(address=...) / --address / RAY_ADDRESS
         c.dashboard_url      # http://127.0.0.1:PORT, for ray job submit --address
+        subprocess.run(["ray", "job", "submit", "--address", c.dashboard_url, ...], env=c.client_environ())
+        JobSubmissionClient(c.dashboard_url, headers=c.auth_headers)
+        with c.client_env():  # this process's os.environ (and Ray's cached auth settings), restored after
+            ray.init(address=c.gcs_address)
+            ...
+            ray.shutdown()
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +45,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +53,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RAY_BIN = Path(sys.executable).with_name("ray")
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # what Ray reads for token authentication
 
 
 def free_port() -> int:
@@ -89,13 +109,22 @@ class Node:
 class LocalCluster:
     """Head + worker nodes on 127.0.0.1, started by ``ray start`` (see the module docstring).
 
+    The temp dir and the token file are made at construction; :meth:`stop` removes them (also when the cluster
+    was never started).
+
     Args:
         head_cpus: logical CPUs of the head.
         worker_cpus: logical CPUs of each worker node (one node per entry; ``[]``: the head alone).
         object_store_mb: object store of each node, MiB.
         env: extra environment of every node (and of the jobs the head starts); ``PATH`` starts with this
-            interpreter's folder so that a job's ``python`` is this environment's.
+            interpreter's folder so that a job's ``python`` is this environment's. The token-authentication
+            variables (``AUTH_VARS``) are always the cluster's own.
         start_timeout_s: how long to wait for the nodes to join.
+
+    Attributes:
+        env: the nodes' environment (also right for a client subprocess such as ``ray job submit``, but
+            :meth:`client_environ` keeps the caller's own environment apart from the auth variables).
+        token_path: the 0600 file holding this cluster's token.
     """
 
     def __init__(
@@ -111,17 +140,19 @@ class LocalCluster:
         self.object_store = str(object_store_mb * 2**20)
         self.start_timeout_s = start_timeout_s
         self.temp_dir = tempfile.mkdtemp(prefix="idc", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.token_path = Path(self.temp_dir) / "auth_token"
+        _write_private(self.token_path, secrets.token_hex(32))
         self.port = free_port()
         self.dashboard_port = free_port()
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
         self.env.update(
             {
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                "RAY_AUTH_MODE": "disabled",
                 "RAY_USAGE_STATS_ENABLED": "0",
             }
         )
         self.env.update(env or {})
+        self.env = self.client_environ(self.env)
         self.nodes: list[Node] = []
         self.lost: list[Node] = []  # nodes killed by kill_node (their leftovers are still stopped by stop)
         self._previous_sigterm: Any = None
@@ -135,6 +166,67 @@ class LocalCluster:
     def dashboard_url(self) -> str:
         """``http://127.0.0.1:PORT``: what ``ray job submit --address`` takes."""
         return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def auth_env(self) -> dict[str, str]:
+        """The variables that make a Ray client use this cluster's token: ``RAY_AUTH_MODE=token`` and
+        ``RAY_AUTH_TOKEN_PATH`` (the token file; ``RAY_AUTH_TOKEN`` must be unset, it would take precedence)."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """``{"Authorization": "Bearer TOKEN"}``: what the dashboard's HTTP API (jobs, state) requires, e.g.
+        ``JobSubmissionClient(c.dashboard_url, headers=c.auth_headers)``. Keep it out of logs."""
+        return {"Authorization": f"Bearer {self.token_path.read_text().strip()}"}
+
+    def client_environ(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """An environment for a client subprocess of this cluster (``ray job submit``, a driver script).
+
+        Args:
+            base: the environment to start from (``None``: this process's ``os.environ``).
+
+        Returns:
+            A copy of ``base`` with :attr:`auth_env` set and ``RAY_AUTH_TOKEN`` removed.
+        """
+        environ = {k: v for k, v in (os.environ if base is None else base).items() if k not in AUTH_VARS}
+        environ.update(self.auth_env)
+        return environ
+
+    @contextlib.contextmanager
+    def client_env(self) -> Iterator[LocalCluster]:
+        """Make this process a client of the cluster: ``os.environ`` gets :attr:`auth_env` (``RAY_AUTH_TOKEN``
+        removed), restored on exit.
+
+        Ray caches the auth mode (its ``RayConfig``) and the token (``AuthenticationTokenLoader``) per process;
+        both caches are refreshed on entry and on exit, so call ``ray.init`` inside the block; a driver still
+        connected at the end is shut down (``ray.shutdown``). One process can be a client of several clusters in
+        turn.
+
+        Yields:
+            This cluster.
+
+        Raises:
+            RuntimeError: this process is connected to a Ray cluster already.
+        """
+        import ray
+
+        if ray.is_initialized():  # Ray's config would be re-read under a connected driver
+            raise RuntimeError("LocalCluster.client_env: call ray.shutdown() before entering the block")
+        saved = {k: os.environ.get(k) for k in AUTH_VARS}
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ.update(self.auth_env)
+        _refresh_ray_auth()
+        try:
+            yield self
+        finally:
+            if ray.is_initialized():  # a driver of this cluster: it cannot go on without the token
+                ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            _refresh_ray_auth()
 
     def _start(self, name: str, args: list[str]) -> Node:
         log_path = Path(self.temp_dir) / f"{name}.log"
@@ -212,8 +304,9 @@ class LocalCluster:
 
     def alive_nodes(self) -> int:
         """Nodes the cluster reports alive (through the dashboard's state API; 0 while it is not up)."""
+        request = urllib.request.Request(f"{self.dashboard_url}/api/v0/nodes?limit=100", headers=self.auth_headers)
         try:
-            with urllib.request.urlopen(f"{self.dashboard_url}/api/v0/nodes?limit=100", timeout=10) as r:
+            with urllib.request.urlopen(request, timeout=10) as r:
                 data = json.load(r)
         except (OSError, ValueError):
             return 0
@@ -276,6 +369,25 @@ class LocalCluster:
 
 
 _LIVE: list[LocalCluster] = []  # clusters started in this process and not stopped yet
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a new file ``path`` that only this user can read (mode 0600 from creation on)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _refresh_ray_auth() -> None:
+    """Make Ray in this process re-read ``RAY_AUTH_MODE`` and the token (it caches both at first use).
+
+    The order is Ray's own (``ray._private.authentication_test_utils.reset_auth_token_state``): the config
+    first, then the token cache, so that no thread reloads a token under a stale mode.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

@@ -291,12 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="logical CPUs of the local Ray cluster")
     p.add_argument("--out", default=None, help="JSON path (default docs/results/batch-MODEL.json)")
     args = p.parse_args(argv)
+    if args.rows <= args.batch_size * max(args.actors):  # the steady rate needs rows beyond one batch per actor
+        p.error(f"--rows must exceed --batch-size × the most --actors ({args.batch_size * max(args.actors)})")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     out = Path(args.out or ROOT / "docs" / "results" / f"batch-{args.model}.json")
     size = 32 if args.model == "tiny" else 64
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:

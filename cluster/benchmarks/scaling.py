@@ -20,12 +20,17 @@ ran, GPU utilisation sampled through NVML when GPUs and ``pynvml`` exist, and co
         --out docs/results/scaling.json
     RAY_ADDRESS=HEAD:6379 python -m cluster.benchmarks.scaling --actors 1 2 4 8 --num-gpus 1 --usd-per-hour 12
 
+A local cluster runs with Ray's token authentication and its own token (:class:`cluster.local.LocalCluster`;
+this process is its client only while the layout runs); with ``--address`` the environment is left as it is
+(``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` as that cluster needs).
+
 Writes JSON (machine, commit, parameters, results) and a PNG plot next to it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -305,10 +310,13 @@ def run_layout(
 ) -> dict[str, Any]:
     """Start the layout's cluster (or join ``--address``), warm it up, time every actor count, stop it."""
     cluster = LocalCluster(head_cpus=cpus[0], worker_cpus=cpus[1:]) if cpus else None
-    info = None
-    try:
-        address = cluster.start().gcs_address if cluster else args.address
-        info = connect(address, log_to_driver=False)
+    with contextlib.ExitStack() as stack:  # undone in reverse: disconnect, the client env, the cluster
+        if cluster:
+            stack.callback(cluster.stop)
+            cluster.start()
+            stack.enter_context(cluster.client_env())  # its own token; --address: the user's environment as is
+        info = connect(cluster.gcs_address if cluster else args.address, log_to_driver=False)
+        stack.callback(disconnect, info)
         log.info("layout %s: %s", name, info.describe())
         # an unmeasured job with the most actors first: every node's task workers import their libraries once
         k = max(actors)
@@ -316,14 +324,10 @@ def run_layout(
         batch.run_job(job_config(args, str(work / "warm.parquet"), str(work / f"warm-{name}"), k))
         full = str(work / "full.parquet")
         results = [time_actors(args, table, full, work / name, k, local=cluster is not None) for k in actors]
-    finally:
-        disconnect(info)
-        if cluster:
-            cluster.stop()
     return {
         "name": name,
         "node_cpus": cpus,
-        "cluster": {"nodes": info.nodes, "cpus": info.cpus, "gpus": info.gpus} if info else None,
+        "cluster": {"nodes": info.nodes, "cpus": info.cpus, "gpus": info.gpus},
         "results": results,
         "efficiency": efficiencies(results),
     }
@@ -361,7 +365,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     layouts: list[tuple[str, list[int] | None, list[int]]] = []
     for spec in args.layout or []:
         name, _, rest = spec.partition("=")
