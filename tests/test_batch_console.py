@@ -3,6 +3,7 @@ edit pool is filtered, :mod:`pipelines.batch.stderr_filter`), and the restart th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -170,3 +171,22 @@ def test_a_killed_editing_actor_is_restarted_and_the_job_completes(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (summary["ok"], summary["error"]) == (len(ids), 0)
     _ids_once(tmp_path / "out", ids)
+
+
+def test_the_jobs_filter_stands_aside_once_ray_has_logged_the_record(capfd):
+    from pipelines.batch import stderr_filter
+
+    seen = stderr_filter._logged_in_process
+    was_set = seen.is_set()  # an in-process job of an earlier test may have met the record already
+    seen.clear()
+    try:
+        with stderr_filter.drop_false_restart_warning() as f:
+            _write_fd2(RECORD.format(cls=POOL_CLASS))
+            deadline = time.monotonic() + 5
+            while not seen.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert f.dropped == 1 and capfd.readouterr().err == ""
+        assert isinstance(stderr_filter.drop_false_restart_warning(), contextlib.nullcontext)
+    finally:
+        if not was_set:
+            seen.clear()

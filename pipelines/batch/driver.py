@@ -32,7 +32,7 @@ from pipelines.batch.inputs import InputPlan, plan_input, read_stage
 from pipelines.batch.progress import ProgressLine, configure_ray_console, restore_ray_console
 from pipelines.batch.ray_cluster import check_resources, connect_ray
 from pipelines.batch.resume import RUNS_DIR, PriorOutput, check_resumable, new_run_id, scan_output, set_aside
-from pipelines.batch.stderr_filter import NativeStderrFilter
+from pipelines.batch.stderr_filter import drop_false_restart_warning
 from pipelines.config import BatchConfig, ModelConfig, fingerprint, to_dict
 from pipelines.ray_connect import ClusterInfo, resolve_path, summary_fields, will_be_local
 
@@ -346,7 +346,7 @@ def _execute(
         ctx.use_datasource_v2 = cfg.ray.datasource_v2
     try:
         ds = build_dataset(cfg, plan, in_fs, skip, run_id, retried)
-        with ProgressLine(out_fs, out_path, run_id, todo), NativeStderrFilter():
+        with ProgressLine(out_fs, out_path, run_id, todo), drop_false_restart_warning():
             ds.write_datasink(sink)
         stats = _data_stats(ds)
         if stats:

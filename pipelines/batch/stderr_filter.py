@@ -3,10 +3,10 @@
 Ray's core worker (C++) writes its ERROR lines to the process's standard error itself (file descriptor 2), past
 Python's ``sys.stderr`` and :mod:`logging`. On every run of the bulk job the driver's core worker writes one::
 
-    [2026-11-30 00:31:02,117 E 4242 4290] core_worker.cc:2221: Actor with class name:
-    'MapWorker(MapBatches(EditStage))' and ID: '…' has constructor arguments in the object store and
-    max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor restart will
-    fail. See https://github.com/ray-project/ray/issues/53727 for more details.
+    [2026-11-30 00:27:47,076 E 7649 7649] core_worker.cc:2465: Actor with class name:
+    'MapWorker(MapBatches(EditStage))' and ID: 'f8f9925c9c133965b685547701000000' has constructor arguments
+    in the object store and max_restarts > 0. If the arguments in the object store go out of scope or are
+    lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.
 
 Where it comes from (Ray 2.60):
 
@@ -33,20 +33,22 @@ process and the job completes with every row once.
 
 The job keeps Ray Data's restarts (``max_restarts=-1``): turning them off is the only setting that silences the
 line, and it would turn every lost node into a failed job. Raising Ray's C++ log level would hide genuine
-errors. Instead :class:`NativeStderrFilter` reads file descriptor 2 through a pipe while the pipeline runs and
+errors. Instead :class:`NativeStderrFilter` reads file descriptor 2 through a pipe from the start of the
+pipeline until that record has passed (Ray Data creates the pool first thing, so for a second or so) and
 forwards everything except that one record for the edit pool's class (:data:`FALSE_RESTART_WARNING`); any
 other text, including the same warning for another actor, passes unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import select
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,19 @@ FALSE_RESTART_WARNING = re.compile(
 )
 
 _LINE_END = re.compile(rb"[\r\n]")
+_logged_in_process = threading.Event()  # Ray core logs the record once per process
+
+
+def drop_false_restart_warning() -> contextlib.AbstractContextManager:
+    """The job's filter: :class:`NativeStderrFilter` for :data:`FALSE_RESTART_WARNING` until it has passed once.
+
+    Returns:
+        The filter, or a no-op once the record has been dropped in this process (Ray core logs it once per
+        process, so a second job in the same process, as in tests and benchmarks, leaves stderr alone).
+    """
+    if _logged_in_process.is_set():
+        return contextlib.nullcontext()
+    return NativeStderrFilter((FALSE_RESTART_WARNING,), once=True, on_drop=_logged_in_process.set)
 
 
 class NativeStderrFilter:
@@ -77,6 +92,7 @@ class NativeStderrFilter:
         drop: patterns (bytes) of the text to remove, each including its line end when it has one.
         once: put the original descriptor back after the first match.
         hold_s: the longest a piece without a line end is held back, seconds.
+        on_drop: called (in the reader thread) after each removal.
 
     Attributes:
         dropped: how many matches were removed.
@@ -87,10 +103,12 @@ class NativeStderrFilter:
         drop: Sequence[re.Pattern[bytes]] = (FALSE_RESTART_WARNING,),
         once: bool = True,
         hold_s: float = 0.2,
+        on_drop: Callable[[], object] | None = None,
     ) -> None:
         self.drop = tuple(drop)
         self.once = once
         self.hold_s = hold_s
+        self.on_drop = on_drop
         self.dropped = 0
         self._saved: int | None = None
         self._thread: threading.Thread | None = None
@@ -116,6 +134,7 @@ class NativeStderrFilter:
         if self._thread is not None:
             self._thread.join(timeout=5.0)  # longer only while a child process still holds the pipe
         self._thread = None
+        log.debug("stderr filter: %d record(s) dropped", self.dropped)
 
     def _restore(self) -> None:
         """Put the original fd 2 back (once): the pipe loses its writer, the reader forwards the rest and ends."""
@@ -142,6 +161,8 @@ class NativeStderrFilter:
                 cut = len(pending)
             _write_all(saved, pending[:cut])
             pending = pending[cut:]
+            if n and self.on_drop is not None:
+                self.on_drop()
             if n and self.once:
                 self._restore()
         os.close(read)
