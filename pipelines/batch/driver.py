@@ -32,6 +32,7 @@ from pipelines.batch.inputs import InputPlan, plan_input, read_stage
 from pipelines.batch.progress import ProgressLine, configure_ray_console, restore_ray_console
 from pipelines.batch.ray_cluster import check_resources, connect_ray
 from pipelines.batch.resume import RUNS_DIR, PriorOutput, check_resumable, new_run_id, scan_output, set_aside
+from pipelines.batch.stderr_filter import drop_false_restart_warning
 from pipelines.config import BatchConfig, ModelConfig, fingerprint, to_dict
 from pipelines.ray_connect import ClusterInfo, resolve_path, summary_fields, will_be_local
 
@@ -327,7 +328,9 @@ def _execute(
     """Build the pipeline and write it into the output; an actor that cannot start becomes one error line.
 
     The console: Ray Data's progress bars on a terminal only, one instdiff progress line per interval
-    (:mod:`pipelines.batch.progress`). Ray Data's per-operator stats go to ``_runs/<run_id>.stats.txt``.
+    (:mod:`pipelines.batch.progress`), and Ray core's false "actor restart will fail" line for the edit pool
+    dropped (:mod:`pipelines.batch.stderr_filter`). Ray Data's per-operator stats go to
+    ``_runs/<run_id>.stats.txt``.
 
     Raises:
         ModelLoadError: an editing actor died in its constructor (the model could not be loaded); the message
@@ -343,7 +346,7 @@ def _execute(
         ctx.use_datasource_v2 = cfg.ray.datasource_v2
     try:
         ds = build_dataset(cfg, plan, in_fs, skip, run_id, retried)
-        with ProgressLine(out_fs, out_path, run_id, todo):
+        with ProgressLine(out_fs, out_path, run_id, todo), drop_false_restart_warning():
             ds.write_datasink(sink)
         stats = _data_stats(ds)
         if stats:
