@@ -84,7 +84,7 @@ def test_an_address_is_joined_without_cpu_or_gpu_counts(no_ray, monkeypatch):
 def test_a_dashboard_url_or_a_dead_address_is_refused_at_once(no_ray, monkeypatch):
     with pytest.raises(ray_connect.RayConnectError, match=r"dashboard's HTTP address .* GCS address HOST:PORT"):
         ray_connect.connect("http://127.0.0.1:8265")
-    with pytest.raises(ray_connect.RayConnectError, match="is not a Ray address; expected HOST:PORT"):
+    with pytest.raises(ray_connect.RayConnectError, match="is not a Ray address; accepted: HOST:PORT"):
         ray_connect.connect("head-node")
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_port()}")
     t0 = time.perf_counter()
@@ -93,6 +93,51 @@ def test_a_dashboard_url_or_a_dead_address_is_refused_at_once(no_ray, monkeypatc
     ):
         ray_connect.connect()
     assert time.perf_counter() - t0 < ray_connect.PROBE_TIMEOUT_S + 1 and no_ray == []
+
+
+def test_a_dead_ray_client_address_is_refused_within_seconds_naming_it(no_ray):
+    dead = f"ray://127.0.0.1:{_free_port()}"
+    t0 = time.perf_counter()
+    with pytest.raises(ray_connect.RayConnectError) as e:
+        ray_connect.connect(dead)
+    assert time.perf_counter() - t0 < ray_connect.PROBE_TIMEOUT_S + 1 and no_ray == []  # Ray Client never tried
+    msg = str(e.value)
+    assert f"cannot reach the Ray cluster at {dead} from --address" in msg and "ray://HOST:PORT" in msg
+    with pytest.raises(ray_connect.RayConnectError, match="is not a Ray address; accepted: HOST:PORT"):
+        ray_connect.connect("ray://")
+    with pytest.raises(ray_connect.RayConnectError, match=r"is not a Ray address; accepted: .*'auto'.*'local'"):
+        ray_connect.connect("127.0.0.1:99999")
+
+
+def test_the_address_flag_is_checked_by_the_parser(capsys):
+    from pipelines.cli import main
+
+    for bad, words in (("head-node", "is not a Ray address; accepted: HOST:PORT"), ("http://h:8265", "dashboard")):
+        with pytest.raises(SystemExit) as e:
+            main(["batch", "--input", "x.parquet", "--output", "o", "--address", bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "argument --address: " in err[-1] and words in err[-1], err
+    from pipelines.commands import address_arg
+
+    assert address_arg(" 10.0.0.5:6379 ") == "10.0.0.5:6379" and address_arg("ray://head") == "ray://head"
+    assert address_arg("[::1]:6379") == "[::1]:6379" and address_arg("auto") == "auto"
+
+
+def test_the_batch_job_refuses_a_dead_address_before_anything_else(no_ray, tmp_path, capsys):
+    """The address is checked first (``will_be_local``), so a job with nothing to do (all ids done) is refused too:
+    the check comes before the input and the output are looked at."""
+    from pipelines.cli import main
+
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "in.parquet")
+    dead = f"127.0.0.1:{_free_port()}"
+    out = tmp_path / "out"
+    argv = ["batch", "--input", str(tmp_path / "in.parquet"), "--output", str(out), "--model", "tiny"]
+    assert main([*argv, "--address", dead]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"instdiff batch: error: cannot reach the Ray cluster at {dead} from --address"), err
+    assert not out.exists() and no_ray == []
+    with pytest.raises(ray_connect.RayConnectError):
+        ray_connect.will_be_local(dead)
 
 
 def test_relative_paths_resolve_against_the_cwd_and_are_refused_in_a_submitted_job(monkeypatch, tmp_path):
