@@ -221,16 +221,66 @@ def check_address(address: str, source: str = "--address") -> None:
     hp = _host_port(address) if address not in ("auto", "local") else None
     if hp is None:
         return
+    why = None
     try:
         with socket.create_connection(hp, timeout=PROBE_TIMEOUT_S):
             pass
     except OSError as exc:
+        why = f"no answer within {PROBE_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+    if why is None and not _tls():
+        why = _grpc_problem(*hp, "client server" if address.startswith("ray://") else "head (GCS)")
+    if why is not None:
         hint = " (set by the environment; unset it to run on a private local cluster)" if "RAY" in source else ""
-        why = f"no answer within {PROBE_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError) else None
         raise RayConnectError(
-            f"cannot reach the Ray cluster at {address} from {source}{hint}: {why or exc.strerror or exc}; "
-            f"start the cluster (`ray start --head`) or give the address of a running one ({ACCEPTED_ADDRESSES})"
-        ) from None
+            f"cannot reach the Ray cluster at {address} from {source}{hint}: {why}; start the cluster "
+            f"(`ray start --head`) or give the address of a running one ({ACCEPTED_ADDRESSES})"
+        )
+
+
+def _tls() -> bool:
+    """Ray's gRPC connections use TLS (``RAY_USE_TLS``): the plain-text handshake check does not apply."""
+    return os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true", "yes")
+
+
+PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+"""The RPC of the handshake check: the first one Ray itself makes on a head; any gRPC server answers it (a server
+without that method with UNIMPLEMENTED), which is all the check asks."""
+
+
+def _grpc_problem(host: str, port: int, what: str) -> str | None:
+    """Why ``host:port`` is no gRPC server (``None``: it is one), from one RPC with a :data:`PROBE_TIMEOUT_S` deadline.
+
+    Ray's head (GCS) and its client server are gRPC servers. A TCP connection alone proves little: a firewall or
+    proxy may accept any connection, or another service may own the port, and Ray then retries for half a minute
+    or more before it gives up. A gRPC server answers any RPC with a gRPC status (also "unauthenticated", under
+    Ray's token authentication, or "unimplemented"); a plain HTTP server, a proxy that cannot reach the host, or a
+    silent port does not.
+
+    Args:
+        host: the host.
+        port: the port.
+        what: the kind of Ray server expected there, for the message.
+
+    Returns:
+        ``None`` when a gRPC server answered, else the reason, for the message.
+    """
+    import grpc
+
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+    try:
+        probe = channel.unary_unary(PROBE_METHOD, request_serializer=bytes, response_deserializer=bytes)
+        probe(b"", timeout=PROBE_TIMEOUT_S, wait_for_ready=True)
+        return None
+    except grpc.RpcError as exc:
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"the port accepts connections, but no Ray {what} answered there within {PROBE_TIMEOUT_S:g} s"
+        if code == grpc.StatusCode.UNAVAILABLE or details.startswith("Received http2 header with status"):
+            return f"no Ray {what} answers there ({' '.join(details.split())[:120]})"
+        return None  # a gRPC server's own answer
+    finally:
+        channel.close()
 
 
 def connect(

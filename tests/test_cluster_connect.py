@@ -65,11 +65,24 @@ def test_without_an_address_the_cluster_is_a_private_local_one(no_ray):
     assert info.local and info.started
 
 
-def test_an_address_is_joined_without_cpu_or_gpu_counts(no_ray, monkeypatch):
-    with socket.socket() as server:  # something listening, as a head's GCS port would be
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        addr = f"127.0.0.1:{server.getsockname()[1]}"
+@pytest.fixture
+def grpc_port():
+    """A gRPC server on 127.0.0.1 with no services (it answers every RPC "unimplemented", as a head answers what
+    it does not serve): what the handshake check of an address needs to see."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    server.stop(0)
+
+
+def test_an_address_is_joined_without_cpu_or_gpu_counts(no_ray, monkeypatch, grpc_port):
+    if True:  # a gRPC server listening, as a head's GCS port would be
+        addr = f"127.0.0.1:{grpc_port}"
         info = ray_connect.connect(addr, num_cpus=2, num_gpus=1)
         assert no_ray[-1] == {"address": addr, "log_to_driver": True} and info.kind == "address" and not info.local
         monkeypatch.setenv("RAY_ADDRESS", addr)
@@ -107,6 +120,42 @@ def test_a_dead_ray_client_address_is_refused_within_seconds_naming_it(no_ray):
         ray_connect.connect("ray://")
     with pytest.raises(ray_connect.RayConnectError, match=r"is not a Ray address; accepted: .*'auto'.*'local'"):
         ray_connect.connect("127.0.0.1:99999")
+
+
+def test_a_port_that_is_no_ray_server_is_refused_within_seconds(no_ray, grpc_port):
+    """A firewall or proxy that accepts any connection, or another service on the port, would make Ray retry for
+    half a minute or more; the handshake check refuses it within the probe timeout."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        addr = f"127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.perf_counter()
+        with pytest.raises(ray_connect.RayConnectError, match=r"no Ray head \(GCS\) answered there within 5 s"):
+            ray_connect.connect(addr)
+        assert time.perf_counter() - t0 < ray_connect.PROBE_TIMEOUT_S + 2
+
+    class Quiet(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http = HTTPServer(("127.0.0.1", 0), Quiet)  # a web server on the port
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(
+            ray_connect.RayConnectError, match=r"ray://127\.0\.0\.1:\d+ from --address: .*no Ray client server answer"
+        ):
+            ray_connect.connect(f"ray://127.0.0.1:{http.server_address[1]}")
+        assert time.perf_counter() - t0 < ray_connect.PROBE_TIMEOUT_S + 2
+    finally:
+        http.shutdown()
+        http.server_close()
+    assert no_ray == []
+    ray_connect.connect(f"ray://127.0.0.1:{grpc_port}")  # a gRPC server is taken for a Ray one: Ray goes on
+    assert no_ray[-1]["address"] == f"ray://127.0.0.1:{grpc_port}"
 
 
 def test_the_address_flag_is_checked_by_the_parser(capsys):
