@@ -174,3 +174,13 @@ def test_an_import_with_no_rows_is_an_error_and_writes_nothing(tmp_path, capsys)
     # an existing output is left as it was
     out.write_bytes(b"earlier")
     assert main(argv) == 2 and out.read_bytes() == b"earlier"
+
+
+def test_an_overlong_integer_flag_gets_our_message_not_its_digits(tmp_path, capsys):
+    huge = "9" * 5000
+    for flag in ("--limit", "--seed", "--steps"):
+        with pytest.raises(SystemExit) as e:
+            main(["import-dataset", "prompt-pairs", "p.jsonl", "--out", str(tmp_path / "x.parquet"), flag, huge])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and f"argument {flag}: a 5000-digit integer is out of range" in err
+        assert huge[:100] not in err and "set_int_max_str_digits" not in err

@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", default=None, help="value of the dataset column (default: per format)")
     p.add_argument(
-        "--limit", type=int, default=None, help="prompt-pairs, hf, img2dataset: keep the first N rows (N >= 1)"
+        "--limit", type=int_arg, default=None, help="prompt-pairs, hf, img2dataset: keep the first N rows (N >= 1)"
     )
     p.add_argument(
         "--columns",
@@ -96,10 +96,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prompt-pairs: generate the source images now (else the image column stays null)",
     )
     add_model_args(p)
-    p.add_argument("--steps", type=int, default=50, help="--generate: DDIM steps")
+    p.add_argument("--steps", type=int_arg, default=50, help="--generate: DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="--generate: guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="--generate: base seed (row seed as in the batch job)")
+    p.add_argument("--seed", type=int_arg, default=0, help="--generate: base seed (row seed as in the batch job)")
     p.set_defaults(func=run_import)
+
+
+MAX_INT_DIGITS = 20  # every integer flag here fits: seeds go up to 2**64 - 1
+
+
+def int_arg(text: str) -> int:
+    """An integer flag's type: the value, or argparse's one-line error in the project's words.
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or more than :data:`MAX_INT_DIGITS` digits (the message never
+            repeats a long value in full, nor Python's advice about its integer-conversion limit).
+    """
+    import argparse
+
+    digits = text.strip().lstrip("+-")
+    shown = text if len(text) <= 30 else f"{text[:20]}... ({len(text)} characters)"
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer; got {shown!r}")
+    if len(digits) > MAX_INT_DIGITS:
+        raise argparse.ArgumentTypeError(
+            f"a {len(digits)}-digit integer is out of range; accepted: at most {MAX_INT_DIGITS} digits (see --help)"
+        )
+    return int(text)
 
 
 def parse_columns(items: list[str]) -> dict[str, str]:
