@@ -6,8 +6,11 @@ connect through :func:`connect`. The rules, in order:
 1. Ray is already initialised in this process (a test, a notebook, a Ray task): use it as it is.
 2. ``--address`` (the ``address`` argument) or ``RAY_ADDRESS``: join that cluster. A job started by
    ``ray job submit`` is this case: Ray's job supervisor sets ``RAY_ADDRESS`` to the job's cluster. Joining
-   never passes ``num_cpus`` / ``num_gpus`` (Ray refuses them for an existing cluster); an address that does
-   not answer is refused within seconds instead of retried for minutes.
+   never passes ``num_cpus`` / ``num_gpus`` (Ray refuses them for an existing cluster). The address is checked
+   first (:func:`check_address`: its form, a TCP connection, one gRPC call, each bounded by
+   :data:`PROBE_TIMEOUT_S`), so a malformed address, or one where no Ray server answers, is refused within
+   seconds instead of after Ray's own half a minute of retries; :func:`will_be_local`, which the bulk job asks
+   before anything else, checks it too, so the job refuses it also when it turns out to have nothing to do.
 3. Neither: a private cluster on this machine (``ray.init(address="local")``, node address 127.0.0.1, without
    dashboard, Ray's token authentication left on: Ray 2.60 binds some of its services beyond 127.0.0.1).
    Plain ``ray.init()`` would join the cluster named in Ray's address file (the last ``ray start`` on this
@@ -262,9 +265,13 @@ def _grpc_problem(host: str, port: int, what: str) -> str | None:
         what: the kind of Ray server expected there, for the message.
 
     Returns:
-        ``None`` when a gRPC server answered, else the reason, for the message.
+        ``None`` when a gRPC server answered (or ``grpcio``, which ``ray[serve]`` installs, is absent: then the TCP
+        check alone applies), else the reason, for the message.
     """
-    import grpc
+    try:
+        import grpc
+    except ImportError:
+        return None
 
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
