@@ -36,11 +36,30 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-files-only", action="store_true", help="never contact the hub")
 
 
+def address_arg(value: str) -> str:
+    """``--address``'s type: the value when its form is one Ray takes (checked before the command starts).
+
+    Raises:
+        argparse.ArgumentTypeError: a dashboard URL or a malformed address (the message names the accepted forms;
+            :func:`pipelines.ray_connect.check_address_form`). Whether anything answers there is checked when
+            the command starts (:func:`pipelines.ray_connect.check_address`).
+    """
+    from pipelines.ray_connect import RayConnectError, check_address_form
+
+    value = value.strip()
+    try:
+        check_address_form(value, "--address")
+    except RayConnectError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def add_address_arg(p: argparse.ArgumentParser) -> None:
     """Add ``--address``: the Ray cluster a command joins (the rules: :func:`pipelines.ray_connect.connect`)."""
     p.add_argument(
         "--address",
         default=None,
+        type=address_arg,
         help="Ray cluster to join: HOST:PORT of its head (GCS), 'auto', ray://HOST:PORT, or 'local' for a private "
         "cluster on this machine (default: RAY_ADDRESS, else a private local cluster)",
     )
@@ -81,4 +100,4 @@ def run_command(prog: str, func: Callable[[argparse.Namespace], int | None], arg
         return 2
 
 
-__all__ = ["add_model_args", "configure_logging", "one_line", "run_command"]
+__all__ = ["add_address_arg", "add_model_args", "address_arg", "configure_logging", "one_line", "run_command"]

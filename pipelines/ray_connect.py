@@ -6,8 +6,11 @@ connect through :func:`connect`. The rules, in order:
 1. Ray is already initialised in this process (a test, a notebook, a Ray task): use it as it is.
 2. ``--address`` (the ``address`` argument) or ``RAY_ADDRESS``: join that cluster. A job started by
    ``ray job submit`` is this case: Ray's job supervisor sets ``RAY_ADDRESS`` to the job's cluster. Joining
-   never passes ``num_cpus`` / ``num_gpus`` (Ray refuses them for an existing cluster); an address that does
-   not answer is refused within seconds instead of retried for minutes.
+   never passes ``num_cpus`` / ``num_gpus`` (Ray refuses them for an existing cluster). The address is checked
+   first (:func:`check_address`: its form, a TCP connection, one gRPC call, each bounded by
+   :data:`PROBE_TIMEOUT_S`), so a malformed address, or one where no Ray server answers, is refused within
+   seconds instead of after Ray's own half a minute of retries; :func:`will_be_local`, which the bulk job asks
+   before anything else, checks it too, so the job refuses it also when it turns out to have nothing to do.
 3. Neither: a private cluster on this machine (``ray.init(address="local")``, node address 127.0.0.1, without
    dashboard, Ray's token authentication left on: Ray 2.60 binds some of its services beyond 127.0.0.1).
    Plain ``ray.init()`` would join the cluster named in Ray's address file (the last ``ray start`` on this
@@ -129,40 +132,162 @@ def target(address: str | None = None) -> tuple[str, str | None]:
 
 def will_be_local(address: str | None = None) -> bool:
     """Whether the work will run on this machine only (a private local cluster, or Ray already started here
-    without an address to join) — what the driver may check against this machine's devices and folders."""
-    kind, _ = target(address)
+    without an address to join) — what the driver may check against this machine's devices and folders.
+
+    An address to join is checked here (:func:`check_address`), so a command that asks this first refuses a
+    malformed or dead address before it reads or writes anything, also when it turns out to have nothing to do.
+
+    Args:
+        address: the ``--address`` flag (``None``: ``RAY_ADDRESS``, else a private local cluster).
+
+    Returns:
+        True for a private local cluster (or Ray already running here on one node without ``RAY_ADDRESS``).
+
+    Raises:
+        RayConnectError: the address from ``--address`` / ``RAY_ADDRESS`` is malformed or does not answer.
+    """
+    kind, addr = target(address)
     if kind == "existing":
         import ray
 
         return len(ray.nodes()) <= 1 and not os.environ.get(ADDRESS_ENV)
+    if addr is not None:
+        check_address(addr, _source(address))
     return kind == "local"
 
 
-def _check_reachable(address: str, source: str) -> None:
-    """Refuse a dashboard URL, and a ``host:port`` nothing listens on, within :data:`PROBE_TIMEOUT_S` seconds."""
+def _source(address: str | None) -> str:
+    """Where the address came from, for messages."""
+    return "--address" if address else ADDRESS_ENV
+
+
+ACCEPTED_ADDRESSES = (
+    "HOST:PORT (the head's GCS port, 6379 by default), ray://HOST:PORT (Ray Client, port 10001 by default), "
+    "'auto' (the cluster started on this machine with `ray start`), or 'local' (a private cluster on this machine)"
+)
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``HOST:PORT`` / ``ray://HOST[:PORT]`` (IPv6 hosts in brackets), else ``None``."""
+    rest = address[len("ray://") :] if address.startswith("ray://") else address
+    rest = rest.rstrip("/")
+    if rest.startswith("["):  # [IPv6]:PORT
+        host, sep, port = rest[1:].partition("]:")
+    else:
+        host, sep, port = rest.rpartition(":")
+    if address.startswith("ray://") and not sep and rest and "/" not in rest:
+        host, port = rest, "10001"  # Ray Client's default port
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "/ @?#"):
+        return None
+    return host, int(port)
+
+
+def check_address_form(address: str, source: str = "--address") -> None:
+    """Refuse an address Ray would not take (or would take for something else), without touching the network.
+
+    Args:
+        address: the address as given.
+        source: the flag or variable that gave it, for the message.
+
+    Raises:
+        RayConnectError: a dashboard URL (``http(s)://``), or anything but ``HOST:PORT``, ``ray://HOST[:PORT]``,
+            ``auto`` or ``local`` (the message names the accepted forms).
+    """
     if address.startswith(("http://", "https://")):
         raise RayConnectError(
             f"{source} {address!r} is the dashboard's HTTP address (what `ray job submit --address` takes); "
             "to run on a cluster give its GCS address HOST:PORT (port 6379 by default), or submit the command "
             "with `ray job submit`"
         )
-    if address == "auto" or "://" in address:
-        return  # Ray resolves these itself (address file; Ray Client)
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise RayConnectError(
-            f"{source} {address!r} is not a Ray address; expected HOST:PORT (the head's GCS port, 6379 by "
-            "default), 'auto', ray://HOST:PORT, or 'local' for a private cluster on this machine"
-        )
+    if address in ("auto", "local"):
+        return
+    if _host_port(address) is None:
+        shown = address if len(address) <= 80 else f"{address[:60]}... ({len(address)} characters)"
+        raise RayConnectError(f"{source} {shown!r} is not a Ray address; accepted: {ACCEPTED_ADDRESSES}")
+
+
+def check_address(address: str, source: str = "--address") -> None:
+    """Refuse a malformed address, and one nothing listens on, within :data:`PROBE_TIMEOUT_S` seconds.
+
+    ``HOST:PORT`` and ``ray://HOST:PORT`` are probed with a TCP connection (Ray itself retries a dead address for
+    half a minute or more before it gives up); ``auto`` and ``local`` are left to Ray.
+
+    Args:
+        address: the address as given.
+        source: the flag or variable that gave it (``--address``, ``RAY_ADDRESS``), for the message.
+
+    Raises:
+        RayConnectError: the address is not of an accepted form (:func:`check_address_form`), its host does not
+            resolve, or nothing accepts a connection there within :data:`PROBE_TIMEOUT_S` seconds.
+    """
+    check_address_form(address, source)
+    hp = _host_port(address) if address not in ("auto", "local") else None
+    if hp is None:
+        return
+    why = None
     try:
-        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
+        with socket.create_connection(hp, timeout=PROBE_TIMEOUT_S):
             pass
     except OSError as exc:
+        why = f"no answer within {PROBE_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+    if why is None and not _tls():
+        why = _grpc_problem(*hp, "client server" if address.startswith("ray://") else "head (GCS)")
+    if why is not None:
         hint = " (set by the environment; unset it to run on a private local cluster)" if "RAY" in source else ""
         raise RayConnectError(
-            f"cannot reach the Ray cluster at {address} from {source}{hint}: {exc.strerror or exc}; "
-            "start the cluster (`ray start --head`) or give the address of a running one"
-        ) from None
+            f"cannot reach the Ray cluster at {address} from {source}{hint}: {why}; start the cluster "
+            f"(`ray start --head`) or give the address of a running one ({ACCEPTED_ADDRESSES})"
+        )
+
+
+def _tls() -> bool:
+    """Ray's gRPC connections use TLS (``RAY_USE_TLS``): the plain-text handshake check does not apply."""
+    return os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true", "yes")
+
+
+PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+"""The RPC of the handshake check: the first one Ray itself makes on a head; any gRPC server answers it (a server
+without that method with UNIMPLEMENTED), which is all the check asks."""
+
+
+def _grpc_problem(host: str, port: int, what: str) -> str | None:
+    """Why ``host:port`` is no gRPC server (``None``: it is one), from one RPC with a :data:`PROBE_TIMEOUT_S` deadline.
+
+    Ray's head (GCS) and its client server are gRPC servers. A TCP connection alone proves little: a firewall or
+    proxy may accept any connection, or another service may own the port, and Ray then retries for half a minute
+    or more before it gives up. A gRPC server answers any RPC with a gRPC status (also "unauthenticated", under
+    Ray's token authentication, or "unimplemented"); a plain HTTP server, a proxy that cannot reach the host, or a
+    silent port does not.
+
+    Args:
+        host: the host.
+        port: the port.
+        what: the kind of Ray server expected there, for the message.
+
+    Returns:
+        ``None`` when a gRPC server answered (or ``grpcio``, which ``ray[serve]`` installs, is absent: then the TCP
+        check alone applies), else the reason, for the message.
+    """
+    try:
+        import grpc
+    except ImportError:
+        return None
+
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+    try:
+        probe = channel.unary_unary(PROBE_METHOD, request_serializer=bytes, response_deserializer=bytes)
+        probe(b"", timeout=PROBE_TIMEOUT_S, wait_for_ready=True)
+        return None
+    except grpc.RpcError as exc:
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"the port accepts connections, but no Ray {what} answered there within {PROBE_TIMEOUT_S:g} s"
+        if code == grpc.StatusCode.UNAVAILABLE or details.startswith("Received http2 header with status"):
+            return f"no Ray {what} answers there ({' '.join(details.split())[:120]})"
+        return None  # a gRPC server's own answer
+    finally:
+        channel.close()
 
 
 def connect(
@@ -213,9 +338,9 @@ def connect(
         except ValueError as exc:  # Ray's own limits, e.g. its minimum object store size
             raise ConfigError(f"ray: cannot start a local cluster with these settings: {exc}") from None
     else:
-        source = "--address" if address else ADDRESS_ENV
+        source = _source(address)
         assert addr is not None
-        _check_reachable(addr, source)
+        check_address(addr, source)
         ignored = [n for n, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v is not None]
         if ignored:
             log.info("joining an existing cluster: ray.%s apply to a private local cluster only", "/".join(ignored))

@@ -6,7 +6,9 @@ import base64
 import io
 import os
 import socket
+import struct
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -114,3 +116,13 @@ def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url}/healthz not 200 within {timeout_s} s")
+
+
+def bomb_png(w: int = 20_000, h: int = 20_000) -> bytes:
+    """A PNG whose header declares ``w``×``h`` pixels (400 M by default, over PIL's bomb limit) and holds none."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")

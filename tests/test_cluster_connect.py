@@ -65,11 +65,24 @@ def test_without_an_address_the_cluster_is_a_private_local_one(no_ray):
     assert info.local and info.started
 
 
-def test_an_address_is_joined_without_cpu_or_gpu_counts(no_ray, monkeypatch):
-    with socket.socket() as server:  # something listening, as a head's GCS port would be
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        addr = f"127.0.0.1:{server.getsockname()[1]}"
+@pytest.fixture
+def grpc_port():
+    """A gRPC server on 127.0.0.1 with no services (it answers every RPC "unimplemented", as a head answers what
+    it does not serve): what the handshake check of an address needs to see."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    server.stop(0)
+
+
+def test_an_address_is_joined_without_cpu_or_gpu_counts(no_ray, monkeypatch, grpc_port):
+    if True:  # a gRPC server listening, as a head's GCS port would be
+        addr = f"127.0.0.1:{grpc_port}"
         info = ray_connect.connect(addr, num_cpus=2, num_gpus=1)
         assert no_ray[-1] == {"address": addr, "log_to_driver": True} and info.kind == "address" and not info.local
         monkeypatch.setenv("RAY_ADDRESS", addr)
@@ -84,7 +97,7 @@ def test_an_address_is_joined_without_cpu_or_gpu_counts(no_ray, monkeypatch):
 def test_a_dashboard_url_or_a_dead_address_is_refused_at_once(no_ray, monkeypatch):
     with pytest.raises(ray_connect.RayConnectError, match=r"dashboard's HTTP address .* GCS address HOST:PORT"):
         ray_connect.connect("http://127.0.0.1:8265")
-    with pytest.raises(ray_connect.RayConnectError, match="is not a Ray address; expected HOST:PORT"):
+    with pytest.raises(ray_connect.RayConnectError, match="is not a Ray address; accepted: HOST:PORT"):
         ray_connect.connect("head-node")
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_port()}")
     t0 = time.perf_counter()
@@ -93,6 +106,87 @@ def test_a_dashboard_url_or_a_dead_address_is_refused_at_once(no_ray, monkeypatc
     ):
         ray_connect.connect()
     assert time.perf_counter() - t0 < ray_connect.PROBE_TIMEOUT_S + 1 and no_ray == []
+
+
+def test_a_dead_ray_client_address_is_refused_within_seconds_naming_it(no_ray):
+    dead = f"ray://127.0.0.1:{_free_port()}"
+    t0 = time.perf_counter()
+    with pytest.raises(ray_connect.RayConnectError) as e:
+        ray_connect.connect(dead)
+    assert time.perf_counter() - t0 < ray_connect.PROBE_TIMEOUT_S + 1 and no_ray == []  # Ray Client never tried
+    msg = str(e.value)
+    assert f"cannot reach the Ray cluster at {dead} from --address" in msg and "ray://HOST:PORT" in msg
+    with pytest.raises(ray_connect.RayConnectError, match="is not a Ray address; accepted: HOST:PORT"):
+        ray_connect.connect("ray://")
+    with pytest.raises(ray_connect.RayConnectError, match=r"is not a Ray address; accepted: .*'auto'.*'local'"):
+        ray_connect.connect("127.0.0.1:99999")
+
+
+def test_a_port_that_is_no_ray_server_is_refused_within_seconds(no_ray, grpc_port):
+    """A firewall or proxy that accepts any connection, or another service on the port, would make Ray retry for
+    half a minute or more; the handshake check refuses it within the probe timeout."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        addr = f"127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.perf_counter()
+        with pytest.raises(ray_connect.RayConnectError, match=r"no Ray head \(GCS\) answered there within 5 s"):
+            ray_connect.connect(addr)
+        assert time.perf_counter() - t0 < ray_connect.PROBE_TIMEOUT_S + 2
+
+    class Quiet(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http = HTTPServer(("127.0.0.1", 0), Quiet)  # a web server on the port
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(
+            ray_connect.RayConnectError, match=r"ray://127\.0\.0\.1:\d+ from --address: .*no Ray client server answer"
+        ):
+            ray_connect.connect(f"ray://127.0.0.1:{http.server_address[1]}")
+        assert time.perf_counter() - t0 < ray_connect.PROBE_TIMEOUT_S + 2
+    finally:
+        http.shutdown()
+        http.server_close()
+    assert no_ray == []
+    ray_connect.connect(f"ray://127.0.0.1:{grpc_port}")  # a gRPC server is taken for a Ray one: Ray goes on
+    assert no_ray[-1]["address"] == f"ray://127.0.0.1:{grpc_port}"
+
+
+def test_the_address_flag_is_checked_by_the_parser(capsys):
+    from pipelines.cli import main
+
+    for bad, words in (("head-node", "is not a Ray address; accepted: HOST:PORT"), ("http://h:8265", "dashboard")):
+        with pytest.raises(SystemExit) as e:
+            main(["batch", "--input", "x.parquet", "--output", "o", "--address", bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "argument --address: " in err[-1] and words in err[-1], err
+    from pipelines.commands import address_arg
+
+    assert address_arg(" 10.0.0.5:6379 ") == "10.0.0.5:6379" and address_arg("ray://head") == "ray://head"
+    assert address_arg("[::1]:6379") == "[::1]:6379" and address_arg("auto") == "auto"
+
+
+def test_the_batch_job_refuses_a_dead_address_before_anything_else(no_ray, tmp_path, capsys):
+    """The address is checked first (``will_be_local``), so a job with nothing to do (all ids done) is refused too:
+    the check comes before the input and the output are looked at."""
+    from pipelines.cli import main
+
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "in.parquet")
+    dead = f"127.0.0.1:{_free_port()}"
+    out = tmp_path / "out"
+    argv = ["batch", "--input", str(tmp_path / "in.parquet"), "--output", str(out), "--model", "tiny"]
+    assert main([*argv, "--address", dead]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"instdiff batch: error: cannot reach the Ray cluster at {dead} from --address"), err
+    assert not out.exists() and no_ray == []
+    with pytest.raises(ray_connect.RayConnectError):
+        ray_connect.will_be_local(dead)
 
 
 def test_relative_paths_resolve_against_the_cwd_and_are_refused_in_a_submitted_job(monkeypatch, tmp_path):

@@ -19,7 +19,17 @@ import pytest
 requests = pytest.importorskip("requests")
 pytest.importorskip("ray.serve")
 
-from serve_helpers import TINY_ARGS, b64, decode_b64png, deploy, png, scene, serve_instance, wait_healthy  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    TINY_ARGS,
+    b64,
+    bomb_png,
+    decode_b64png,
+    deploy,
+    png,
+    scene,
+    serve_instance,
+    wait_healthy,
+)
 
 TIMEOUT = 120
 
@@ -70,7 +80,10 @@ def test_health_models_docs_page(url):
     m = requests.get(f"{url}/v1/models", timeout=10).json()
     assert m["name"] == "tiny" and m["resolution"] == 32 and m["methods"] == ["instdiffedit", "sdedit", "diffedit"]
     assert "vocabulary" in m
-    assert requests.get(f"{url}/docs", timeout=10).status_code == 200
+    docs = requests.get(f"{url}/docs", timeout=10)
+    assert docs.status_code == 200 and "openapi.json" in docs.text
+    assert "jsdelivr" not in docs.text and "https://" not in docs.text  # nothing loaded from elsewhere (a CDN)
+    assert "https://" not in requests.get(f"{url}/static/docs.js", timeout=10).text
     spec = requests.get(f"{url}/openapi.json", timeout=10).json()
     assert {"/v1/edits", "/v1/sessions", "/v1/sessions/{session_id}/edits", "/healthz"} <= set(spec["paths"])
     page = requests.get(f"{url}/", timeout=10)
@@ -90,7 +103,8 @@ def test_edit_json_equals_library(url, bundle):
     np.testing.assert_array_equal(mask > 127, want_mask)
     assert j["method"] == "instdiffedit" and j["seed"] == 7 and j["unet_calls"] == 2 * 3 * 2 + 2 * 4
     p = j["parameters"]
-    assert p["steps"] == 4 and p["strength"] == 0.5 and p["guidance"] == 7.5 and p["n_noises"] == 3
+    assert p["steps"] == 4 and p["strength"] == 0.5 and p["guidance_scale"] == 7.5 and p["n_noises"] == 3
+    assert type(j["unet_calls"]) is int and "guidance" not in p  # the request's field names, as docs/serve.md says
     assert "total" not in j["timings"] and j["timings"]["batch_total"] > 0
     assert any("resized" in w for w in j["warnings"])
     assert r.headers["X-Instdiff-Batch-Size"] == "1" and r.headers["X-Instdiff-Replica"]
@@ -480,7 +494,7 @@ def test_embedded_model_edit_and_session(port, url):
         )
         assert r.status_code == 200, r.text
         j = r.json()
-        assert j["parameters"]["guidance"] == 5.0  # the model folder's default
+        assert j["parameters"]["guidance_scale"] == 5.0  # the model folder's default
         import torch
 
         from instdiff.config import EditConfig
@@ -528,4 +542,30 @@ def test_a_field_given_twice_is_refused(url):
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_multipart", r.text
     assert "'target_prompt' is given twice" in r.json()["error"]["message"]
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+
+
+def test_odd_paths_methods_and_hostile_values(url):
+    """Trailing slashes, HEAD, overlong session ids and integers, a decompression-bomb header: each answered in the
+    API's JSON error shape with what is accepted (or served), then /healthz 200."""
+    for path in ("/v1/edits/", "/v1/models/", "/healthz/"):
+        r = requests.request("POST" if "edits" in path else "GET", f"{url}{path}", timeout=10, allow_redirects=False)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.status_code, r.text)
+        assert f"paths take no trailing slash: {path.rstrip('/')}" in r.json()["error"]["message"]
+    head = requests.head(f"{url}/healthz", timeout=10)
+    assert head.status_code == 200 and head.text == ""
+    long_id = "a" * 5000
+    for method in ("GET", "DELETE"):
+        r = requests.request(method, f"{url}/v1/sessions/{long_id}", timeout=10)
+        assert r.status_code == 422 and "32 hex digits" in r.json()["error"]["message"], r.text
+        assert long_id not in r.text
+    r = post(url, f"/v1/sessions/{long_id}/edits", json={"prompt": "x"})
+    assert r.status_code == 422 and long_id not in r.text
+    seed = '{"image": "' + _good() + '", "target_prompt": "x", "seed": ' + "9" * 5000 + "}"
+    r = post(url, "/v1/edits", data=seed.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "seed: a 5000-digit integer is out of range" in r.text, r.text
+    assert "set_int_max_str_digits" not in r.text
+    r = post(url, "/v1/edits", json={"image": b64(bomb_png()), "target_prompt": "x"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large", r.text
+    assert "90000 pixels" in r.json()["error"]["message"]
     assert requests.get(f"{url}/healthz", timeout=10).status_code == 200

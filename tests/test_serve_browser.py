@@ -97,7 +97,7 @@ def _fake_app():
     @app.get("/v1/models")
     def models():
         methods = ["instdiffedit", "diffedit", "sdedit"]
-        return {"name": "fake", "resolution": 64, "defaults": {"steps": 4, "guidance": 7.5}, "methods": methods}
+        return {"name": "fake", "resolution": 64, "defaults": {"steps": 4, "guidance_scale": 7.5}, "methods": methods}
 
     @app.post("/v1/edits")
     async def edits(request: Request):

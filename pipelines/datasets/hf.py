@@ -63,6 +63,31 @@ def _detect(columns: set[str]) -> tuple[str, dict[str, str]]:
     return "", {}
 
 
+def _check_prompt_column(shown: str, schemas: list[pa.Schema], field_name: str, column: str) -> None:
+    """Refuse, before any row is read, a prompt column that holds no text in some file (every row would be bad).
+
+    A ``ClassLabel`` column (integers with their class names in the schema metadata) is text: its rows give the
+    class name.
+
+    Raises:
+        DatasetError: naming the column, its type, and the accepted ways to make the prompt.
+    """
+    for sch in schemas:
+        if column not in sch.names or column in class_label_names(sch):
+            continue
+        dtype = sch.field(column).type
+        if pa.types.is_dictionary(dtype):  # pandas categoricals, polars enums: text with a dictionary
+            dtype = dtype.value_type
+        if schema.is_string_type(dtype) or pa.types.is_null(dtype):
+            continue
+        flag = "--source-template" if field_name == "source_prompt" else "--target-template"
+        raise DatasetError(
+            f"{shown}: column {column!r} ({field_name}) holds {dtype} values, not text; a prompt column must hold "
+            f"strings (or be a datasets ClassLabel, which gives its class names): map a text column with --columns "
+            f"{field_name}=COLUMN, or build the prompt with a rule, e.g. {flag} 'a photo of {{{column}}}'"
+        )
+
+
 def _records(fs: Any, path: str, batch_rows: int = 256) -> Iterator[dict[str, Any]]:
     """The rows of one Parquet file as dicts, a few hundred at a time (a Hub shard may hold gigabytes)."""
     with storage.reading(f"Parquet file {storage.display(fs, path)}"):
@@ -148,6 +173,10 @@ def read_hf(
             f"{shown}: no image column recognised (layouts: {', '.join(HF_LAYOUTS)}); map one with "
             f"--columns image=COLUMN (binary or datasets Image columns here: {images or 'none'})"
         )
+    rules = {"source_prompt": source_template, "target_prompt": target_template}
+    for field_name, rule in rules.items():
+        if field_name in mapping and not rule and not targets:
+            _check_prompt_column(shown, schemas, field_name, mapping[field_name])
     joined = read_joined_prompts(targets, storage_cfg) if targets else None
     name = dataset or PurePosixPath(path).stem
     problems = Problems(f"Parquet {shown}", BadRowPolicy(on_bad_row))

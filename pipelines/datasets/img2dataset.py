@@ -33,6 +33,7 @@ from pipelines.datasets.files import Location
 from pipelines.datasets.images import image_size
 from pipelines.datasets.records import check_template, fill_template, meta_value, pick_prompt, read_joined_prompts
 from pipelines.datasets.rows import BadRowPolicy, DatasetError, Problems, Row, problem_text, rows_to_table
+from pipelines.schema import summarize_problems
 from pipelines.storage import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def read_img2dataset(
     on_bad_row: BadRowPolicy | str = BadRowPolicy.ERROR,
     dataset: str = "img2dataset",
     id_prefix: str = "",
+    limit: int | None = None,
     storage_cfg: StorageConfig | None = None,
 ) -> pa.Table:
     """Read an img2dataset output folder (webdataset or parquet format) into the input schema.
@@ -96,11 +98,15 @@ def read_img2dataset(
             metadata lists as downloaded but no shard holds, a truncated shard, a missing prompt).
         dataset: the ``dataset`` column.
         id_prefix: prepended to every key to make the id.
+        limit: keep the first N rows (downloaded keys and failed downloads, in shard order; bad keys are not
+            rows and do not count); shards after the N-th row are not read. ``None``: every key.
         storage_cfg: S3 settings (``None``: the AWS environment variables).
 
     Returns:
         The table in :data:`pipelines.schema.INPUT_SCHEMA`, one row per key; failed downloads have ``image``
         null and ``error`` set. ``meta`` holds the key's metadata (url, caption, status, sizes, shard, ...).
+        The counts (keys read, downloaded, failed downloads, bad keys with their first reasons) are logged
+        before the bad-row policy applies.
 
     Raises:
         DatasetError: ``root`` is not an img2dataset folder (no ``.tar`` shards and no Parquet shard with an
@@ -122,39 +128,72 @@ def read_img2dataset(
             check_template(tpl, what)
     joined = read_joined_prompts(targets, storage_cfg) if targets else None
     tars = storage.list_files(loc.fs, loc.path, ".tar")
-    parquets = storage.list_files(loc.fs, loc.path, ".parquet")
     problems = Problems(f"img2dataset {shown}", BadRowPolicy(on_bad_row))
-    records: list[tuple[str, dict[str, Any], bytes | None]] = []  # (shard, fields, image)
-    if tars:
-        for tar_path in tars:
-            records.extend(_webdataset_shard(loc.fs, tar_path, problems))
-    else:
-        shards = [(p, _metadata(loc.fs, p)) for p in parquets]
-        with_images = [(p, recs) for p, recs in shards if recs and any(e in recs[0] for e in IMAGE_EXTENSIONS)]
-        if not with_images:
-            raise DatasetError(
-                f"{shown} is not img2dataset output: expected NNNNN.tar shards (--output_format webdataset) or "
-                f"NNNNN.parquet shards with a {'/'.join(IMAGE_EXTENSIONS)} column (--output_format parquet)"
-            )
-        for p, recs in with_images:
-            shard = posixpath.basename(p)
-            for rec in recs:
-                ext = next((e for e in IMAGE_EXTENSIONS if rec.get(e) is not None), None)
-                image = rec.pop(ext) if ext else None
-                for e in IMAGE_EXTENSIONS:
-                    rec.pop(e, None)
-                records.append((shard, rec, image))
-    rows = []
-    for shard, rec, image in records:
-        row = _row(shard, rec, image, source_template, target_template, joined, id_prefix, problems)
-        if row is not None:
-            rows.append(row)
+    shards = _tar_records(loc.fs, tars, problems) if tars else _parquet_records(loc.fs, loc.path, shown)
+    rows: list[Row] = []
+    keys = 0
+    for shard_records in shards:
+        for shard, rec, image in shard_records:
+            if limit is not None and len(rows) >= limit:
+                break
+            keys += 1
+            row = _row(shard, rec, image, source_template, target_template, joined, id_prefix, problems)
+            if row is not None:
+                rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
     failed = sum(1 for r in rows if r.error)
-    log.info("%s: %d keys, %d downloaded, %d failed downloads", shown, len(rows), len(rows) - failed, failed)
+    bad = [f"{w}: {r}" for w, r in problems.items]
+    log.info(
+        "%s: %d keys read%s: %d downloaded, %d failed downloads, %s",
+        shown,
+        keys,
+        f" (stopped at --limit {limit})" if limit is not None and len(rows) >= limit else "",
+        len(rows) - failed,
+        failed,
+        summarize_problems(bad, noun="bad key or shard") if bad else "no bad keys",
+    )
     return rows_to_table(rows, dataset, problems.finish())
 
 
-def _webdataset_shard(fs: Any, tar_path: str, problems: Problems) -> list[tuple[str, dict[str, Any], bytes | None]]:
+Record = tuple[str, dict[str, Any], bytes | None]  # (shard, fields, image)
+
+
+def _tar_records(fs: Any, tars: list[str], problems: Problems) -> Iterator[list[Record]]:
+    """Per ``.tar`` shard (webdataset format), its keys; a shard is read when the previous ones were used."""
+    for tar_path in tars:
+        yield _webdataset_shard(fs, tar_path, problems)
+
+
+def _parquet_records(fs: Any, path: str, shown: str) -> Iterator[list[Record]]:
+    """Per Parquet shard with an image column (parquet format), its keys.
+
+    Raises:
+        DatasetError: no Parquet shard with an image column (checked on the first shard that has rows).
+    """
+    found = False
+    for p in storage.list_files(fs, path, ".parquet"):
+        recs = _metadata(fs, p)
+        if not recs or not any(e in recs[0] for e in IMAGE_EXTENSIONS):
+            continue
+        found = True
+        shard = posixpath.basename(p)
+        out = []
+        for rec in recs:
+            ext = next((e for e in IMAGE_EXTENSIONS if rec.get(e) is not None), None)
+            image = rec.pop(ext) if ext else None
+            for e in IMAGE_EXTENSIONS:
+                rec.pop(e, None)
+            out.append((shard, rec, image))
+        yield out
+    if not found:
+        raise DatasetError(
+            f"{shown} is not img2dataset output: expected NNNNN.tar shards (--output_format webdataset) or "
+            f"NNNNN.parquet shards with a {'/'.join(IMAGE_EXTENSIONS)} column (--output_format parquet)"
+        )
+
+
+def _webdataset_shard(fs: Any, tar_path: str, problems: Problems) -> list[Record]:
     """The keys of one tar shard joined with its metadata Parquet (when present), in the metadata's order."""
     shard = posixpath.basename(tar_path)
     files: dict[str, dict[str, bytes]] = {}

@@ -10,11 +10,13 @@ from pipelines import schema
 from pipelines.datasets.formats import FORMATS, read_dataset
 from pipelines.datasets.prompt_pairs import generate_sources
 from pipelines.datasets.prompts import DEFAULT_CLASS_TEMPLATE
-from pipelines.datasets.rows import BadRowPolicy, skipped_rows
+from pipelines.datasets.rows import BadRowPolicy, DatasetError, skipped_rows
 from pipelines.storage import check_output, write_table
 
 if TYPE_CHECKING:
     import argparse
+
+LIMIT_FORMATS = ("prompt-pairs", "hf", "img2dataset")  # the formats that take --limit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="editing-mask/flexit: prompt for a class name ({article} {name})",
     )
     p.add_argument("--dataset", default=None, help="value of the dataset column (default: per format)")
-    p.add_argument("--limit", type=int, default=None, help="prompt-pairs, hf: keep the first N rows (N >= 1)")
+    p.add_argument(
+        "--limit", type=int_arg, default=None, help="prompt-pairs, hf, img2dataset: keep the first N rows (N >= 1)"
+    )
     p.add_argument(
         "--columns",
         action="append",
@@ -92,26 +96,55 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prompt-pairs: generate the source images now (else the image column stays null)",
     )
     add_model_args(p)
-    p.add_argument("--steps", type=int, default=50, help="--generate: DDIM steps")
+    p.add_argument("--steps", type=int_arg, default=50, help="--generate: DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="--generate: guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="--generate: base seed (row seed as in the batch job)")
+    p.add_argument("--seed", type=int_arg, default=0, help="--generate: base seed (row seed as in the batch job)")
     p.set_defaults(func=run_import)
+
+
+MAX_INT_DIGITS = 20  # every integer flag here fits: seeds go up to 2**64 - 1
+
+
+def int_arg(text: str) -> int:
+    """An integer flag's type: the value, or argparse's one-line error in the project's words.
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or more than :data:`MAX_INT_DIGITS` digits (the message never
+            repeats a long value in full, nor Python's advice about its integer-conversion limit).
+    """
+    import argparse
+
+    digits = text.strip().lstrip("+-")
+    shown = text if len(text) <= 30 else f"{text[:20]}... ({len(text)} characters)"
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer; got {shown!r}")
+    if len(digits) > MAX_INT_DIGITS:
+        raise argparse.ArgumentTypeError(
+            f"a {len(digits)}-digit integer is out of range; accepted: at most {MAX_INT_DIGITS} digits (see --help)"
+        )
+    return int(text)
 
 
 def parse_columns(items: list[str]) -> dict[str, str]:
     """``--columns`` values (``FIELD=COLUMN``, repeatable or comma-separated) as a mapping.
 
     Raises:
-        UsageError: an item without ``=`` or with an empty side.
+        UsageError: an item without ``=`` or with an empty side, or a field mapped twice (which column would win
+            is not the user's to guess).
     """
     out: dict[str, str] = {}
     for item in (part.strip() for value in items for part in value.split(",")):
         if not item:
             continue
         field, sep, column = item.partition("=")
-        if not sep or not field.strip() or not column.strip():
+        field, column = field.strip(), column.strip()
+        if not sep or not field or not column:
             raise UsageError(f"--columns expects FIELD=COLUMN (e.g. image=original_image); got {item!r}")
-        out[field.strip()] = column.strip()
+        if field in out:
+            raise UsageError(
+                f"--columns maps field {field!r} twice ({field}={out[field]} and {field}={column}); map each field once"
+            )
+        out[field] = column
     return out
 
 
@@ -126,10 +159,12 @@ def run_import(args: argparse.Namespace) -> int:
         errors, e.g. failed downloads) goes to stdout.
 
     Raises:
-        UsageError: ``--out`` does not end in ``.parquet``, ``--limit`` below 1, or ``--generate`` with a format
-            other than ``prompt-pairs``.
+        UsageError: ``--out`` does not end in ``.parquet``, ``--limit`` below 1 or with a format that does not
+            take it, ``--columns`` with a format other than ``hf`` (or a field mapped twice), or ``--generate``
+            with a format other than ``prompt-pairs``.
         StorageError: ``--out`` is a folder (or below a file), or SRC is a folder where a file is needed.
-        DatasetError: the dataset cannot be read (see the adapters).
+        DatasetError: the dataset cannot be read (see the adapters), or it gives no rows at all (nothing is
+            written: an empty input file would make a batch job that silently does nothing).
     """
     if not args.out.endswith(".parquet"):
         raise UsageError(f"--out must end with .parquet, got {args.out!r}")
@@ -149,17 +184,30 @@ def run_import(args: argparse.Namespace) -> int:
         kw["limit"] = args.limit
     elif args.format == "hf":
         kw.update(columns=parse_columns(args.columns), limit=args.limit)
+    elif args.format == "img2dataset":
+        kw["limit"] = args.limit
+    if args.limit is not None and args.format not in LIMIT_FORMATS:
+        raise UsageError(f"--limit applies to {', '.join(LIMIT_FORMATS)}; {args.format} imports every row")
+    if args.columns and args.format != "hf":
+        raise UsageError(
+            f"--columns applies to hf only; {args.format} has fixed columns"
+            + (" (prompts: --source-template, --target-template, --targets)" if args.format == "img2dataset" else "")
+        )
     if args.format in ("hf", "img2dataset"):
         kw.update(target_template=args.target_template, targets=args.targets)
         if args.source_template:
             kw["source_template"] = args.source_template
-    elif args.columns or args.source_template or args.target_template or args.targets:
-        raise UsageError("--columns, --source-template, --target-template and --targets apply to hf and img2dataset")
+    elif args.source_template or args.target_template or args.targets:
+        raise UsageError("--source-template, --target-template and --targets apply to hf and img2dataset")
     elif args.format == "listing" and args.image_dir:
         kw["image_root"] = args.image_dir
     if args.generate and args.format != "prompt-pairs":
         raise UsageError("--generate only applies to prompt-pairs")
     table = read_dataset(args.format, args.src, **kw)
+    if table.num_rows == 0:  # an empty input file would make a batch job that does nothing, and say nothing
+        skipped = skipped_rows(table)
+        why = f"all {skipped} of its rows were bad and skipped (--on-bad-row skip)" if skipped else "it has no rows"
+        raise DatasetError(f"{args.format} {args.src}: nothing to import, {why}; nothing written to {args.out}")
     if args.generate:
         from instdiff.models import load_bundle
 

@@ -237,10 +237,27 @@ def pick_prompt(
         value = record.get(column)
         if isinstance(value, str) and value.strip():
             return value.strip()
-        raise DatasetError(f"{name}: column {column!r} is missing or empty")
+        raise DatasetError(f"{name}: column {column!r} {_not_text(column, value, record)}")
     if joined is not None:
         raise DatasetError(f"{name}: id {rid!r} is not in the joined prompt file")
     raise DatasetError(f"no {name}: give a column, a template or a joined prompt file")
+
+
+def _not_text(column: str, value: Any, record: Mapping[str, Any]) -> str:
+    """Why a prompt column's cell is no prompt, and what is accepted (the end of a bad row's reason)."""
+    if column not in record:
+        return "is missing from this row"
+    if value is None:
+        return "is null in this row"
+    if isinstance(value, str):
+        return "is empty in this row"
+    shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+    advice = (
+        f"; for a class label use a rule, e.g. --source-template 'a photo of {{{column}}}'"
+        if isinstance(value, int | float) and not isinstance(value, bool)
+        else ""
+    )
+    return f"holds {shown} ({type(value).__name__}), not text; a prompt column must hold strings{advice}"
 
 
 def meta_value(value: Any) -> Any:

@@ -12,7 +12,7 @@ and what it accepts. Layout (every key optional; defaults are the dataclass defa
     limits:   {max_body_bytes: 20971520, max_image_pixels: 4194304, max_image_side: 4096, max_steps: 200,
                request_timeout_s: 300, retry_after_s: 5}
     edits:    {size: model, size_policy: resize}
-    sessions: {steps: null, max_bytes: 1073741824, ttl_s: 1800, max_sessions: 256, mask_steps: null}
+    sessions: {steps: null, max_bytes: 1073741824, ttl_s: 1800, max_sessions: null, mask_steps: null}
 """
 
 from __future__ import annotations
@@ -135,21 +135,28 @@ class SessionsConfig:
     Attributes:
         steps: default DDIM steps of a session (``None``: the model's default, else 50).
         mask_steps: dense steps of an edit that find the changed region (``None``: a fifth of the steps).
-        max_bytes: cache memory per replica, bytes.
+        max_bytes: cache memory per replica, bytes: the limit that matters, since a session's cache grows with the
+            model's resolution and the steps (about 150 MiB for the embedded 64-px model at its default steps, so
+            the default 1 GiB keeps about 6). Each replica logs at start-up how many of its sessions fit.
         ttl_s: a session unused this long is dropped, seconds.
-        max_sessions: sessions per replica.
+        max_sessions: sessions per replica at most, whatever their size (``None``: as many as ``max_bytes``
+            holds).
     """
 
     steps: int | None = None
     mask_steps: int | None = None
     max_bytes: int = 2**30
     ttl_s: float = 1800.0
-    max_sessions: int = 256
+    max_sessions: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, f"sessions.steps: must be null or >= 1; got {self.steps}")
         _check(self.mask_steps is None or self.mask_steps >= 1, "sessions.mask_steps: must be null or >= 1")
-        _check(self.max_bytes >= 1 and self.max_sessions >= 1, "sessions.max_bytes and max_sessions: must be >= 1")
+        _check(self.max_bytes >= 1, f"sessions.max_bytes: must be >= 1; got {self.max_bytes}")
+        _check(
+            self.max_sessions is None or self.max_sessions >= 1,
+            f"sessions.max_sessions: must be null (as many as max_bytes holds) or >= 1; got {self.max_sessions}",
+        )
         _check(self.ttl_s > 0, f"sessions.ttl_s: must be > 0 seconds; got {self.ttl_s}")
 
 

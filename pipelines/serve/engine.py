@@ -177,7 +177,7 @@ def _respond(p: PreparedEdit, result: Any, row: int, batch_size: int, seconds: f
         edited = np.where(mask[..., None], edited, p.request.image)
     timings = {k: round(float(v), 4) for k, v in result.timings.items()}
     timings["batch_total"] = timings.pop("total", seconds)
-    params = to_plain(p.cfg)
+    params = request_parameters(p.cfg)
     params.update(source_prompt=p.request.source_prompt, target_prompt=p.request.target_prompt, seed=p.seed)
     h, w = p.request.image.shape[:2]
     return {
@@ -185,7 +185,7 @@ def _respond(p: PreparedEdit, result: Any, row: int, batch_size: int, seconds: f
         "mask": b64png(mask),
         "method": p.cfg.method.value,
         "seed": p.seed,
-        "unet_calls": float(result.unet_calls),
+        "unet_calls": round(result.unet_calls),  # evaluations per image: a whole number
         "width": w,
         "height": h,
         "mask_area": float(mask.mean()),
@@ -194,6 +194,16 @@ def _respond(p: PreparedEdit, result: Any, row: int, batch_size: int, seconds: f
         "parameters": params,
         "batch_size": batch_size,
     }
+
+
+REQUEST_NAMES = {"guidance": "guidance_scale"}
+"""``EditConfig`` keys the API names differently (the request's field names are the answer's)."""
+
+
+def request_parameters(cfg: EditConfig) -> dict[str, Any]:
+    """Every value of ``cfg`` as plain data, keyed by the request's field names where the API has one
+    (``guidance`` → ``guidance_scale``), so an answer's ``parameters`` can be sent back as a request."""
+    return {REQUEST_NAMES.get(k, k): v for k, v in to_plain(cfg).items()}
 
 
 def run_edits(bundle: ModelBundle, prepared: list[PreparedEdit | dict[str, Any]]) -> list[dict[str, Any]]:
@@ -274,5 +284,6 @@ __all__ = [
     "finite_or_none",
     "group_key",
     "prepare_edit",
+    "request_parameters",
     "run_edits",
 ]

@@ -7,8 +7,9 @@ and turns every problem into ``{"error": {"code", "message"}}`` with the fitting
 deployment's consistent-hash router maps to the replica holding the session (see :mod:`pipelines.serve.app`).
 
 Endpoints: ``POST /v1/edits``, ``POST /v1/sessions``, ``POST /v1/sessions/{id}/edits``, ``GET`` and ``DELETE
-/v1/sessions/{id}``, ``GET /v1/models``, ``GET /healthz``, the OpenAPI page ``/docs``, the page ``/`` and its
-assets ``/static/*`` (``pipelines/serve/static/``).
+/v1/sessions/{id}``, ``GET /v1/models``, ``GET``/``HEAD /healthz``, the schema ``/openapi.json`` and its page
+``/docs`` (the app's own, without a CDN), the page ``/`` and its assets ``/static/*`` (``pipelines/serve/static/``).
+Paths take no trailing slash (a JSON 404 names the path without it).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from pipelines.serve.parsing import (
     to_fields,
     too_large,
 )
-from pipelines.serve.sessions import new_session_id
+from pipelines.serve.sessions import check_session_id, new_session_id
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,12 @@ api = FastAPI(
     description="Text-driven image editing (InstDiffEdit, DiffEdit, SDEdit) and FISEdit edit sessions. Images are "
     "PNG/JPEG/WebP/BMP/TIFF, sent as base64 or data: URLs in JSON, or as files in multipart/form-data. Errors are "
     '{"error": {"code", "message"}}.',
+    # Swagger UI and ReDoc load their scripts from a CDN, which an offline server and its users cannot reach, and
+    # no installed package ships them: /docs is the app's own page over /openapi.json (static/docs.html)
+    docs_url=None,
+    redoc_url=None,
+    # a trailing slash is answered with the API's JSON 404 (naming the path without it), not an empty 307
+    redirect_slashes=False,
 )
 api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
 
@@ -106,10 +113,21 @@ def _replay(body: bytes) -> Any:
     return receive
 
 
+def _static_page(name: str) -> Any:
+    """An HTML page of ``static/``, or the JSON 404 when the package was installed without it."""
+    page = STATIC_DIR / name
+    if not page.is_file():
+        return JSONResponse({"error": {"code": "not_found", "message": f"the page {name} is not installed"}}, 404)
+    return FileResponse(page, media_type="text/html")
+
+
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    message = f"{request.method} {request.url.path}: {exc.detail}; see /docs for the API"
+    path = request.url.path
+    shown = path if len(path) <= 100 else f"{path[:80]}... ({len(path)} characters)"
+    hint = f"; paths take no trailing slash: {path.rstrip('/')}" if len(path) > 1 and path.endswith("/") else ""
+    message = f"{request.method} {shown}: {exc.detail}{hint}; see /docs for the API"
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=exc.status_code)
 
 
@@ -190,10 +208,12 @@ class Ingress:
     @api.get("/", include_in_schema=False)
     async def page(self) -> Any:
         """The web page (``static/index.html``)."""
-        index = STATIC_DIR / "index.html"
-        if not index.is_file():
-            return JSONResponse({"error": {"code": "not_found", "message": "the web page is not installed"}}, 404)
-        return FileResponse(index, media_type="text/html")
+        return _static_page("index.html")
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self) -> Any:
+        """The API's endpoints, read from ``/openapi.json`` by the page itself (``static/docs.html``; no CDN)."""
+        return _static_page("docs.html")
 
     # ---- API ----------------------------------------------------------------------------------------------
     @api.post("/v1/edits", openapi_extra=_EDIT_DOC)
@@ -228,8 +248,9 @@ class Ingress:
         recomputed. Answers ``image``, ``mask``, ``active_fraction``, ``unet_macs_ratio``, ``timings``."""
 
         async def work() -> JSONResponse:
+            check_session_id(session_id)
             f = await self._body(request, SessionEditFields)
-            mask = decode_mask_field(f.mask, None)
+            mask = decode_mask_field(f.mask, None, self.limits)
             return await self._call("edit_session", session_id, f.prompt, mask, session_id=session_id)
 
         return await self._guard(work())
@@ -237,12 +258,17 @@ class Ingress:
     @api.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str) -> JSONResponse:
         """A session's prompt, seed, steps, edit count and latest image."""
-        return await self._guard(self._call("get_session", session_id, session_id=session_id))
+        return await self._guard(self._session_call("get_session", session_id))
 
     @api.delete("/v1/sessions/{session_id}")
     async def delete_session(self, session_id: str) -> JSONResponse:
         """Delete a session and free its cache."""
-        return await self._guard(self._call("delete_session", session_id, session_id=session_id))
+        return await self._guard(self._session_call("delete_session", session_id))
+
+    async def _session_call(self, method: str, session_id: str) -> JSONResponse:
+        """``method(session_id)`` on the replica holding the session, after the id's form is checked."""
+        check_session_id(session_id)
+        return await self._call(method, session_id, session_id=session_id)
 
     @api.get("/v1/models")
     async def models(self) -> JSONResponse:
@@ -250,9 +276,10 @@ class Ingress:
 
         return await self._guard(self._call("info"))
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> JSONResponse:
-        """200 once a model replica is loaded and its warm-up denoising step ran; 503 otherwise."""
+        """200 once a model replica is loaded and its warm-up denoising step ran; 503 otherwise (``HEAD``: the same
+        status without the body)."""
         try:
             out = await asyncio.wait_for(self.model.health.remote(), HEALTH_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - not ready, for whatever reason

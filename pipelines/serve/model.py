@@ -28,7 +28,14 @@ from instdiff.errors import InstdiffError
 from pipelines.serve.config import ServeArgs
 from pipelines.serve.engine import EditRequest, prepare_edit, run_edits
 from pipelines.serve.errors import error_body, is_out_of_memory
-from pipelines.serve.sessions import SessionStore, create_session, edit_session, session_config
+from pipelines.serve.sessions import (
+    SessionStore,
+    capacity_note,
+    create_session,
+    edit_session,
+    estimate_session_bytes,
+    session_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,7 @@ class EditModel:
         self.load_seconds = time.perf_counter() - t0
         self.replica = _replica_id()
         self.sessions = SessionStore(args.sessions.max_bytes, args.sessions.max_sessions, args.sessions.ttl_s)
+        self.session_bytes = self._log_session_capacity()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="instdiff-model")
         self._edit_batch.set_max_batch_size(args.batching.max_batch_size)
         self._edit_batch.set_batch_wait_timeout_s(args.batching.batch_wait_timeout_s)
@@ -67,6 +75,19 @@ class EditModel:
         log.info(
             "model %s ready on %s in %.1f s (replica %s)", m.spec, self.bundle.device, self.load_seconds, self.replica
         )
+
+    def _log_session_capacity(self) -> int | None:
+        """Measure one session's cache (:func:`~pipelines.serve.sessions.estimate_session_bytes`) and log how
+        many the budget holds (a warning when none fits); ``None`` when the measurement fails (logged too)."""
+        s = self.args.sessions
+        try:
+            nbytes = estimate_session_bytes(self.bundle, s.steps, s.mask_steps)
+        except Exception as exc:  # noqa: BLE001 - edits still work; sessions will report their own errors
+            log.warning("sessions: cannot measure a session's cache (%s: %s)", type(exc).__name__, exc)
+            return None
+        line, none_fits = capacity_note(nbytes, s.max_bytes, s.max_sessions)
+        (log.warning if none_fits else log.info)(line)
+        return nbytes
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve's ``user_config`` hook: change batching without restarting the replica.
@@ -111,9 +132,13 @@ class EditModel:
             "size_multiple": size_multiple(b),
             "device": str(b.device),
             "dtype": str(b.dtype).replace("torch.", ""),
-            "defaults": {"steps": int(b.defaults.get("steps", 50)), "guidance": float(b.defaults.get("guidance", 7.5))},
+            "defaults": {
+                "steps": int(b.defaults.get("steps", 50)),
+                "guidance_scale": float(b.defaults.get("guidance", 7.5)),
+            },
             "methods": [m.value for m in Method if m is not Method.FISEDIT],
             "sessions": "fisedit",
+            "session_cache_bytes": self.session_bytes,  # about one session's cache (None: not measured)
             "vocabulary": _vocabulary_note(self.args.model.spec),
             "replica": self.replica,
         }

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from instdiff import imageio
-from instdiff.config import Method, from_mapping
+from instdiff.config import SEED_MAX, SEED_MIN, Method, from_mapping
 from instdiff.errors import ConfigError
 from pipelines.serve.config import LimitsConfig
 from pipelines.serve.engine import EDIT_METHODS, EditRequest, check_method
@@ -98,7 +98,7 @@ def parse_json(body: bytes) -> dict[str, Any]:
         RequestError: 400 for invalid JSON or a top level that is not an object.
     """
     try:
-        data = json.loads(body, object_pairs_hook=_unique_keys)
+        data = json.loads(body, object_pairs_hook=_unique_keys, parse_int=_parse_int)
     except RequestError:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
@@ -106,20 +106,60 @@ def parse_json(body: bytes) -> dict[str, Any]:
     except RecursionError:
         raise RequestError(400, "bad_json", "request body nests too deeply; send a flat JSON object") from None
     if not isinstance(data, dict):
-        raise RequestError(400, "bad_json", f"request body must be a JSON object; got {type(data).__name__}")
+        kind = "int" if isinstance(data, _LongInteger) else type(data).__name__
+        raise RequestError(400, "bad_json", f"request body must be a JSON object; got {kind}")
     return data
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's pairs as a dict, refusing a key given twice (which one would win is not the client's to guess).
+MAX_INT_DIGITS = 40
+"""Digits of the longest integer a request may hold (seeds have at most 20); Python itself refuses to read
+integers over 4300 digits, with advice meant for programmers."""
+
+
+class _LongInteger:
+    """An integer too long to be any field's value: its digit count, for the message of the field it was in."""
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-+"))
+
+
+def _parse_int(text: str) -> int | _LongInteger:
+    """``json``'s ``parse_int``: an integer, or a :class:`_LongInteger` that the field's check refuses."""
+    return _LongInteger(text) if len(text) > MAX_INT_DIGITS else int(text)
+
+
+def _refuse_long(key: str, value: Any) -> None:
+    """Refuse a field whose value is (or lists) an integer of more than :data:`MAX_INT_DIGITS` digits.
 
     Raises:
-        RequestError: 400 naming the repeated field.
+        RequestError: 422 naming the field and its accepted range.
+    """
+    items = value if isinstance(value, list) else [value]
+    long = next((v for v in items if isinstance(v, _LongInteger)), None)
+    if long is None:
+        return
+    accepted = (
+        f"an integer from {SEED_MIN} to {SEED_MAX}"
+        if key == "seed"
+        else f"see the field's range in /openapi.json; integers here have at most {MAX_INT_DIGITS} digits"
+    )
+    raise RequestError(
+        422, "invalid_field", f"{key}: a {long.digits}-digit integer is out of range; accepted: {accepted}"
+    )
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a key given twice (which one would win is not the client's to guess)
+    and an integer too long to be any field's value.
+
+    Raises:
+        RequestError: 400 naming the repeated field; 422 naming the field with an overlong integer.
     """
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
             raise RequestError(400, "bad_json", f"field {key!r} is given twice; give each field once")
+        _refuse_long(key, value)
         out[key] = value
     return out
 
@@ -130,7 +170,7 @@ def form_values(cls: type, form: Any) -> dict[str, Any]:
     An empty text value of an optional field counts as absent (HTML forms send empty inputs).
 
     Raises:
-        RequestError: 400 for a field given twice.
+        RequestError: 400 for a field given twice; 422 for an integer over :data:`MAX_INT_DIGITS` digits.
     """
     hints = typing.get_type_hints(cls)
     out: dict[str, Any] = {}
@@ -147,9 +187,10 @@ def form_values(cls: type, form: Any) -> dict[str, Any]:
         if value == "":
             continue
         try:
-            out[key] = json.loads(value)
+            out[key] = json.loads(value, parse_int=_parse_int)
         except ValueError:
             out[key] = value  # the parser names the field and the type it wanted
+        _refuse_long(key, out[key])
     return out
 
 
@@ -194,18 +235,18 @@ def check_image_limits(raw: bytes, limits: LimitsConfig, name: str = "image") ->
     """
     from PIL import Image
 
+    accepted = f"this server accepts at most {limits.max_image_pixels} pixels and {limits.max_image_side} px a side"
     try:
         with Image.open(io.BytesIO(raw)) as img:
             w, h = img.size
+    except Image.DecompressionBombError:  # a header declaring more pixels than PIL opens at all
+        raise RequestError(
+            413, "too_large", f"{name}'s header declares over {2 * Image.MAX_IMAGE_PIXELS} pixels; {accepted}"
+        ) from None
     except Exception:  # noqa: BLE001 - decode_image reports undecodable bytes with the accepted formats
         return
     if w * h > limits.max_image_pixels or max(w, h) > limits.max_image_side:
-        raise RequestError(
-            413,
-            "too_large",
-            f"{name} is {w}x{h} px; this server accepts at most {limits.max_image_pixels} pixels and "
-            f"{limits.max_image_side} px a side",
-        )
+        raise RequestError(413, "too_large", f"{name} is {w}x{h} px; {accepted}")
 
 
 def check_steps(steps: int | None, limits: LimitsConfig) -> None:
@@ -214,11 +255,21 @@ def check_steps(steps: int | None, limits: LimitsConfig) -> None:
         raise ConfigError(f"steps: accepted: 1 to {limits.max_steps} (this server's limits.max_steps); got {steps}")
 
 
-def decode_mask_field(value: Any, size: tuple[int, int] | None) -> np.ndarray | None:
-    """The decoded mask field (:func:`instdiff.imageio.decode_mask`), or ``None`` when absent."""
+def decode_mask_field(
+    value: Any, size: tuple[int, int] | None, limits: LimitsConfig | None = None
+) -> np.ndarray | None:
+    """The decoded mask field (:func:`instdiff.imageio.decode_mask`), or ``None`` when absent.
+
+    Raises:
+        RequestError: 400 bad base64; 413 a mask over ``limits`` (:func:`check_image_limits`).
+        ImageInputError: bytes that are not an image, or a mask of another size than ``size``.
+    """
     if value is None or value == b"" or value == "":
         return None
-    return imageio.decode_mask(image_bytes(value, "mask"), size=size)
+    raw = image_bytes(value, "mask")
+    if limits is not None:
+        check_image_limits(raw, limits, "mask")
+    return imageio.decode_mask(raw, size=size)
 
 
 def edit_request(f: EditFields, limits: LimitsConfig) -> EditRequest:
@@ -235,7 +286,7 @@ def edit_request(f: EditFields, limits: LimitsConfig) -> EditRequest:
     check_image_limits(raw, limits)
     array, notes = imageio.decode_image(raw, max_pixels=limits.max_image_pixels)
     h, w = array.shape[:2]
-    mask = decode_mask_field(f.mask, (w, h))
+    mask = decode_mask_field(f.mask, (w, h), limits)
     return EditRequest(
         image=array,
         target_prompt=f.target_prompt,
@@ -253,6 +304,7 @@ def edit_request(f: EditFields, limits: LimitsConfig) -> EditRequest:
 __all__ = [
     "EDIT_METHODS",
     "JSON",
+    "MAX_INT_DIGITS",
     "MULTIPART",
     "EditFields",
     "SessionEditFields",

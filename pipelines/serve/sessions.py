@@ -36,9 +36,33 @@ log = logging.getLogger(__name__)
 START_NEW = "start a new session with POST /v1/sessions"
 
 
+SESSION_ID_MAX = 64
+"""The longest session id accepted in a path (the server's own are 32 hex digits)."""
+_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+
+
 def new_session_id() -> str:
     """A fresh, unguessable session id (32 hex digits)."""
     return uuid.uuid4().hex
+
+
+def check_session_id(sid: str) -> None:
+    """Refuse a session id no server could have made: too long or with other characters (422), so neither a
+    message nor a log line repeats what the client sent in full.
+
+    Raises:
+        RequestError: 422 naming the accepted form (the ``session_id`` ``POST /v1/sessions`` answered: 32 hex
+            digits; at most :data:`SESSION_ID_MAX` letters, digits, ``-`` and ``_``).
+    """
+    if 0 < len(sid) <= SESSION_ID_MAX and set(sid) <= _ID_CHARS:
+        return
+    shown = f"{sid[:16]!r}... ({len(sid)} characters)" if len(sid) > 24 else repr(sid)
+    raise RequestError(
+        422,
+        "invalid_field",
+        f"session id {shown} is not a session id; accepted: the session_id that POST /v1/sessions answered "
+        f"(32 hex digits; at most {SESSION_ID_MAX} letters, digits, '-' or '_')",
+    )
 
 
 @dataclass
@@ -96,16 +120,16 @@ class SessionStore:
 
     Args:
         max_bytes: cache bytes kept at most; the least recently used sessions go first.
-        max_sessions: sessions kept at most.
+        max_sessions: sessions kept at most (``None``: as many as the byte budget holds).
         ttl_s: a session unused this long is dropped, seconds.
         clock: monotonic time source (tests pass a fake one).
     """
 
     def __init__(
-        self, max_bytes: int, max_sessions: int, ttl_s: float, clock: Callable[[], float] = time.monotonic
+        self, max_bytes: int, max_sessions: int | None, ttl_s: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.max_bytes = int(max_bytes)
-        self.max_sessions = int(max_sessions)
+        self.max_sessions = None if max_sessions is None else int(max_sessions)
         self.ttl_s = float(ttl_s)
         self.clock = clock
         self._items: OrderedDict[str, Session] = OrderedDict()
@@ -150,9 +174,11 @@ class SessionStore:
         session.last_used = self.clock()
         self._items[session.session_id] = session
         self._items.move_to_end(session.session_id)
-        while len(self._items) > self.max_sessions or self.nbytes > self.max_bytes:
+        over_count = self.max_sessions is not None and len(self._items) > self.max_sessions
+        while over_count or self.nbytes > self.max_bytes:
             oldest = next(iter(self._items))
             self._drop(oldest, "evicted to make room for newer sessions (least recently used first)")
+            over_count = self.max_sessions is not None and len(self._items) > self.max_sessions
 
     def get(self, sid: str) -> Session:
         """The session, marked as just used.
@@ -198,6 +224,56 @@ def session_config(bundle: ModelBundle, steps: int | None, mask_steps: int | Non
     return FISEditConfig(num_steps=steps, guidance_scale=guidance, mask_steps=k, mask_from=max(1, (k + 1) // 2))
 
 
+def estimate_session_bytes(bundle: ModelBundle, steps: int | None, mask_steps: int | None) -> int:
+    """About how many bytes one session's cache takes with this model and these settings, from a 1-step run.
+
+    A generation caches, per denoising step, the UNet input latents and the layer activations FISEdit reuses,
+    plus the final latents (:class:`instdiff.sparse.cache.RunCache`); the per-step part does not depend on the
+    step count. So a 1-step generation's step-0 bytes times the session's steps, plus its final latents, is the
+    estimate: exact for the activations, a little high where step 0 also holds the cross-attention maps that only
+    the mask-finding steps record. Costs one denoising step.
+
+    Args:
+        bundle: the loaded model.
+        steps: ``sessions.steps`` (``None``: the model's default).
+        mask_steps: ``sessions.mask_steps``.
+
+    Returns:
+        The estimated bytes of one session's cache.
+    """
+    from instdiff.sparse.session import FISEditSession
+
+    total_steps = session_config(bundle, steps, mask_steps).num_steps
+    _, cache = FISEditSession(bundle, session_config(bundle, 1, 1)).generate("a session size probe", 0)
+    per_step = cache.activations.bytes_per_step()
+    return int(per_step.get(0, 0) * total_steps + sum(b for i, b in per_step.items() if i > 0))
+
+
+def capacity_note(session_bytes: int, max_bytes: int, max_sessions: int | None) -> tuple[str, bool]:
+    """How many sessions a replica keeps with its budget, as one log line, and whether none fits.
+
+    Args:
+        session_bytes: one session's cache (:func:`estimate_session_bytes`).
+        max_bytes: ``sessions.max_bytes``.
+        max_sessions: ``sessions.max_sessions`` (``None``: no count limit).
+
+    Returns:
+        ``(line, none_fits)``.
+    """
+    held = max_bytes // max(session_bytes, 1)
+    mib = 2**20
+    line = (
+        f"sessions: one session's cache is about {session_bytes / mib:.1f} MiB with this model, so sessions.max_bytes "
+        f"({max_bytes / mib:.0f} MiB) holds about {held} per replica"
+    )
+    if max_sessions is not None:
+        bound = "the byte budget" if held < max_sessions else "sessions.max_sessions"
+        line += f"; sessions.max_sessions is {max_sessions}, so {bound} is the limit ({min(held, max_sessions)})"
+    if held == 0:
+        line += "; no session fits: POST /v1/sessions answers 413 until sessions.max_bytes is raised or steps lowered"
+    return line, held == 0
+
+
 def create_session(bundle: ModelBundle, sid: str, prompt: str, seed: Any, cfg: Any) -> tuple[Session, dict]:
     """Generate ``prompt`` from ``seed`` and keep the run's cache.
 
@@ -220,7 +296,7 @@ def create_session(bundle: ModelBundle, sid: str, prompt: str, seed: Any, cfg: A
     answer.update(
         image=b64png(pixels),
         timings={k: round(float(v), 4) for k, v in cache.timings.items()},
-        unet_calls=float(cfg.num_steps * (2 if cfg.guidance_scale > 1 else 1)),
+        unet_calls=int(cfg.num_steps * (2 if cfg.guidance_scale > 1 else 1)),
     )
     return session, answer
 
@@ -271,7 +347,7 @@ def edit_session(bundle: ModelBundle, session: Session, prompt: str, mask: np.nd
         "active_fraction_by_size": result.extras.get("active_fraction", {}),
         "mask_source": result.extras.get("mask_source"),
         "unet_macs_ratio": finite_or_none(float(macs.get("ratio", 1.0))),
-        "unet_calls": float(result.unet_calls),
+        "unet_calls": round(result.unet_calls),  # evaluations per image: a whole number
         "timings": {k: round(float(v), 4) for k, v in result.timings.items()},
         "seconds": round(seconds, 4),
         "regenerate_seconds": round(session.generate_seconds, 4),
@@ -281,8 +357,12 @@ def edit_session(bundle: ModelBundle, session: Session, prompt: str, mask: np.nd
 
 __all__ = [
     "START_NEW",
+    "SESSION_ID_MAX",
     "Session",
     "SessionStore",
+    "capacity_note",
+    "check_session_id",
+    "estimate_session_bytes",
     "create_session",
     "edit_session",
     "new_session_id",

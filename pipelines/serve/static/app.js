@@ -444,7 +444,7 @@ async function loadServerInfo() {
     if (typeof d.steps === "number") {
       for (const id of ["gen-steps", "edit-steps"]) $(id).placeholder = `default: ${d.steps}`;
     }
-    if (typeof d.guidance === "number") $("edit-guidance").placeholder = `default: ${d.guidance}`;
+    if (typeof d.guidance_scale === "number") $("edit-guidance").placeholder = `default: ${d.guidance_scale}`;
     if (Array.isArray(m.methods) && m.methods.length) {
       const sel = $("edit-method");
       const known = new Set([...sel.options].map((o) => o.value));
