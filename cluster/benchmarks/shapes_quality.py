@@ -478,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "preset": "paper" if name == "instdiffedit_tuned" else args.preset,
                 "settings": to_plain(cfg),
             }
-            log.info("%s: %s", name, {k: v for k, v in methods[name].items() if k != "per_kind"})
+            log.info("%s: %s", name, {k: v for k, v in methods[name].items() if k not in ("per_kind", "config")})
             write(res)
     # 4. generation fidelity
     if "generation" not in args.skip:
