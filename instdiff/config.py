@@ -151,7 +151,13 @@ class MaskConfig:
     ``phi``: the binarisation threshold of Eq. 9 on the min-max normalised map, in [0, 1].
     ``refinement``: Eq. 9's weighted sum or the official code's difference of normalised means.
     ``invert_start``: official code inverts the start-token map before the cosine of Eq. 6.
-    ``merge_bpe``: merge BPE pieces of one word into a word map (their mean) before Eq. 6–8.
+    ``merge_bpe``: merge the BPE pieces of one word into one word map (their mean) that counts once in Eq.
+    6–9: only the word's first piece can be the index token or carry P_i, so a word split into k pieces
+    weighs as one word in Eq. 9's sum and the refinement means, not k times (the official code's word maps).
+    Off by default, also in :meth:`paper`: the paper states Eq. 6–9 per token, and an SD user asking for the
+    paper gets its equations as written; the official recipe (:meth:`official`) always merges. On the shipped
+    models it changes nothing (their tokenizers keep every known word whole), so the golden values do not
+    decide it either way.
     ``running_mean``: average maps over the steps so far (official code) instead of the current step.
     ``smooth_size`` (odd, px) / ``smooth_sigma`` (px) / ``smooth_iters``: the Gaussian smoothing;
     ``smooth_resolution`` is the square grid it runs on (``None`` = the latent grid; the official code uses
@@ -369,7 +375,14 @@ class EditConfig:
         return replace(self, **kw)
 
     @classmethod
-    def for_model(cls, defaults: Mapping[str, Any], preset: Preset | str = "model", **overrides: Any) -> EditConfig:
+    def for_model(
+        cls,
+        defaults: Mapping[str, Any],
+        preset: Preset | str = "model",
+        *,
+        where: str = "instdiffedit",
+        **overrides: Any,
+    ) -> EditConfig:
         """The settings a model folder recommends (its ``instdiff.json``), with ``overrides`` on top.
 
         ``steps`` and ``guidance`` come from the folder's top-level keys; with ``preset="model"`` an
@@ -380,6 +393,7 @@ class EditConfig:
         Args:
             defaults: the bundle's ``defaults`` (the parsed ``instdiff.json``; empty for SD checkpoints).
             preset: ``model`` or ``paper``.
+            where: the dotted path named in error messages (the batch config's ``method``).
             **overrides: EditConfig fields; ``mask`` may be a mapping of MaskConfig fields, merged over the
                 preset's.
 
@@ -390,9 +404,9 @@ class EditConfig:
             ConfigError: an unknown preset, key or a value out of range (in the folder's section or the
                 overrides).
         """
-        preset = _enum(Preset, preset, "preset")
+        preset = _enum(Preset, preset, f"{where}.preset" if where != "instdiffedit" else "preset")
         data: dict[str, Any] = {k: defaults[k] for k in ("steps", "guidance") if k in defaults}
-        method = Method(_enum(Method, overrides.get("method", Method.INSTDIFFEDIT), "method"))
+        method = Method(_enum(Method, overrides.get("method", Method.INSTDIFFEDIT), f"{where}.method"))
         if method is Method.INSTDIFFEDIT and preset is Preset.MODEL:
             section = defaults.get("instdiffedit", {})
             if not isinstance(section, Mapping):
@@ -406,7 +420,7 @@ class EditConfig:
             else:
                 data[key] = value
         data["method"] = method
-        return from_mapping(cls, data, "instdiffedit")
+        return from_mapping(cls, data, where)
 
 
 # ---- mapping → dataclass ---------------------------------------------------------------------------------------

@@ -44,18 +44,40 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(af, bf.expand_as(af), dim=-1, eps=1e-8)
 
 
-def word_token_mask(n_tokens: torch.Tensor, t: int) -> torch.Tensor:
+def word_token_mask(n_tokens: torch.Tensor, t: int, counted: torch.Tensor | None = None) -> torch.Tensor:
     """Which token positions hold words: 1 .. n_tokens − 2 (the start token 0 and the end token excluded).
 
     Args:
         n_tokens: (B,) long, tokens per prompt including start and end.
         t: sequence length T (77 for CLIP).
+        counted: (B, T) bool, the tokens that count (:func:`first_pieces`: one per word when BPE pieces are
+            merged); ``None``: every token.
 
     Returns:
         (B, T) bool.
     """
     idx = torch.arange(t, device=n_tokens.device).unsqueeze(0)
-    return (idx >= 1) & (idx <= (n_tokens.unsqueeze(1) - 2))
+    valid = (idx >= 1) & (idx <= (n_tokens.unsqueeze(1) - 2))
+    return valid if counted is None else valid & counted.to(valid.device)
+
+
+def first_pieces(word_ids: torch.Tensor) -> torch.Tensor:
+    """The first token of every word: where the word id changes along the sequence.
+
+    With merged BPE pieces (:func:`merge_word_pieces`) a word's pieces carry one map; counting only its first
+    piece makes the word count once in Eq. 6–9 (index token, position vector, refinement means), as one
+    word map does in the official code.
+
+    Args:
+        word_ids: (B, T) long, each token's word number; the pieces of one word are adjacent and share it
+            (:meth:`instdiff.bundle.ModelBundle.word_ids`).
+
+    Returns:
+        (B, T) bool; True at position 0 and wherever the id differs from the previous position's.
+    """
+    first = torch.ones_like(word_ids, dtype=torch.bool)
+    first[:, 1:] = word_ids[:, 1:] != word_ids[:, :-1]
+    return first
 
 
 def sink_token(maps: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
@@ -78,7 +100,11 @@ def sink_token(maps: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
 
 
 def index_token(
-    maps: torch.Tensor, n_tokens: torch.Tensor, invert_start: bool = False, reference: Reference = Reference.START
+    maps: torch.Tensor,
+    n_tokens: torch.Tensor,
+    invert_start: bool = False,
+    reference: Reference = Reference.START,
+    counted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InstDiffEdit Eq. 6: per image, the word token whose map is most similar (cosine) to the start token's.
 
@@ -87,6 +113,7 @@ def index_token(
         n_tokens: (B,) long, tokens per prompt including start and end.
         invert_start: replace the reference map by 1 − minmax(reference) (the official code's variant).
         reference: the start token (paper) or the attention sink (:func:`sink_token`).
+        counted: (B, T) bool, the candidate tokens (:func:`first_pieces`); ``None``: every word token.
 
     Returns:
         (B,) long token index.
@@ -97,7 +124,7 @@ def index_token(
     if invert_start:
         start = 1.0 - minmax(start)
     sims = _cosine(maps, start)  # (B, T)
-    valid = word_token_mask(n_tokens, maps.shape[1])
+    valid = word_token_mask(n_tokens, maps.shape[1], counted)
     sims = sims.masked_fill(~valid, float("-inf"))
     return sims.argmax(dim=1)
 
@@ -117,7 +144,11 @@ def similarity_vector(maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def position_vector(
-    sims: torch.Tensor, n_tokens: torch.Tensor, gamma1: float = 0.9, gamma2: float = 0.6
+    sims: torch.Tensor,
+    n_tokens: torch.Tensor,
+    gamma1: float = 0.9,
+    gamma2: float = 0.6,
+    counted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InstDiffEdit Eq. 8: P_i = +1 if S_i > γ1, −1 if S_i < γ2, else 0; zero outside word tokens.
 
@@ -126,6 +157,7 @@ def position_vector(
         n_tokens: (B,) long, tokens per prompt including start and end.
         gamma1: the +1 threshold.
         gamma2: the −1 threshold.
+        counted: (B, T) bool, the tokens that count (:func:`first_pieces`); P is zero at the others.
 
     Returns:
         (B, T) float in {−1, 0, +1}.
@@ -133,11 +165,15 @@ def position_vector(
     p = torch.zeros_like(sims)
     p = torch.where(sims > gamma1, torch.ones_like(p), p)
     p = torch.where(sims < gamma2, -torch.ones_like(p), p)
-    return p * word_token_mask(n_tokens, sims.shape[1]).to(p.dtype)
+    return p * word_token_mask(n_tokens, sims.shape[1], counted).to(p.dtype)
 
 
 def positions(
-    maps: torch.Tensor, n_tokens: torch.Tensor, cfg: MaskConfig = MaskConfig(), span: torch.Tensor | None = None
+    maps: torch.Tensor,
+    n_tokens: torch.Tensor,
+    cfg: MaskConfig = MaskConfig(),
+    span: torch.Tensor | None = None,
+    counted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The position vector P: Eq. 6–8 (with ``cfg.reference``), or +1 on an edit span where one is given.
 
@@ -149,15 +185,17 @@ def positions(
         n_tokens: (B,) long, tokens per prompt including start and end.
         cfg: γ1, γ2, ``invert_start``, ``reference``.
         span: (B, T) bool, the target tokens a word diff against the source marks as new; ``None``: Eq. 6–8.
+        counted: (B, T) bool, the tokens that count (:func:`first_pieces` with merged BPE pieces: one per
+            word); ``None``: every word token.
 
     Returns:
-        (B, T) float in {−1, 0, +1}; zero outside word tokens.
+        (B, T) float in {−1, 0, +1}; zero outside the counted word tokens.
     """
-    idx = index_token(maps, n_tokens, cfg.invert_start, cfg.reference)
-    p = position_vector(similarity_vector(maps, idx), n_tokens, cfg.gamma1, cfg.gamma2)
+    idx = index_token(maps, n_tokens, cfg.invert_start, cfg.reference, counted)
+    p = position_vector(similarity_vector(maps, idx), n_tokens, cfg.gamma1, cfg.gamma2, counted)
     if span is None:
         return p
-    span = span.to(maps.device) & word_token_mask(n_tokens, maps.shape[1])
+    span = span.to(maps.device) & word_token_mask(n_tokens, maps.shape[1], counted)
     has = span.any(dim=1, keepdim=True)
     return torch.where(has, span.to(p.dtype), p)
 
@@ -279,8 +317,11 @@ def instdiffedit_mask(
     """InstDiffEdit's instant mask for one step (paper Eq. 6–9).
 
     The refined map is upsampled bilinearly, smoothed (on ``cfg.smooth_resolution`` when set), min-max
-    normalised and binarised at φ. With ``cfg.preset == "official"`` the official code's computation runs
-    instead (:func:`instdiff.masks_official.official_mask`; P is then indexed by word unit).
+    normalised and binarised at φ. With ``cfg.merge_bpe`` the BPE pieces of a word share one word map (their
+    mean, :func:`merge_word_pieces`) and the word counts once (:func:`first_pieces`: only its first piece can
+    be the index token or hold a non-zero P_i, so Eq. 9's sum and the refinement means weigh it as one
+    token). With ``cfg.preset == "official"`` the official code's computation runs instead
+    (:func:`instdiff.masks_official.official_mask`; P is then indexed by word unit).
 
     Args:
         maps: (B, T, h, w) token maps at the attention resolution.
@@ -288,22 +329,30 @@ def instdiffedit_mask(
         latent_hw: (H, W) of the latent grid.
         cfg: thresholds, refinement and smoothing.
         position: P (B, T) from the first step; ``None`` computes it here (:func:`positions`, Eq. 6–8).
-        words: (B, T) long word units (:func:`instdiff.masks_official.official_word_ids`), needed by the
-            official preset only.
+        words: (B, T) long word units: the official preset's
+            (:func:`instdiff.masks_official.official_word_ids`), or with ``cfg.merge_bpe`` the BPE words
+            (:meth:`instdiff.bundle.ModelBundle.word_ids`); unread otherwise.
         span: (B, T) bool edit-span tokens for ``cfg.tokens == "edit_span"`` (see :func:`positions`).
 
     Returns:
         ``(mask (B, 1, H, W) bool on the latent grid, soft map (B, 1, H, W) in [0, 1], position (B, T))``.
 
     Raises:
-        ConfigError: the official preset without ``words``.
+        ConfigError: the official preset or ``merge_bpe`` without ``words``.
     """
     if cfg.preset is MaskPreset.OFFICIAL:
         if words is None:
             raise ConfigError("mask preset 'official' needs the prompts' word units (official_word_ids)")
         return official_mask(maps, words, n_tokens, latent_hw, cfg, position)
+    counted = None
+    if cfg.merge_bpe:
+        if words is None:
+            raise ConfigError("mask merge_bpe needs the prompts' word ids (ModelBundle.word_ids)")
+        words = words.to(maps.device)
+        maps = merge_word_pieces(maps, words)  # (B, T, h, w): a word's pieces share its mean map
+        counted = first_pieces(words)  # (B, T): each word counts once
     if position is None:
-        position = positions(maps, n_tokens, cfg, span)
+        position = positions(maps, n_tokens, cfg, span, counted)
     ref = refine(maps, position, cfg.refinement).unsqueeze(1)  # (B, 1, h, w)
     grid = cfg.smooth_resolution
     target = (grid, grid) if grid is not None else latent_hw

@@ -22,14 +22,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from instdiff.bundle import MAX_TOKENS, ModelBundle, pick_device, pick_dtype
 from instdiff.errors import ModelLoadError
+from instdiff.model_defaults import ASSETS, DEFAULT_MODEL, DEFAULTS_FILE, EMBEDDED_MODEL_DIR, read_defaults_file
 from instdiff.tiny import BASE_WORDS, build_word_tokenizer, tiny_bundle, tiny_vocabulary
 
 log = logging.getLogger(__name__)
-
-ASSETS = Path(__file__).parent / "assets"
-EMBEDDED_MODEL_DIR = ASSETS / "shapes"
-DEFAULT_MODEL = "default"
-DEFAULTS_FILE = "instdiff.json"
 
 __all__ = [
     "ASSETS",
@@ -141,8 +137,8 @@ def load_pretrained(
             f"expected {4 + 1 + vae.config.latent_channels} (latents + mask + masked-image latents)"
         )
     bundle = ModelBundle(tokenizer, text_encoder, vae, unet, scheduler, inpaint_unet, name=spec)
-    if is_local and (path / DEFAULTS_FILE).exists():
-        bundle.defaults = json.loads((path / DEFAULTS_FILE).read_text())
+    if is_local:
+        bundle.defaults = read_defaults_file(path)  # the same reader the batch driver uses (no weights)
     for m in bundle.modules():
         m.eval().requires_grad_(False)
     return bundle.to(device, dtype)

@@ -9,13 +9,22 @@ Layout (every key optional except ``input`` and ``output``; defaults are the dat
     retry_errors: false                  # also re-run ids whose earlier row is an error
     carry: []                            # input columns copied into the output rows unchanged, e.g. [url, label]
     model:   {spec: default, inpaint: null, device: auto, dtype: auto, local_files_only: false}
-    method:  {name: instdiffedit, steps: 50, strength: 0.5, guidance: 7.5, n_noises: 3,
+    method:  {name: instdiffedit, preset: model, steps: 50, strength: 0.5, n_noises: 3,
               mask: {phi: 0.2, gamma1: 0.9, gamma2: 0.6, ...}, inpaint: auto, ...}   # any EditConfig field
     image:   {size: model, size_policy: resize, max_pixels: 16777216, min_side: 16, alpha: convert}
     actors:  {pool_size: 1, num_gpus: 0, num_cpus: 1, batch_size: 8}
     write:   {max_rows_per_file: 1000, compression: zstd}
     storage: {endpoint_url: null, region: null, anonymous: false}       # plus AWS_* environment variables
     ray:     {num_cpus: null, object_store_memory: null, task_cpus: 1, progress_bars: true, datasource_v2: false}
+
+``method.preset`` says where the unset method keys come from, as ``instdiff edit --preset`` does
+(:meth:`instdiff.config.EditConfig.for_model`): ``model`` (the default) takes the model folder's
+``instdiff.json`` (steps, guidance and, for InstDiffEdit, its ``instdiffedit`` section: the embedded model's
+measured best variant; SD checkpoints and hub ids have none, so the paper's settings), ``paper`` the paper's
+InstDiffEdit with the folder's steps and guidance. The keys given in ``method`` override either. The file is
+read without loading the model (:func:`instdiff.model_defaults.model_defaults`). ``mask.preset: official``
+runs on the paper's loop (``preset`` then defaults to ``paper``). The resolved settings and the preset are
+what a run records in ``_runs/<run_id>.json``.
 
 Unknown keys and wrong values raise :class:`ConfigError` naming the key and what it accepts. Command-line
 flags override the file; ``--set a.b=value`` overrides any key (the value is read as YAML).
@@ -34,7 +43,9 @@ from typing import Any
 from instdiff.config import (
     DEFAULT_MAX_PIXELS,
     EditConfig,
+    MaskPreset,
     Method,
+    Preset,
     SizePolicy,
     coerce,
     from_mapping,
@@ -44,6 +55,7 @@ from instdiff.config import (
 )
 from instdiff.config import apply_override as _apply_override
 from instdiff.errors import ConfigError
+from instdiff.model_defaults import model_defaults
 from pipelines.storage import StorageConfig
 
 SIZE_POLICIES = tuple(p.value for p in SizePolicy)
@@ -113,12 +125,17 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """Everything one bulk-edit job needs."""
+    """Everything one bulk-edit job needs.
+
+    ``method`` is the resolved editor config (the model's recommended settings under ``preset``, with the
+    YAML's ``method`` keys on top); ``preset`` is the YAML's ``method.preset`` that chose them.
+    """
 
     input: str
     output: str
     model: ModelConfig = field(default_factory=ModelConfig)
     method: EditConfig = field(default_factory=EditConfig)
+    preset: Preset = Preset.MODEL
     seed: int = 0
     image: ImageConfig = field(default_factory=ImageConfig)
     actors: ActorConfig = field(default_factory=ActorConfig)
@@ -136,26 +153,60 @@ class BatchConfig:
 
 # keys of the method section that are not EditConfig fields, or are set elsewhere
 _METHOD_NAME_KEY = "name"
+_METHOD_PRESET_KEY = "preset"
 _METHOD_EXCLUDED = ("method", "seed")
 _PARQUET_CODECS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
 _SHORTHANDS = {"method": _METHOD_NAME_KEY}  # ``method: diffedit`` means ``method: {name: diffedit}``
 
 
-def _parse_method(data: Any, seed: int) -> EditConfig:
+def _official_mask(data: Mapping[str, Any]) -> bool:
+    """Whether the method section asks for the official mask recipe (``mask: {preset: official}``)."""
+    mask = data.get("mask")
+    return isinstance(mask, Mapping) and mask.get("preset") == MaskPreset.OFFICIAL.value
+
+
+def _parse_method(data: Any, seed: int, defaults: Mapping[str, Any]) -> tuple[EditConfig, Preset]:
+    """The ``method`` section → the resolved :class:`EditConfig` and the preset that resolved it.
+
+    Args:
+        data: the section (``None``, a method name, or a mapping of EditConfig keys plus ``name``/``preset``).
+        seed: the job's base seed.
+        defaults: the model's recommended settings (:func:`instdiff.model_defaults.model_defaults`).
+
+    Returns:
+        ``(config, preset)``: :meth:`EditConfig.for_model` under the preset, the section's keys on top.
+
+    Raises:
+        ConfigError: an unknown key, a preset outside model/paper, ``preset: model`` with the official mask
+            recipe, or a value out of range.
+    """
     if data is None:
-        return EditConfig(seed=seed)
+        data = {}
     if isinstance(data, str):
         data = {_METHOD_NAME_KEY: data}
     if not isinstance(data, Mapping):
         raise ConfigError(f"method: expected a mapping (name: instdiffedit, steps: ...); got {data!r}")
     data = dict(data)
-    accepted = [_METHOD_NAME_KEY] + [f.name for f in dataclasses.fields(EditConfig) if f.name not in _METHOD_EXCLUDED]
+    accepted = [_METHOD_NAME_KEY, _METHOD_PRESET_KEY] + [
+        f.name for f in dataclasses.fields(EditConfig) if f.name not in _METHOD_EXCLUDED
+    ]
     for key in data:
         if key not in accepted:
             hint = " (the seed is the top-level key 'seed')" if key == "seed" else ""
             raise ConfigError(f"method.{key}: unknown key{hint}; accepted keys in method: {', '.join(accepted)}")
     method = coerce(Method, data.pop(_METHOD_NAME_KEY, Method.INSTDIFFEDIT.value), "method.name")
-    return from_mapping(EditConfig, {**data, "method": method, "seed": seed}, "method")
+    official = _official_mask(data)
+    given = data.pop(_METHOD_PRESET_KEY, None)
+    preset = (
+        Preset.PAPER if given is None and official else coerce(Preset, given or Preset.MODEL.value, "method.preset")
+    )
+    if official and preset is Preset.MODEL:
+        raise ConfigError(
+            "method.preset: 'model' cannot be combined with method.mask.preset 'official' (the official recipe "
+            "runs on the paper's loop); leave method.preset unset or set it to 'paper'"
+        )
+    cfg = EditConfig.for_model(defaults, preset, where="method", **data, method=method, seed=seed)
+    return cfg, preset
 
 
 def _image_size_ok(size: Any) -> bool:
@@ -203,17 +254,20 @@ def _check_values(cfg: BatchConfig) -> None:
             raise ConfigError(message)
 
 
-def parse_config(data: Mapping[str, Any]) -> BatchConfig:
+def parse_config(data: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> BatchConfig:
     """Turn a mapping (parsed YAML) into a validated :class:`BatchConfig`.
 
     Args:
         data: the config's keys (see the module docstring); ``method`` may be a method name or a mapping.
+        defaults: the model's recommended settings (``instdiff.json``); ``None`` reads them for
+            ``model.spec`` (:func:`instdiff.model_defaults.model_defaults`, no weights loaded).
 
     Returns:
-        The validated config.
+        The validated config, its ``method`` resolved under ``method.preset``.
 
     Raises:
         ConfigError: an unknown key, a wrong type or a value out of range (the message names the key).
+        ModelLoadError: the model folder's ``instdiff.json`` is not a JSON object.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"a batch config must be a mapping of keys; got {type(data).__name__}")
@@ -222,9 +276,12 @@ def parse_config(data: Mapping[str, Any]) -> BatchConfig:
     if isinstance(image, Mapping) and "size" in image and not _image_size_ok(image["size"]):
         raise ConfigError(_image_size_message(image["size"]))  # one message for a wrong type or range
     seed = coerce(int, data.get("seed", 0), "seed")
-    method = _parse_method(data.pop("method", None), seed)
-    cfg = from_mapping(BatchConfig, data, "", exclude=("method",))
-    cfg = cfg.with_(method=method)
+    section = data.pop("method", None)
+    cfg = from_mapping(BatchConfig, data, "", exclude=("method", "preset"))
+    if defaults is None:
+        defaults = model_defaults(cfg.model.spec)
+    method, preset = _parse_method(section, seed, defaults)
+    cfg = cfg.with_(method=method, preset=preset)
     _check_values(cfg)
     return cfg
 
@@ -262,7 +319,8 @@ def to_dict(obj: Any) -> Any:
     """A config as plain YAML/JSON-able data (enums by value), as written to ``_runs/<run_id>.json``.
 
     Secrets (S3 keys and tokens) are masked as ``"***"``; an :class:`EditConfig` is written as the ``method``
-    section (``name`` instead of ``method``, no ``seed``).
+    section (``name`` instead of ``method``, no ``seed``); a :class:`BatchConfig`'s ``preset`` goes into that
+    section as ``method.preset``, so the written config reads back (:func:`parse_config`) to the same settings.
 
     Args:
         obj: a config dataclass, or any value inside one.
@@ -282,6 +340,10 @@ def to_dict(obj: Any) -> Any:
             if f.name in ("access_key_id", "secret_access_key", "session_token") and value:
                 value = "***"
             out[f.name] = to_dict(value)
+        if isinstance(obj, BatchConfig):  # method: {name, preset, ...the resolved fields}
+            method = out["method"]
+            out["method"] = {_METHOD_NAME_KEY: method.pop(_METHOD_NAME_KEY), _METHOD_PRESET_KEY: out.pop("preset")}
+            out["method"].update(method)
         return out
     return to_plain(obj)
 

@@ -108,7 +108,11 @@ def run(args: argparse.Namespace) -> int:
     orientation applied, the first frame of an animated file); what was done is logged as warnings and listed
     in the summary's ``notes``; ``width``/``height`` are the upright size, which the outputs have. With
     ``--mask`` (non-zero = edit, :func:`instdiff.imageio.decode_mask`) the summary adds ``iou``, ``c_m`` and
-    ``c_non`` (InstDiffEdit Eq. II–III), as the batch job scores its ``mask`` column.
+    ``c_non`` (InstDiffEdit Eq. II–III), as the batch job scores its ``mask`` column. The summary's ``preset``
+    says which settings ran (``model``, ``paper``, or ``official`` for ``--mask-preset official``, which runs
+    on the paper's loop), ``mask_preset`` which mask computation InstDiffEdit used (``paper``: Eq. 6–9 with the
+    preset's options; ``official``; null for the other editors), and ``unet_calls`` is the edit's UNet
+    evaluations (an int; classifier-free guidance counts 2).
 
     Returns:
         0.
@@ -165,8 +169,10 @@ def run(args: argparse.Namespace) -> int:
     overrides: dict = {k: v for k, v in given.items() if v is not None}
     mask = {} if args.phi is None else {"phi": args.phi}
     preset = args.preset
+    ran = preset  # the settings that ran, as the summary reports them
     if args.mask_preset == "official":  # the official recipe on the paper's loop, conditioned on the edit words
         preset = "paper"
+        ran = "official"
         mask["preset"] = "official"
         overrides["prompt_mode"] = "edit_words"
     if mask:
@@ -195,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.mask_out).write_bytes(imageio.encode_png(mask.astype(bool)))
     summary = {
         "method": cfg.method.value,
-        "mask_preset": cfg.mask.preset.value,
+        "preset": ran,
+        "mask_preset": cfg.mask.preset.value if cfg.method is Method.INSTDIFFEDIT else None,
         "model": bundle.name,
         "out": str(out),
         "mask_out": args.mask_out,
@@ -203,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         "height": int(array.shape[0]),
         "notes": notes,
         "mask_area": float(mask.mean()),
-        "unet_calls": result.unet_calls,
+        "unet_calls": round(result.unet_calls),  # one image: a whole number of UNet evaluations
         "seconds": round(result.timings["total"], 3),
         "device": str(bundle.device),
         "dtype": str(bundle.dtype).replace("torch.", ""),

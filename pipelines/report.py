@@ -8,7 +8,8 @@ Input images are read from the job's input (recorded in ``OUTPUT_DIR/_runs/*.jso
 Written to ``OUTPUT_DIR/_report/`` for a local output (``index.html``, ``contact_sheet.png``,
 ``summary.json``), or to ``--out``. The command ends with a one-line verdict (:func:`verdict`): rows ok, mean
 IoU and, for shapes-world rows (whose ``meta`` names the target phrase), edit success as the shapes-world
-scorer reads it (the target phrase found inside the ground-truth edit region).
+scorer reads it (the target phrase found inside the ground-truth edit region); then the no-op edits, rows
+whose edit changed less than 1/255 inside their own predicted mask (no ground truth needed).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 PANELS = ("input", "gt mask", "pred mask", "edited")
 SUCCESS_ROWS = 256  # ok rows the verdict's edit success is measured on (the scorer reads each edited image)
+NO_OP_CHANGE = 1.0 / 255.0  # an ok row whose change_inside_pred is below this left its own region as it was
 
 
 def read_output(output: str, storage_cfg: storage.StorageConfig | None = None) -> pa.Table:
@@ -101,8 +103,9 @@ def summarize(table: pa.Table) -> dict[str, Any]:
 
     Returns:
         ``rows``, ``ok``, ``error`` counts; the ``methods``, ``models`` and ``runs`` seen; ``metrics``: per
-        metric column its mean, std, min, max (``None`` without values) and count; ``top_errors``: the 20
-        most common error messages with their counts.
+        metric column its mean, std, min, max (``None`` without values) and count; ``no_op``: ok rows whose
+        ``change_inside_pred`` is below :data:`NO_OP_CHANGE` (edits that changed nothing inside their own
+        mask; needs no ground truth); ``top_errors``: the 20 most common error messages with their counts.
     """
     status = table[S.STATUS].to_pylist()
     ok_mask = pc.equal(table[S.STATUS], S.STATUS_OK)
@@ -120,6 +123,7 @@ def summarize(table: pa.Table) -> dict[str, Any]:
             }
         else:
             metrics[name] = {"mean": None, "std": None, "min": None, "max": None, "count": 0}
+    inside = [v for v in ok[S.CHANGE_INSIDE_PRED].to_pylist() if v is not None and not math.isnan(v)]
     errors = collections.Counter(e for s, e in zip(status, table[S.ERROR].to_pylist(), strict=True) if s != S.STATUS_OK)
     return {
         "rows": table.num_rows,
@@ -129,6 +133,7 @@ def summarize(table: pa.Table) -> dict[str, Any]:
         "models": sorted({m for m in table[S.MODEL].to_pylist() if m}),
         "runs": sorted({r for r in table[S.RUN_ID].to_pylist() if r}),
         "metrics": metrics,
+        "no_op": sum(1 for v in inside if v < NO_OP_CHANGE),
         "top_errors": dict(errors.most_common(20)),
     }
 
@@ -264,13 +269,14 @@ def edit_success(rows: list[dict[str, Any]], inputs: dict[str, dict]) -> tuple[f
 
 
 def verdict(summary: dict[str, Any]) -> str:
-    """The report's one-line verdict: rows ok, mean IoU, edit success (when measured).
+    """The report's one-line verdict: rows ok, mean IoU, edit success (when measured), no-op edits.
 
     Args:
         summary: :func:`summarize`'s result, with ``edit_success`` and ``edit_success_rows`` when measured.
 
     Returns:
-        e.g. ``verdict: 64/64 rows ok, mean IoU 0.62, edit success 0.70 (64 shapes rows)``.
+        e.g. ``verdict: 64/64 rows ok, mean IoU 0.62, edit success 0.70 (64 shapes rows), 2 no-op edits
+        (change < 1/255 inside the predicted mask)``; the no-op count shows when rows have the measure.
     """
     iou = summary["metrics"].get(S.IOU, {}).get("mean")
     parts = [
@@ -279,6 +285,8 @@ def verdict(summary: dict[str, Any]) -> str:
     ]
     if summary.get("edit_success") is not None:
         parts.append(f"edit success {summary['edit_success']:.2f} ({summary['edit_success_rows']} shapes rows)")
+    if summary.get("no_op") is not None and summary["metrics"].get(S.CHANGE_INSIDE_PRED, {}).get("count"):
+        parts.append(f"{summary['no_op']} no-op edits (change < 1/255 inside the predicted mask)")
     return ", ".join(parts)
 
 
@@ -336,7 +344,7 @@ def render_html(
             for n, d in zip(PANELS, _panels(row, inp), strict=True)
         )
         stats = " · ".join(
-            f"{n} {_fmt(row.get(n))}" for n in (S.IOU, S.C_M, S.C_NON, S.MASK_AREA, S.CHANGE_OUTSIDE_PRED, S.LATENCY_S)
+            f"{n} {_fmt(row.get(n))}" for n in (S.IOU, S.C_M, S.C_NON, S.MASK_AREA, S.CHANGE_INSIDE_PRED, S.LATENCY_S)
         )
         notes = f'<div class="notes">{html.escape(row[S.NOTES])}</div>' if row.get(S.NOTES) else ""
         cards.append(

@@ -58,7 +58,7 @@ GENERATED_SOURCE = "generated_source"
 WIDTH = "width"
 HEIGHT = "height"
 MASK_AREA = "mask_area"
-CHANGE_OUTSIDE_PRED = "change_outside_pred"
+CHANGE_INSIDE_PRED = "change_inside_pred"
 IOU = "iou"
 C_M = "c_m"
 C_NON = "c_non"
@@ -110,7 +110,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field(WIDTH, pa.int32()),
         pa.field(HEIGHT, pa.int32()),
         pa.field(MASK_AREA, pa.float64()),
-        pa.field(CHANGE_OUTSIDE_PRED, pa.float64()),
+        pa.field(CHANGE_INSIDE_PRED, pa.float64()),
         pa.field(IOU, pa.float64()),
         pa.field(C_M, pa.float64()),
         pa.field(C_NON, pa.float64()),
@@ -139,7 +139,8 @@ OUTPUT_DOC: dict[str, str] = {
     WIDTH: "image width in pixels",
     HEIGHT: "image height in pixels",
     MASK_AREA: "fraction of pixels inside the predicted mask",
-    CHANGE_OUTSIDE_PRED: "mean |edited - input| outside the predicted mask, over RGB, in /255 units",
+    CHANGE_INSIDE_PRED: "mean |edited - input| inside the predicted mask, over RGB, in /255 units (null when the "
+    "mask is empty); near 0 flags an edit that changed nothing where it meant to",
     IOU: "IoU of the predicted mask with the ground-truth mask (null without one)",
     C_M: "C_m: mean pixel change inside the ground-truth mask, /255 (InstDiffEdit Eq. II; higher = edited)",
     C_NON: "C_non: mean pixel change outside the ground-truth mask, /255 (Eq. III; lower = preserved)",
@@ -150,7 +151,7 @@ OUTPUT_DOC: dict[str, str] = {
     RUN_ID: "the job run that wrote the row",
 }
 
-METRIC_COLUMNS = (MASK_AREA, CHANGE_OUTSIDE_PRED, IOU, C_M, C_NON, UNET_CALLS, LATENCY_S)
+METRIC_COLUMNS = (MASK_AREA, CHANGE_INSIDE_PRED, IOU, C_M, C_NON, UNET_CALLS, LATENCY_S)
 
 
 SHOWN_PROBLEMS = 5  # problems named in a one-line message; the rest are counted

@@ -218,7 +218,7 @@ def _batch_case() -> dict[str, Any]:
             k: row[k]
             for k in (S.ID, S.STATUS, S.ERROR, S.NOTES, S.METHOD, S.MODEL, S.SEED, S.WIDTH, S.HEIGHT, S.BATCH_ROWS)
         }
-        for k in (S.IOU, S.C_M, S.C_NON, S.MASK_AREA, S.CHANGE_OUTSIDE_PRED, S.UNET_CALLS):
+        for k in (S.IOU, S.C_M, S.C_NON, S.MASK_AREA, S.CHANGE_INSIDE_PRED, S.UNET_CALLS):
             item[k] = None if row[k] is None else round(float(row[k]), 6)
         if row[S.EDITED] is not None:
             edited = np.asarray(Image.open(io.BytesIO(row[S.EDITED])).convert("RGB"), dtype=np.int64)

@@ -190,3 +190,105 @@ def test_mask_preset_official_in_yaml():
     assert from_mapping(MaskConfig, to_plain(cfg.method.mask)) == cfg.method.mask  # written, read back
     with pytest.raises(ConfigError, match="method.mask.smooth_iters: fixed by preset 'official'"):
         parse_config({"input": "i", "output": "o", "method": {"mask": {"preset": "official", "smooth_iters": 2}}})
+
+
+_DEFAULTS = {
+    "steps": 40,
+    "guidance": 5.0,
+    "instdiffedit": {"mask_steps": 1, "mask_prompt": "source", "mask": {"tokens": "edit_span", "phi": 0.1}},
+}
+
+
+def test_method_preset_model_takes_the_models_settings_and_paper_the_papers():
+    from instdiff.config import EditConfig, MaskConfig, MaskPrompt, Preset
+
+    job = {"input": "i", "output": "o", "seed": 3}
+    model = parse_config({**job, "method": {"name": "instdiffedit", "n_noises": 2}}, _DEFAULTS)
+    assert model.preset is Preset.MODEL  # the default, as instdiff edit's --preset
+    assert model.method == EditConfig.for_model(_DEFAULTS, "model", n_noises=2, seed=3)
+    assert (model.method.steps, model.method.guidance, model.method.mask_steps) == (40, 5.0, 1)
+    assert model.method.mask_prompt is MaskPrompt.SOURCE and model.method.mask.phi == 0.1
+    # the YAML's keys win over the model's, nested mask keys one by one
+    over = parse_config({**job, "method": {"steps": 8, "mask": {"phi": 0.3}}}, _DEFAULTS)
+    assert (over.method.steps, over.method.mask.phi, over.method.mask_steps) == (8, 0.3, 1)
+    paper = parse_config({**job, "method": {"name": "instdiffedit", "preset": "paper"}}, _DEFAULTS)
+    assert paper.preset is Preset.PAPER and paper.method.mask == MaskConfig() and paper.method.mask_steps is None
+    assert (paper.method.steps, paper.method.guidance) == (40, 5.0)  # steps and guidance stay the model's
+    # other editors read only steps and guidance; no instdiff.json (tiny, SD, hub ids): the paper's settings
+    assert parse_config({**job, "method": "sdedit"}, _DEFAULTS).method.mask_steps is None
+    assert parse_config({**job, "model": {"spec": "tiny"}}).method == EditConfig(seed=3)
+    assert parse_config({**job, "model": {"spec": "org/some-sd-model"}}).method == EditConfig(seed=3)
+
+
+def test_method_preset_is_recorded_and_reads_back():
+    cfg = parse_config({"input": "i", "output": "o", "method": {"preset": "paper", "steps": 9}}, _DEFAULTS)
+    written = to_dict(cfg)
+    assert "preset" not in written and written["method"]["preset"] == "paper" and written["method"]["steps"] == 9
+    assert written["method"]["name"] == "instdiffedit"
+    assert parse_config(written, _DEFAULTS) == cfg  # the resolved settings under their preset, read back
+    model = parse_config({"input": "i", "output": "o"}, _DEFAULTS)
+    assert parse_config(to_dict(model), _DEFAULTS) == model
+    assert fingerprint(model)["method"] == to_dict(model.method)  # resumes compare the resolved settings
+
+
+def test_bad_method_preset_is_one_line_naming_the_accepted_values():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"input": "i", "output": "o", "method": {"preset": "best"}})
+    assert str(info.value) == "method.preset: 'best' is not accepted; accepted: model, paper"
+    with pytest.raises(ConfigError, match="method.preset: 'model' cannot be combined with method.mask.preset"):
+        parse_config({"input": "i", "output": "o", "method": {"preset": "model", "mask": {"preset": "official"}}})
+
+
+def test_batch_preset_flag_and_set(tmp_path):
+    from instdiff.config import Preset
+
+    base = ["batch", "--input", "a.parquet", "--output", "out/a", "--model", "tiny"]
+    assert config_from_args(build_parser().parse_args(base)).preset is Preset.MODEL
+    assert config_from_args(build_parser().parse_args([*base, "--preset", "paper"])).preset is Preset.PAPER
+    assert config_from_args(build_parser().parse_args([*base, "--set", "method.preset=paper"])).preset is Preset.PAPER
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--preset", "best"])
+
+
+def test_embedded_model_defaults_are_read_without_loading_it():
+    import subprocess
+    import sys
+
+    from instdiff.config import EditConfig
+    from instdiff.model_defaults import model_defaults
+    from instdiff.models import embedded_model_available, load_bundle
+
+    if not embedded_model_available():
+        pytest.skip("the embedded model does not ship in this checkout")
+    defaults = model_defaults("default")
+    assert defaults["instdiffedit"] and "steps" in defaults
+    cfg = parse_config({"input": "i", "output": "o", "method": {"steps": 4}})  # model.spec: default
+    assert cfg.method == EditConfig.for_model(defaults, "model", steps=4)
+    assert load_bundle("default", device="cpu", dtype="fp32").defaults == defaults  # the loader reads the same
+    # reading them and parsing a batch config loads no torch (the driver resolves the preset without weights)
+    code = (
+        "import sys\nfrom pipelines.config import parse_config\n"
+        "parse_config({'input': 'i', 'output': 'o'})\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_model_defaults_follow_the_loaders_choice(tmp_path):
+    import json
+
+    from instdiff.errors import ModelLoadError
+    from instdiff.model_defaults import model_defaults
+
+    assert model_defaults("tiny") == {} == model_defaults("tiny-inpaint")
+    assert model_defaults("CompVis/stable-diffusion-v1-4") == {}  # hub ids: the loader reads local folders only
+    assert model_defaults(str(tmp_path)) == {}  # a folder without instdiff.json
+    (tmp_path / "instdiff.json").write_text(json.dumps(_DEFAULTS))
+    assert model_defaults(str(tmp_path)) == _DEFAULTS
+    (tmp_path / "instdiff.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match="must hold a JSON object"):
+        model_defaults(str(tmp_path))
+    (tmp_path / "instdiff.json").write_text("{")
+    with pytest.raises(ModelLoadError, match="cannot read the model's recommended settings"):
+        model_defaults(str(tmp_path))

@@ -47,7 +47,7 @@ def _check_rows(table, reasons: dict[str, str]) -> None:  # noqa: ANN001
         assert r["status"] == "ok", r["error"]
         assert decode_image(r["edited"])[0].shape == (SIZE, SIZE, 3)
         assert decode_mask(r["pred_mask"], size=(SIZE, SIZE)).any()
-        for name in ("iou", "c_m", "c_non", "mask_area", "change_outside_pred"):
+        for name in ("iou", "c_m", "c_non", "mask_area", "change_inside_pred"):
             assert 0.0 <= r[name] <= 1.0, (name, r[name])
 
 

@@ -133,9 +133,11 @@ def test_in_process_job_edits_good_rows_and_reports_bad_ones(stage):
         assert edited.shape == (SIZE, SIZE, 3)
         mask = decode_mask(r[S.PRED_MASK], size=(SIZE, SIZE))
         assert r[S.MASK_AREA] == pytest.approx(mask.mean())
-        for name in (S.IOU, S.C_M, S.C_NON, S.CHANGE_OUTSIDE_PRED):
+        for name in (S.IOU, S.C_M, S.C_NON):
             assert 0.0 <= r[name] <= 1.0, name
-        assert r[S.CHANGE_OUTSIDE_PRED] < 0.01  # paste-back keeps the input outside the predicted mask
+        # the change inside the predicted mask: defined exactly when the mask has a pixel
+        inside = r[S.CHANGE_INSIDE_PRED]
+        assert (inside is None) == (not mask.any()) and (inside is None or 0.0 <= inside <= 1.0)
         assert r[S.UNET_CALLS] == expected_calls
         assert r[S.SEED] == row_seed(cfg.seed, r[S.ID])
         assert r[S.METHOD] == "instdiffedit" and r[S.MODEL] == "tiny" and r[S.RUN_ID] == "t1"
@@ -227,9 +229,17 @@ def test_finalize_metrics_on_a_constructed_edit():
     out = finalize_row(row, "r")
     assert out[S.STATUS] == S.STATUS_OK
     assert out[S.MASK_AREA] == 0.25 and out[S.IOU] == 0.5
-    assert out[S.C_M] == pytest.approx(0.5) and out[S.C_NON] == 0.0 and out[S.CHANGE_OUTSIDE_PRED] == 0.0
+    assert out[S.C_M] == pytest.approx(0.5) and out[S.C_NON] == 0.0
+    assert out[S.CHANGE_INSIDE_PRED] == 1.0  # every predicted pixel went from 0 to 255 in all three channels
     assert np.array_equal(decode_mask(out[S.PRED_MASK]), region)
     assert np.array_equal(decode_image(out[S.EDITED])[0], edited)
+    # a no-op edit: nothing changed inside the predicted mask (no ground truth needed to see it)
+    half = src.copy()
+    half[:2, :4] = 51  # half the predicted region changes by 51/255 in every channel
+    assert finalize_row({**row, S.EDITED_RGB: half.tobytes()}, "r")[S.CHANGE_INSIDE_PRED] == pytest.approx(0.1)
+    assert finalize_row({**row, S.EDITED_RGB: src.tobytes(), S.GT_BITS: None}, "r")[S.CHANGE_INSIDE_PRED] == 0.0
+    empty = finalize_row({**row, S.PRED_BITS: pack(np.zeros((h, w), bool))}, "r")
+    assert empty[S.STATUS] == S.STATUS_OK and empty[S.CHANGE_INSIDE_PRED] is None  # no predicted region
     broken = finalize_row({**row, S.EDITED_RGB: b"short"}, "r")
     assert broken[S.STATUS] == S.STATUS_ERROR and broken[S.ERROR].startswith("could not encode or score")
 

@@ -51,6 +51,8 @@ def test_edit_writes_image_and_mask(scene, tmp_path, capsys, method):
     assert set(np.unique(m)) <= {0, 255}
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["method"] == method and summary["unet_calls"] > 0
+    assert isinstance(summary["unet_calls"], int) and summary["preset"] == "model"  # the default: the model's
+    assert summary["mask_preset"] == ("paper" if method == "instdiffedit" else None)  # only InstDiffEdit masks so
 
 
 def test_mask_preset_official(scene, tmp_path, capsys):
@@ -60,7 +62,13 @@ def test_mask_preset_official(scene, tmp_path, capsys):
     rc = main(args + ["--source", pair.source_prompt, "--target", pair.target_prompt, "--out", str(out)])
     assert rc == 0 and np.asarray(Image.open(out)).shape == (32, 32, 3)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["mask_preset"] == "official"
+    assert summary["mask_preset"] == "official" and summary["preset"] == "official"
+    rc = main(
+        args[:-2]
+        + ["--preset", "paper", "--source", pair.source_prompt, "--target", pair.target_prompt, "--out", str(out)]
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and (summary["preset"], summary["mask_preset"]) == ("paper", "paper")
     # the preset is InstDiffEdit's: with another editor it is refused in one line, before the model loads
     capsys.readouterr()
     rc = main(args + ["--method", "sdedit", "--target", pair.target_prompt, "--out", str(out)])

@@ -1,11 +1,14 @@
 """Mask math on constructed attention maps whose right answer is known."""
 
+import pytest
 import torch
 
+from instdiff.errors import ConfigError
 from instdiff.masks import (
     MaskConfig,
     Refinement,
     diffedit_mask,
+    first_pieces,
     index_token,
     instdiffedit_mask,
     iou,
@@ -192,3 +195,67 @@ def test_merged_word_pieces_change_the_position_vector_only_at_their_tokens():
     _, _, merged = instdiffedit_mask(merge_word_pieces(maps, word_ids), n, (H, W), cfg)
     assert unmerged[0].tolist() == [0.0, -1.0, 1.0, -1.0, 1.0, 0.0, 0.0, 0.0]
     assert merged[0].tolist() == [0.0, -1.0, 1.0, -1.0, -1.0, 0.0, 0.0, 0.0]
+
+
+def _two_piece_word_maps() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """1×4 maps. Tokens: 0 start, 1-2 the two BPE pieces of word 1, 3 word 2, 4 word 3, 5 end, 6-7 padding.
+
+    Word 1's pieces [3,1,0,0] and [1,3,0,0] merge to [2,2,0,0]; word 2 [1,1,.2,0] has cosine 4/√(8·2.04)
+    ≈ 0.990 > γ1 with it (+1); word 3 [0,0,0,1] has cosine 0 < γ2 (−1). The start map [1,1,0,0] is
+    parallel to merged word 1, so Eq. 6 picks word 1.
+    """
+    maps = torch.zeros(1, 8, 1, 4)
+    maps[0, 0, 0] = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    maps[0, 1, 0] = torch.tensor([3.0, 1.0, 0.0, 0.0])
+    maps[0, 2, 0] = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    maps[0, 3, 0] = torch.tensor([1.0, 1.0, 0.2, 0.0])
+    maps[0, 4, 0] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    maps[0, 5, 0] = 0.25
+    word_ids = torch.tensor([[0, 1, 1, 2, 3, 4, 5, 6]])
+    return maps, torch.tensor([6]), word_ids
+
+
+def test_first_pieces_marks_one_token_per_word():
+    _, _, word_ids = _two_piece_word_maps()
+    assert first_pieces(word_ids)[0].tolist() == [True, True, False, True, True, True, True, True]
+
+
+def test_merge_bpe_counts_a_two_piece_word_once():
+    """Hand-derived: with merge_bpe word 1 weighs as one word in Eq. 9 and in the official refinement means.
+
+    Counted once, P = (0, +1, 0, +1, −1, 0, 0, 0) and Eq. 9's sum is [2,2,0,0] + [1,1,.2,0] − [0,0,0,1]
+    = [3, 3, .2, −1]; min-max → [1, 1, .3, 0], so φ = .25 keeps the third cell. Counted per piece (merged maps,
+    P on both pieces) the sum is [5, 5, .2, −1] → [1, 1, .2, 0] and the cell drops out.
+    """
+    maps, n, word_ids = _two_piece_word_maps()
+    cfg = MaskConfig(merge_bpe=True, smooth_size=1, phi=0.25)
+    mask, soft, p = instdiffedit_mask(maps, n, (1, 4), cfg, words=word_ids)
+    assert p[0].tolist() == [0.0, 1.0, 0.0, 1.0, -1.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(soft[0, 0, 0], torch.tensor([1.0, 1.0, 0.3, 0.0]))
+    assert mask[0, 0, 0].tolist() == [True, True, True, False]
+    merged = merge_word_pieces(maps, word_ids)
+    torch.testing.assert_close(refine(merged, p)[0, 0], torch.tensor([3.0, 3.0, 0.2, -1.0]))
+    # per piece: the same merged maps, but both pieces carry P (what merging alone did before)
+    _, soft_k, p_k = instdiffedit_mask(merged, n, (1, 4), MaskConfig(smooth_size=1, phi=0.25))
+    assert p_k[0].tolist() == [0.0, 1.0, 1.0, 1.0, -1.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(soft_k[0, 0, 0], torch.tensor([1.0, 1.0, 0.2, 0.0]))
+    # the official refinement: mean of the +1 word maps is ([2,2,0,0] + [1,1,.2,0]) / 2, min-max [1, 1, 1/15, 0],
+    # minus min-max of the −1 map [0,0,0,1]; per piece the mean is (2·[2,2,0,0] + [1,1,.2,0]) / 3 → 1/25
+    torch.testing.assert_close(refine(merged, p, Refinement.OFFICIAL)[0, 0], torch.tensor([1.0, 1.0, 1 / 15, 0.0]))
+    torch.testing.assert_close(refine(merged, p_k, Refinement.OFFICIAL)[0, 0], torch.tensor([1.0, 1.0, 1 / 25, 0.0]))
+    # the index token is word 1's first piece; the second piece is never a candidate
+    assert index_token(merged, n, counted=first_pieces(word_ids)).item() == 1
+
+
+def test_merge_bpe_needs_word_ids():
+    maps, n, _ = _two_piece_word_maps()
+    with pytest.raises(ConfigError, match="merge_bpe"):
+        instdiffedit_mask(maps, n, (1, 4), MaskConfig(merge_bpe=True))
+
+
+def test_merge_bpe_with_an_edit_span_counts_the_word_once():
+    maps, n, word_ids = _two_piece_word_maps()
+    span = torch.zeros(1, 8, dtype=torch.bool)
+    span[0, 1:3] = True  # the edit span is the two-piece word
+    _, _, p = instdiffedit_mask(maps, n, (1, 4), MaskConfig(merge_bpe=True, smooth_size=1), words=word_ids, span=span)
+    assert p[0].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]

@@ -16,7 +16,7 @@ from pipelines import schema as S
 from pipelines.batch import finalize_row
 from pipelines.cli import main
 from pipelines.make_dataset import shapes_table
-from pipelines.report import TILE, latest_rows, make_report, summarize
+from pipelines.report import TILE, latest_rows, make_report, summarize, verdict
 
 
 def _output_rows(inputs: pa.Table, run_id: str) -> list[dict]:
@@ -112,17 +112,30 @@ def test_report_page_sheet_and_summary(output):
     assert summary["metrics"]["c_m"]["min"] > 0.0
     assert summary["top_errors"] == {"cannot decode image": 1}
     assert summary["verdict"].startswith("verdict: 3/4 rows ok, mean IoU 1.00")
+    assert summary["no_op"] == 0 and summary["verdict"].endswith(
+        ", 0 no-op edits (change < 1/255 inside the predicted mask)"
+    )
     assert paths["verdict"] == summary["verdict"]
 
 
 def test_verdict_and_prompt_wrapping():
-    from pipelines.report import _wrap, verdict
+    from pipelines.report import _wrap
 
     s = {"rows": 10, "ok": 9, "metrics": {"iou": {"mean": 0.6234}}, "edit_success": 0.7, "edit_success_rows": 9}
     assert verdict(s) == "verdict: 9/10 rows ok, mean IoU 0.62, edit success 0.70 (9 shapes rows)"
     assert verdict({"rows": 1, "ok": 0, "metrics": {"iou": {"mean": None}}}) == "verdict: 0/1 rows ok, no IoU"
     lines = _wrap("to: " + "a red circle " * 20, width=20, lines=3)
     assert len(lines) == 3 and all(len(x) <= 20 for x in lines) and lines[-1].endswith("...")
+
+
+def test_no_op_edits_are_counted_in_the_summary_and_the_verdict():
+    base = {f.name: None for f in S.OUTPUT_SCHEMA} | {S.STATUS: S.STATUS_OK}
+    changes = {"a": 0.0, "b": 0.5 / 255, "c": 1.0 / 255, "d": 0.2, "e": None}  # e: an empty predicted mask
+    rows = [base | {S.ID: k, S.CHANGE_INSIDE_PRED: v} for k, v in changes.items()]
+    rows.append(base | {S.ID: "f", S.STATUS: S.STATUS_ERROR, S.ERROR: "bad"})
+    s = summarize(pa.Table.from_pylist(rows, schema=S.OUTPUT_SCHEMA))
+    assert s["no_op"] == 2 and s["metrics"][S.CHANGE_INSIDE_PRED]["count"] == 4  # below 1/255: a and b
+    assert verdict(s) == "verdict: 5/6 rows ok, no IoU, 2 no-op edits (change < 1/255 inside the predicted mask)"
 
 
 def test_summarize_handles_outputs_without_ok_rows():

@@ -35,7 +35,7 @@ import torch
 from PIL import Image, ImageOps
 
 from instdiff.config import MaskConfig, Refinement
-from instdiff.masks import instdiffedit_mask, iou, merge_word_pieces
+from instdiff.masks import instdiffedit_mask, iou
 from instdiff.masks_official import official_mask, official_word_ids
 from instdiff.models import load_bundle
 from pipelines.runinfo import write_report
@@ -210,8 +210,7 @@ def run_case(tokenizer: Any, bundle: Any, prompt: str, kind: str, sizes: Any, st
         ref_t = torch.from_numpy(ref)[None, None]
         ious.append(float(iou(mask, ref_t)))
         identical += int(torch.equal(mask, ref_t))
-        merged = merge_word_pieces(maps, word_ids)
-        pm, _, p_paper = instdiffedit_mask(merged, n_tokens, out_hw, paper_cfg, p_paper)
+        pm, _, p_paper = instdiffedit_mask(maps, n_tokens, out_hw, paper_cfg, p_paper, words=word_ids)
         paper_ious.append(float(iou(pm, ref_t)))
     return {
         "prompt": prompt,

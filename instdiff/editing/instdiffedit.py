@@ -28,7 +28,7 @@ from instdiff.attention import AttentionSelection, AttentionStore, capture_atten
 from instdiff.bundle import ModelBundle
 from instdiff.config import EditConfig, Inpaint, MaskPreset, MaskPrompt, Method, PromptMode, TokenChoice
 from instdiff.editing.contract import register
-from instdiff.masks import instdiffedit_mask, iou, merge_word_pieces
+from instdiff.masks import instdiffedit_mask, iou
 from instdiff.masks_official import official_word_ids
 from instdiff.sampling import (
     Clock,
@@ -174,9 +174,12 @@ def instdiffedit(
     cond, uncond = embeddings(bundle, prompts, n)
     limit = bundle.tokenizer.model_max_length
     n_tokens = torch.tensor([min(bundle.token_count(p), limit) for p in prompts], device=bundle.device)
-    word_ids = bundle.word_ids(prompts).to(bundle.device) if cfg.mask.merge_bpe else None  # (B, 77)
     official = cfg.mask.preset is MaskPreset.OFFICIAL  # the official code's recipe (instdiff.masks_official)
-    words = official_word_ids(bundle.tokenizer, prompts, limit) if official else None  # (B, 77)
+    words = None  # (B, 77) word units: the official recipe's, or the BPE words merge_bpe merges and counts once
+    if official:
+        words = official_word_ids(bundle.tokenizer, prompts, limit)
+    elif cfg.mask.merge_bpe:
+        words = bundle.word_ids(prompts).to(bundle.device)
     span = None
     if cfg.mask.tokens is TokenChoice.EDIT_SPAN and cfg.prompt_mode is PromptMode.FULL:
         span = edit_span(bundle, other, prompts).to(bundle.device)
@@ -204,8 +207,6 @@ def instdiffedit(
             store.maps.pop(i)
             running = maps if running is None else running + maps
             use = running / (i + 1) if cfg.mask.uses_running_mean else maps
-            if word_ids is not None:  # one map per word: its BPE pieces share their mean map
-                use = merge_word_pieces(use, word_ids)
             mask, _, position = instdiffedit_mask(use, n_tokens, latent_hw, cfg.mask, position, words, span)
             mask_history.append(mask.float().mean().item())
             done = i + 1

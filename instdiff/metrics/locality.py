@@ -63,12 +63,15 @@ def change_in_mask(src: ImageInput, edited: ImageInput, gt_mask: MaskInput) -> t
 
     C_m = Σ_{(i,j) ∈ M} p(i,j) / (255 · Σ M), where p(i,j) ∈ [0, 255] is the change of pixel (i, j) between
     the input and the generated image. This implementation defines p(i,j) as the mean absolute difference
-    over the three RGB channels, expressed in 0..255 units, so C_m ∈ [0, 1].
+    over the three RGB channels, expressed in 0..255 units, so C_m ∈ [0, 1]. Given the editor's predicted
+    mask instead of the ground truth it is the change inside the predicted region (the batch job's
+    ``change_inside_pred``): near 0 when the edit left its own region as it was, which needs no ground truth.
 
     Args:
         src: Input images (any form :func:`~instdiff.metrics.inputs.to_tensor` accepts).
         edited: Generated images, same size as ``src``.
-        gt_mask: Ground-truth edit region M, same batch and spatial size.
+        gt_mask: The region M: the ground-truth edit region for C_m (or a predicted mask), same batch and
+            spatial size.
 
     Returns:
         (B,) float64; NaN where the mask is empty.

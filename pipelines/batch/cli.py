@@ -23,6 +23,7 @@ _FLAG_KEYS = {
     "dtype": "model.dtype",
     "local_files_only": "model.local_files_only",
     "method": "method.name",
+    "preset": "method.preset",
     "steps": "method.steps",
     "strength": "method.strength",
     "seed": "seed",
@@ -68,6 +69,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.set_defaults(model=None, inpaint_model=None, device=None, dtype=None, local_files_only=None)
     p.add_argument("--method", default=None, help="instdiffedit, sdedit, diffedit or fisedit (method.name)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=["model", "paper"],
+        help="where unset method settings come from (method.preset; default model): the model folder's "
+        "instdiff.json (the embedded model: its measured best InstDiffEdit variant; SD checkpoints: the paper's), "
+        "or the paper's InstDiffEdit (Eq. 6-9 and loop) with the folder's steps and guidance",
+    )
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (method.steps)")
     p.add_argument("--strength", type=float, default=None, help="noise strength r (method.strength)")
     p.add_argument("--seed", type=int, default=None, help="base seed (seed)")

@@ -275,6 +275,12 @@ def run_job(cfg: BatchConfig, run_id: str | None = None, address: str | None = N
         cluster = connect_ray(cfg, address)
         check_resources(cfg, local=cluster.local or (cluster.kind == "existing" and local))
         log.info("output: %s (run %s)", out_display, run_id)
+        log.info(
+            "method %s, preset %s: the resolved settings are recorded in _runs/%s.json",
+            cfg.method.method.value,
+            cfg.preset.value,
+            run_id,
+        )
         _write_manifest(out_fs, out_path, run_id, cfg)
         skip = pa.array(sorted(done & input_ids), type=pa.string()) if done else None
         retried = sorted(prior.error_ids & input_ids) if cfg.retry_errors else []

@@ -1,6 +1,6 @@
 """Stage 3 of the job (stateless Ray tasks): PNG-encode each edited row and score it; rows leave in the output schema.
 
-The metrics need no extra model (:mod:`instdiff.metrics`: mask area, change outside the predicted mask, and
+The metrics need no extra model (:mod:`instdiff.metrics`: mask area, change inside the predicted mask, and
 with a ground-truth mask IoU, C_m and C_non of InstDiffEdit Eq. II-III). :mod:`instdiff.imageio` and
 :mod:`instdiff.metrics` are imported inside the functions, so these workers never load the editors.
 """
@@ -44,7 +44,7 @@ def finalize_row(row: dict[str, Any], run_id: str) -> dict[str, Any]:
             S.PRED_MASK: None,
             S.GENERATED_SOURCE: None,
             S.MASK_AREA: None,
-            S.CHANGE_OUTSIDE_PRED: None,
+            S.CHANGE_INSIDE_PRED: None,
             S.IOU: None,
             S.C_M: None,
             S.C_NON: None,
@@ -62,7 +62,8 @@ def finalize_row(row: dict[str, Any], run_id: str) -> dict[str, Any]:
         if row[S.GENERATE]:
             out[S.GENERATED_SOURCE] = imageio.encode_png(src)
         out[S.MASK_AREA] = float(pred.mean())
-        out[S.CHANGE_OUTSIDE_PRED] = _nan_to_none(float(metrics.change_outside_mask(src, edited, pred)[0]))
+        # the change inside the predicted mask (outside it, paste-back keeps the input but for the feather band)
+        out[S.CHANGE_INSIDE_PRED] = _nan_to_none(float(metrics.change_in_mask(src, edited, pred)[0]))
         if row[S.GT_BITS] is not None:
             gt = unpack_mask(row[S.GT_BITS], h, w)
             out[S.IOU] = float(metrics.iou(pred, gt)[0])
