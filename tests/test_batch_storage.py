@@ -86,3 +86,20 @@ def test_reading_turns_arrow_and_os_errors_into_one_storage_error(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="passes through"), storage.reading("input x"):
         raise ConfigError("passes through")
+
+
+def test_an_input_with_no_rows_is_refused_before_anything_is_written(tmp_path):
+    import pyarrow.parquet as pq
+
+    from instdiff.errors import InputNotFoundError
+    from pipelines.batch import run_job
+    from pipelines.config import parse_config
+    from pipelines.make_dataset import shapes_table
+
+    empty = shapes_table(1, seed=0, size=32).slice(0, 0)
+    pq.write_table(empty, tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    cfg = parse_config({"input": str(tmp_path / "in.parquet"), "output": str(out), "model": {"spec": "tiny"}})
+    with pytest.raises(InputNotFoundError, match=r"in\.parquet holds no rows .*nothing to edit"):
+        run_job(cfg, address="local")
+    assert not out.exists() or not any(out.rglob("*"))  # no manifest, no summary

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from instdiff.errors import ConfigError, InstdiffError, ModelLoadError
+from instdiff.errors import ConfigError, InputNotFoundError, InstdiffError, ModelLoadError
 from pipelines import schema as S
 from pipelines import storage
 from pipelines.batch.decode import DecodeOptions
@@ -218,7 +218,7 @@ def run_job(cfg: BatchConfig, run_id: str | None = None, address: str | None = N
         What the run did, read back from its files.
 
     Raises:
-        InputNotFoundError: no input files.
+        InputNotFoundError: no input files, or files with no rows.
         StorageError: the output is a file (or below one), or the input or output cannot be read.
         SchemaError: the input schema or ids are not accepted.
         ConfigError: a device or dtype name that is not accepted; the output holds rows made with other
@@ -245,6 +245,11 @@ def run_job(cfg: BatchConfig, run_id: str | None = None, address: str | None = N
     check_model(cfg.model, local)
     # 2. the input: schema, ids
     plan = plan_input(in_fs, in_path, storage.display(in_fs, in_path), carry=cfg.carry)
+    if plan.rows == 0:
+        raise InputNotFoundError(
+            f"input {storage.display(in_fs, in_path)} holds no rows (its files are there, with 0 rows); nothing to "
+            "edit — check the input path or the import that wrote it"
+        )
     # 3. resume: what the output already holds, under which settings
     if cfg.resume:
         prior = scan_output(out_fs, out_path)
