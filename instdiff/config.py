@@ -607,6 +607,8 @@ def load_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({_yaml_problem(exc)})") from None
+    except ValueError:  # Python's integer-conversion limit (> 4300 digits)
+        raise ConfigError(f"{p}: holds a number with thousands of digits; no setting accepts one") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -663,17 +665,22 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     """
     import yaml
 
+    shown = text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. method.steps=4")
+        raise ConfigError(f"--set {shown!r}: expected KEY=VALUE, e.g. method.steps=4")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"--set {text!r}: the key is empty")
-    _check_key(key, f"--set {text!r}")
+        raise ConfigError(f"--set {shown!r}: the key is empty")
+    _check_key(key, f"--set {shown!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: cannot read the value ({_yaml_problem(exc)})") from None
+        raise ConfigError(f"--set {shown!r}: cannot read the value ({_yaml_problem(exc)})") from None
+    except ValueError:  # Python's integer-conversion limit (> 4300 digits)
+        raise ConfigError(
+            f"--set {key}: a {len(raw.strip())}-character number is out of range for any setting"
+        ) from None
     return key, value
 
 

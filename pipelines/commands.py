@@ -101,3 +101,26 @@ def run_command(prog: str, func: Callable[[argparse.Namespace], int | None], arg
 
 
 __all__ = ["add_address_arg", "add_model_args", "address_arg", "configure_logging", "one_line", "run_command"]
+
+
+MAX_INT_DIGITS = 20  # every integer flag here fits: seeds go up to 2**64 - 1
+
+
+def int_arg(text: str) -> int:
+    """An integer flag's type: the value, or argparse's one-line error in the project's words.
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or more than :data:`MAX_INT_DIGITS` digits (the message never
+            repeats a long value in full, nor Python's advice about its integer-conversion limit).
+    """
+    import argparse
+
+    digits = text.strip().lstrip("+-")
+    shown = text if len(text) <= 30 else f"{text[:20]}... ({len(text)} characters)"
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer; got {shown!r}")
+    if len(digits) > MAX_INT_DIGITS:
+        raise argparse.ArgumentTypeError(
+            f"a {len(digits)}-digit integer is out of range; accepted: at most {MAX_INT_DIGITS} digits (see --help)"
+        )
+    return int(text)

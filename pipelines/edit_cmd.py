@@ -10,7 +10,7 @@ from pathlib import Path
 from instdiff.config import EditConfig, Method
 from instdiff.errors import UsageError
 from pipelines import storage
-from pipelines.commands import add_model_args
+from pipelines.commands import add_model_args, int_arg
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument(
         "--steps",
-        type=int,
+        type=int_arg,
         default=None,
         help="DDIM steps (default: the model folder's instdiff.json, else the paper's 50)",
     )
@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="InstDiffEdit settings: the model folder's instdiff.json (the embedded model: its measured best "
         "variant; SD checkpoints: the paper's) or the paper's Eq. 6-9 and loop",
     )
-    p.add_argument("--noises", type=int, default=None, help="InstDiffEdit parallel noises n (paper: 3)")
+    p.add_argument("--noises", type=int_arg, default=None, help="InstDiffEdit parallel noises n (paper: 3)")
     p.add_argument("--phi", type=float, default=None, help="InstDiffEdit binarisation threshold φ (paper: 0.2)")
     p.add_argument(
         "--mask-preset",
@@ -67,10 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "maps, its blur and thresholds, blending at the current step), which also conditions on the target's "
         "words absent from --source; official implies --preset paper",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_arg, default=0)
     p.add_argument(
         "--feather",
-        type=int,
+        type=int_arg,
         default=EditConfig.feather,
         help="soft edge in px, outside the mask, where an edit made at a smaller working size is pasted onto "
         f"the original pixels; beyond it the output equals the input (default {EditConfig.feather}, 0 = hard edge)",
@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--size",
-        type=int,
+        type=int_arg,
         default=None,
         help="resize so the longer side is SIZE px (default: keep; the embedded model works at 64)",
     )

@@ -184,3 +184,23 @@ def test_an_overlong_integer_flag_gets_our_message_not_its_digits(tmp_path, caps
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert e.value.code == 2 and f"argument {flag}: a 5000-digit integer is out of range" in err
         assert huge[:100] not in err and "set_int_max_str_digits" not in err
+
+
+def test_overlong_integers_in_edit_batch_flags_set_and_yaml_get_one_short_line(tmp_path, capsys):
+    huge = "9" * 5000
+    for argv in (
+        ["edit", "x.png", "--target", "a b", "--out", str(tmp_path / "o.png"), "--seed", huge],
+        ["batch", "--input", "in.parquet", "--output", str(tmp_path / "o"), "--steps", huge],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and "a 5000-digit integer is out of range" in err and huge[:100] not in err
+    assert main(["batch", "--input", "in.parquet", "--output", str(tmp_path / "o"), "--set", f"seed={huge}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--set seed: a 5000-character number is out of range" in err and huge[:100] not in err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"input: in.parquet\noutput: out\nseed: {huge}\n")
+    assert main(["batch", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a number with thousands of digits" in err and huge[:100] not in err and len(err.splitlines()) == 1

@@ -10,7 +10,7 @@ from typing import Any
 from instdiff.errors import ConfigError
 from pipelines import schema as S
 from pipelines.batch.driver import run_job
-from pipelines.commands import add_address_arg, add_model_args, configure_logging, run_command
+from pipelines.commands import add_address_arg, add_model_args, configure_logging, int_arg, run_command
 from pipelines.config import BatchConfig, load_config, parse_assignment
 
 # dedicated flags → the config keys they set
@@ -77,13 +77,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "instdiff.json (the embedded model: its measured best InstDiffEdit variant; SD checkpoints: the paper's), "
         "or the paper's InstDiffEdit (Eq. 6-9 and loop) with the folder's steps and guidance",
     )
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (method.steps)")
+    p.add_argument("--steps", type=int_arg, default=None, help="DDIM steps (method.steps)")
     p.add_argument("--strength", type=float, default=None, help="noise strength r (method.strength)")
-    p.add_argument("--seed", type=int, default=None, help="base seed (seed)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per editor call (actors.batch_size)")
-    p.add_argument("--actors", type=int, default=None, help="editing actors (actors.pool_size)")
+    p.add_argument("--seed", type=int_arg, default=None, help="base seed (seed)")
+    p.add_argument("--batch-size", type=int_arg, default=None, help="rows per editor call (actors.batch_size)")
+    p.add_argument("--actors", type=int_arg, default=None, help="editing actors (actors.pool_size)")
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (actors.num_gpus)")
-    p.add_argument("--max-rows-per-file", type=int, default=None, help="write.max_rows_per_file")
+    p.add_argument("--max-rows-per-file", type=int_arg, default=None, help="write.max_rows_per_file")
     p.add_argument(
         "--retry-errors",
         action="store_true",

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     Args:
         sub: the CLI's subparsers; the new parser's ``func`` is :func:`run_import`.
     """
-    from pipelines.commands import add_model_args
+    from pipelines.commands import add_model_args, int_arg
 
     p = sub.add_parser(
         "import-dataset",
@@ -100,29 +100,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=7.5, help="--generate: guidance scale")
     p.add_argument("--seed", type=int_arg, default=0, help="--generate: base seed (row seed as in the batch job)")
     p.set_defaults(func=run_import)
-
-
-MAX_INT_DIGITS = 20  # every integer flag here fits: seeds go up to 2**64 - 1
-
-
-def int_arg(text: str) -> int:
-    """An integer flag's type: the value, or argparse's one-line error in the project's words.
-
-    Raises:
-        argparse.ArgumentTypeError: not an integer, or more than :data:`MAX_INT_DIGITS` digits (the message never
-            repeats a long value in full, nor Python's advice about its integer-conversion limit).
-    """
-    import argparse
-
-    digits = text.strip().lstrip("+-")
-    shown = text if len(text) <= 30 else f"{text[:20]}... ({len(text)} characters)"
-    if not digits.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer; got {shown!r}")
-    if len(digits) > MAX_INT_DIGITS:
-        raise argparse.ArgumentTypeError(
-            f"a {len(digits)}-digit integer is out of range; accepted: at most {MAX_INT_DIGITS} digits (see --help)"
-        )
-    return int(text)
 
 
 def parse_columns(items: list[str]) -> dict[str, str]:
