@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 
@@ -115,12 +116,13 @@ def int_arg(text: str) -> int:
     """
     import argparse
 
-    digits = text.strip().lstrip("+-")
+    value = text.strip()
     shown = text if len(text) <= 30 else f"{text[:20]}... ({len(text)} characters)"
-    if not digits.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer; got {shown!r}")
+    if not re.fullmatch(r"[+-]?[0-9]+", value):
+        raise argparse.ArgumentTypeError(f"expected an integer (ASCII digits, optional sign); got {shown!r}")
+    digits = value.lstrip("+-")
     if len(digits) > MAX_INT_DIGITS:
         raise argparse.ArgumentTypeError(
-            f"a {len(digits)}-digit integer is out of range; accepted: at most {MAX_INT_DIGITS} digits (see --help)"
+            f"a {len(digits)}-digit integer is out of range; accepted: integers of at most {MAX_INT_DIGITS} digits"
         )
-    return int(text)
+    return int(value)

@@ -52,10 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--preset",
-        default="model",
+        default=None,
         choices=["model", "paper"],
-        help="InstDiffEdit settings: the model folder's instdiff.json (the embedded model: its measured best "
-        "variant; SD checkpoints: the paper's) or the paper's Eq. 6-9 and loop",
+        help="InstDiffEdit settings: model (the default) = the model folder's instdiff.json (the embedded model: its "
+        "measured best variant; SD checkpoints: the paper's), or paper = the paper's Eq. 6-9 and loop",
     )
     p.add_argument("--noises", type=int_arg, default=None, help="InstDiffEdit parallel noises n (paper: 3)")
     p.add_argument("--phi", type=float, default=None, help="InstDiffEdit binarisation threshold φ (paper: 0.2)")
@@ -109,10 +109,10 @@ def run(args: argparse.Namespace) -> int:
     in the summary's ``notes``; ``width``/``height`` are the upright size, which the outputs have. With
     ``--mask`` (non-zero = edit, :func:`instdiff.imageio.decode_mask`) the summary adds ``iou``, ``c_m`` and
     ``c_non`` (InstDiffEdit Eq. II–III), as the batch job scores its ``mask`` column. The summary's ``preset``
-    says which settings ran (``model``, ``paper``, or ``official`` for ``--mask-preset official``, which runs
-    on the paper's loop), ``mask_preset`` which mask computation InstDiffEdit used (``paper``: Eq. 6–9 with the
-    preset's options; ``official``; null for the other editors), and ``unet_calls`` is the edit's UNet
-    evaluations (an int; classifier-free guidance counts 2).
+    says which settings ran (``model`` or ``paper``; ``--mask-preset official`` runs on the paper's loop, so
+    ``paper``, as the batch job records it), ``mask_preset`` which mask computation InstDiffEdit used
+    (``paper``: Eq. 6–9 with the preset's options; ``official``; null for the other editors), and
+    ``unet_calls`` is the edit's UNet evaluations (an int; classifier-free guidance counts 2).
 
     Returns:
         0.
@@ -139,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
     require_source(args.method, args.source, "--source")
     if args.mask_preset != "paper" and args.method != "instdiffedit":
         raise UsageError(f"--mask-preset {args.mask_preset} applies to --method instdiffedit only; got {args.method}")
+    if args.mask_preset == "official" and args.preset == "model":
+        raise UsageError(
+            "--mask-preset official runs on the paper's loop: leave --preset out or give --preset paper (the batch "
+            "job's method.preset has the same rule)"
+        )
     for flag, path in (("--out", args.out), ("--mask-out", args.mask_out)):
         if path is None:
             continue
@@ -168,11 +173,9 @@ def run(args: argparse.Namespace) -> int:
     given = {"steps": args.steps, "guidance": args.guidance, "n_noises": args.noises}
     overrides: dict = {k: v for k, v in given.items() if v is not None}
     mask = {} if args.phi is None else {"phi": args.phi}
-    preset = args.preset
-    ran = preset  # the settings that ran, as the summary reports them
+    preset = args.preset or "model"
     if args.mask_preset == "official":  # the official recipe on the paper's loop, conditioned on the edit words
         preset = "paper"
-        ran = "official"
         mask["preset"] = "official"
         overrides["prompt_mode"] = "edit_words"
     if mask:
@@ -201,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.mask_out).write_bytes(imageio.encode_png(mask.astype(bool)))
     summary = {
         "method": cfg.method.value,
-        "preset": ran,
+        "preset": preset,
         "mask_preset": cfg.mask.preset.value if cfg.method is Method.INSTDIFFEDIT else None,
         "model": bundle.name,
         "out": str(out),

@@ -165,7 +165,8 @@ def test_python_m_entry_point_names_itself_in_its_messages(capsys):
         main(["--steps", "abc"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "python -m pipelines.batch: error: argument --steps: expected an integer; got 'abc'" in err
+    expected = "python -m pipelines.batch: error: argument --steps: expected an integer (ASCII digits, optional sign)"
+    assert f"{expected}; got 'abc'" in err
     assert "pipelines.batch batch" not in err
     assert main(["--input", "x.parquet"]) == 2
     assert capsys.readouterr().err.strip() == (

@@ -130,6 +130,20 @@ def test_earlier_runs_are_tabulated_and_checked(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="bad.json is not a readable benchmark results file"):
         earlier_runs([str(tmp_path / "bad.json")])
+    # every shape of a wrong file is refused when the config is read, before any run is made
+    for i, doc in enumerate(
+        [
+            "x",
+            "[1]",
+            '{"results": [1, 2]}',
+            '{"results": {"a": 1}}',
+            '{"results": [{}]}',
+            '{"results": [{"label": "s", "sweep": "r"}]}',
+        ]
+    ):
+        (tmp_path / f"w{i}.json").write_text(doc)
+        with pytest.raises(ConfigError, match=f"earlier: .*w{i}.json is not a readable benchmark results file"):
+            bench.parse_bench_config(_config(tmp_path, earlier=[str(tmp_path / f"w{i}.json")]))
 
 
 def _fake_output(path, pairs, edited, pred, latency=0.8, batch_rows=4, unet=20.0, method="sdedit"):

@@ -62,7 +62,11 @@ def test_mask_preset_official(scene, tmp_path, capsys):
     rc = main(args + ["--source", pair.source_prompt, "--target", pair.target_prompt, "--out", str(out)])
     assert rc == 0 and np.asarray(Image.open(out)).shape == (32, 32, 3)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["mask_preset"] == "official" and summary["preset"] == "official"
+    assert summary["mask_preset"] == "official" and summary["preset"] == "paper"  # as the batch job records it
+    # --preset model contradicts the official recipe's loop: refused in one line, as in the batch config
+    rc = main(args + ["--preset", "model", "--target", pair.target_prompt, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--mask-preset official runs on the paper's loop" in err[0]
     rc = main(
         args[:-2]
         + ["--preset", "paper", "--source", pair.source_prompt, "--target", pair.target_prompt, "--out", str(out)]

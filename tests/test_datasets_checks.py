@@ -204,3 +204,14 @@ def test_overlong_integers_in_edit_batch_flags_set_and_yaml_get_one_short_line(t
     assert main(["batch", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds a number with thousands of digits" in err and huge[:100] not in err and len(err.splitlines()) == 1
+
+
+def test_integer_flags_take_ascii_digits_only(tmp_path, capsys):
+    from pipelines.commands import int_arg
+
+    assert int_arg(" +7 ") == 7 and int_arg("-3") == -3
+    for bad in ("²", "٣", "-+5", "1.5", ""):
+        with pytest.raises(SystemExit) as e:
+            main(["edit", "x.png", "--target", "a b", "--out", str(tmp_path / "o.png"), f"--seed={bad}"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and "expected an integer (ASCII digits, optional sign)" in err and "int_arg" not in err

@@ -41,5 +41,19 @@ def test_tiny_run_writes_every_requested_row(tmp_path):
     assert (
         "## Earlier run: [q.json](q.json) (2 test pairs)" in md and md.count("| instdiffedit_paper |") == 2
     )  # its edit and per-kind rows
-    with pytest.raises(SystemExit):
-        sq.main([*argv, "--earlier", str(tmp_path / "missing.json"), "--out", str(again)])
+    for i, doc in enumerate(
+        [
+            "not json",
+            '{"scorer": {}}',
+            "[1]",
+            '{"edits": {"x": 1}}',
+            '{"edits": {"n_pairs": 2, "methods": {"sdedit": {"iou": 1}}}}',
+        ]
+    ):
+        (tmp_path / f"bad{i}.json").write_text(doc)
+    before = again.read_text()
+    for name in ["missing.json"] + [f"bad{i}.json" for i in range(5)]:
+        with pytest.raises(SystemExit) as e:
+            sq.main([*argv, "--earlier", str(tmp_path / name), "--out", str(again)])
+        assert e.value.code == 2
+    assert again.read_text() == before  # refused before anything ran or was written

@@ -269,6 +269,38 @@ def sweep(
 
 
 # ---- report ----------------------------------------------------------------------------------
+EDIT_ROW_KEYS = ("iou", "success", "source_removed", "c_non", "seconds_per_image", "unet_calls_per_image", "per_kind")
+
+
+def earlier_problem(path: str) -> str | None:
+    """Why ``path`` cannot be tabulated as an earlier run (``None``: it can).
+
+    Args:
+        path: a JSON file this benchmark wrote.
+
+    Returns:
+        ``None``, or the problem in a few words (missing, not JSON, no ``edits`` section with ``n_pairs`` and
+        per-method rows holding :data:`EDIT_ROW_KEYS`).
+    """
+    p = Path(path)
+    if not p.is_file():
+        return "does not exist"
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"is not readable JSON ({exc})"
+    edits = data.get("edits") if isinstance(data, dict) else None
+    methods = edits.get("methods") if isinstance(edits, dict) else None
+    if not isinstance(methods, dict) or not methods or not isinstance(edits.get("n_pairs"), int):
+        return (
+            "holds no edit table (expected an 'edits' section with 'n_pairs' and 'methods', as this benchmark writes)"
+        )
+    bad = [m for m, r in methods.items() if not isinstance(r, dict) or any(k not in r for k in EDIT_ROW_KEYS)]
+    if bad:
+        return f"has an edit row without the benchmark's figures: {bad[0]!r} (needs {', '.join(EDIT_ROW_KEYS)})"
+    return None
+
+
 def edits_table(e: dict[str, Any]) -> list[str]:
     """The edit table and the per-kind table of one ``edits`` section (Markdown lines).
 
@@ -377,7 +409,7 @@ def markdown(res: dict[str, Any]) -> str:
             "",
         ]
     for path in res.get("earlier", []):
-        earlier = json.loads(Path(path).read_text())
+        earlier = json.loads(Path(path).read_text())  # checked by earlier_problem before the run
         if "edits" in earlier:
             e = earlier["edits"]
             lines += [
@@ -428,9 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--earlier", nargs="*", default=[], help="results JSON of earlier runs, tabulated for comparison")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    missing = [p for p in args.earlier if not Path(p).is_file()]
-    if missing:
-        ap.error(f"--earlier: {missing[0]} does not exist")
+    for path in args.earlier:  # checked before anything runs: a bad file must not surface after the edits
+        problem = earlier_problem(path)
+        if problem:
+            ap.error(f"--earlier: {path} {problem}")
 
     t0 = time.perf_counter()
     out = Path(args.out)

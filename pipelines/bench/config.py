@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -109,6 +110,40 @@ class BenchConfig:
     notes: tuple[str, ...] = ()  # printed under "Notes" in the Markdown (e.g. where settings differ from the paper)
     # results JSON files of earlier runs of this benchmark, tabulated under "Earlier runs" for comparison
     earlier: tuple[str, ...] = ()
+
+
+def load_earlier(path: str) -> dict[str, Any]:
+    """An earlier run's results JSON (what ``instdiff bench`` wrote), checked for what the tables read.
+
+    Args:
+        path: the ``.json`` file.
+
+    Returns:
+        The parsed document: ``results`` a list of mappings, each with ``label`` and a ``params`` mapping.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, not JSON, or not a benchmark results document.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"earlier: {path} does not exist (paths are relative to the working directory)")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"earlier: {path} is not a readable benchmark results file ({exc})") from None
+    results = data.get("results") if isinstance(data, dict) else None
+    ok = isinstance(results, list) and all(
+        isinstance(r, dict)
+        and isinstance(r.get("label"), str)
+        and isinstance(r.get("params", {} if not r.get("sweep") else None), dict)
+        for r in results
+    )
+    if not ok:
+        raise ConfigError(
+            f"earlier: {path} is not a readable benchmark results file (expected 'results': a list of runs, each "
+            "with a 'label' and 'params', as instdiff bench writes)"
+        )
+    return data
 
 
 def slugify(text: str) -> str:
@@ -292,9 +327,8 @@ def parse_bench_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | N
     earlier = data.get("earlier") or []
     if not isinstance(earlier, list) or not all(isinstance(e, str) and e.endswith(".json") for e in earlier):
         raise ConfigError(f"earlier: expected a list of results .json paths of earlier runs; got {earlier!r}")
-    missing = [e for e in earlier if not Path(e).is_file()]
-    if missing:
-        raise ConfigError(f"earlier: {missing[0]} does not exist (paths are relative to the working directory)")
+    for path in earlier:  # read now: a bad file must not surface after every run has been made
+        load_earlier(path)
     cfg = BenchConfig(
         name=name,
         output=str(data.get("output") or f"out/bench/{slugify(name)}"),

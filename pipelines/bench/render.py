@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instdiff.errors import ConfigError
 from pipelines import schema as S
-from pipelines.bench.config import BenchConfig
+from pipelines.bench.config import BenchConfig, load_earlier
 from pipelines.bench.scoring import NO_CLIP, Inputs, Scorers, read_run_rows
 from pipelines.contact_sheet import Panel, SheetRow, draw_contact_sheet
 
@@ -423,11 +422,8 @@ def earlier_runs(paths: Sequence[str]) -> list[str]:
     """
     out: list[str] = []
     for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-            results = data["results"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"earlier: {path} is not a readable benchmark results file ({exc})") from None
+        data = load_earlier(path)
+        results = data["results"]
         plain = [r for r in results if not r.get("sweep")]
         swept = [r for r in results if r.get("sweep")]
         out += ["", f"## Earlier run: [{Path(path).name}]({Path(path).name})", ""]
