@@ -68,6 +68,14 @@ def read_output(output: str, storage_cfg: storage.StorageConfig | None = None) -
         raise InputNotFoundError(f"no readable Parquet files under {storage.display(fs, path)}")
     with storage.reading(f"batch output {storage.display(fs, path)}"):
         table = pads.dataset(files, filesystem=fs, format="parquet").to_table()
+    if S.CHANGE_INSIDE_PRED not in table.schema.names and S.ID in table.schema.names:
+        # outputs written before the column existed (they had change_outside_pred): report them, no-op count unknown
+        log.warning(
+            "%s was written by an older instdiff (no %s column): the no-op edit count is not reported",
+            output,
+            S.CHANGE_INSIDE_PRED,
+        )
+        table = table.append_column(S.CHANGE_INSIDE_PRED, pa.nulls(table.num_rows, pa.float64()))
     problems = S.output_schema_problems(table.schema)
     if problems:
         raise S.SchemaError(f"{output} is not a batch output: {S.summarize_problems(problems)}")

@@ -193,3 +193,16 @@ def test_report_on_unreadable_parquet_or_into_a_file_is_one_line(output, tmp_pat
         capsys.readouterr().err.strip()
         == f"instdiff report: error: report folder {garbage} is a file; expected a folder"
     )
+
+
+def test_an_output_of_an_older_version_is_reported_without_the_no_op_count(output, tmp_path, capsys, caplog):
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in sorted(output.glob("*.parquet")):
+        t = pq.read_table(f)
+        i = t.schema.get_field_index(S.CHANGE_INSIDE_PRED)
+        pq.write_table(t.set_column(i, "change_outside_pred", t.column(i)), old / f.name)  # the pre-rename schema
+    assert main(["report", str(old), "--out", str(tmp_path / "rep")]) == 0
+    verdict = capsys.readouterr().out.strip().splitlines()[-1]
+    assert verdict.startswith("verdict: ") and "no-op" not in verdict
+    assert "written by an older instdiff (no change_inside_pred column)" in caplog.text
