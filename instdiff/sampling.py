@@ -162,14 +162,30 @@ def make_scheduler(bundle: ModelBundle, steps: int) -> Any:
     """A fresh DDIM scheduler of the bundle's config set to ``steps`` steps on the bundle's device.
 
     Raises:
+        EditInputError: ``steps`` puts a timestep past the scheduler's training steps (:func:`set_steps`).
+    """
+    return set_steps(bundle.fresh_scheduler(), steps, bundle.device)
+
+
+def set_steps(sched: Any, steps: int, device: Any = None) -> Any:
+    """Set a DDIM scheduler to ``steps`` steps, refusing a count its training schedule cannot hold.
+
+    Args:
+        sched: a fresh ``DDIMScheduler`` (e.g. built from a model folder's scheduler config alone).
+        steps: the sampling steps.
+        device: where the timesteps live (``None``: the CPU).
+
+    Returns:
+        ``sched``, with its timesteps set.
+
+    Raises:
         EditInputError: ``steps`` puts a timestep past the scheduler's training steps (with diffusers'
             ``steps_offset`` = 1, as SD's scheduler has, 1000 steps of a 1000-step schedule reach t = 1000).
     """
-    sched = bundle.fresh_scheduler()
     train = int(sched.config.num_train_timesteps)
     if steps > train:
         raise EditInputError(f"steps: at most {train} (the scheduler's training steps); got {steps}")
-    sched.set_timesteps(steps, device=bundle.device)
+    sched.set_timesteps(steps, device=device)
     if int(sched.timesteps.max()) >= len(sched.alphas_cumprod):
         raise EditInputError(
             f"steps: {steps} puts a timestep at {int(sched.timesteps.max())}, past this scheduler's {train} "

@@ -149,7 +149,16 @@ def tiny_bundle(
     )
     unet = UNet2DConditionModel(in_channels=4, **unet_kwargs)
     inpaint = UNet2DConditionModel(in_channels=9, **unet_kwargs) if with_inpaint else None
-    scheduler = DDIMScheduler(
+    scheduler = tiny_scheduler(prediction_type)
+    bundle = ModelBundle(tokenizer, text_encoder, vae, unet, scheduler, inpaint, name="tiny")
+    for m in bundle.modules():
+        m.eval().requires_grad_(False)
+    return bundle.to(dev, dt)
+
+
+def tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """The tiny bundle's DDIM scheduler: SD's schedule (1000 steps, scaled-linear betas 0.00085–0.012, offset 1)."""
+    return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -159,7 +168,3 @@ def tiny_bundle(
         steps_offset=1,
         prediction_type=prediction_type,
     )
-    bundle = ModelBundle(tokenizer, text_encoder, vae, unet, scheduler, inpaint, name="tiny")
-    for m in bundle.modules():
-        m.eval().requires_grad_(False)
-    return bundle.to(dev, dt)

@@ -103,3 +103,30 @@ def test_an_input_with_no_rows_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(InputNotFoundError, match=r"in\.parquet holds no rows .*nothing to edit"):
         run_job(cfg, address="local")
     assert not out.exists() or not any(out.rglob("*"))  # no manifest, no summary
+
+
+@pytest.mark.parametrize("spec", ["tiny", "default"])
+def test_steps_the_scheduler_cannot_run_are_refused_before_anything_is_written(tmp_path, spec):
+    import pyarrow.parquet as pq
+
+    from pipelines.batch import run_job
+    from pipelines.config import parse_config
+    from pipelines.make_dataset import shapes_table
+
+    pq.write_table(shapes_table(2, seed=0, size=32), tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    for steps, message in (
+        (1001, r"method\.steps: at most 1000 \(the scheduler's training steps\); got 1001"),
+        (1000, r"method\.steps: 1000 puts a timestep at 1000, past this scheduler's 1000"),
+    ):
+        cfg = parse_config(
+            {
+                "input": str(tmp_path / "in.parquet"),
+                "output": str(out),
+                "model": {"spec": spec},
+                "method": {"steps": steps},
+            }
+        )
+        with pytest.raises(ConfigError, match=message):
+            run_job(cfg, address="local")
+        assert not out.exists()

@@ -145,6 +145,38 @@ def _write_json(fs: Any, path: str, data: dict) -> None:
     storage.write_bytes(fs, path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
+def check_steps(cfg: BatchConfig) -> None:
+    """Refuse ``method.steps`` the model's scheduler cannot run, from its config alone, before anything is written.
+
+    The same rule the editors apply (:func:`instdiff.sampling.set_steps`) on the DDIM scheduler built from the
+    model folder's ``scheduler/scheduler_config.json`` (the embedded model, a local folder, the built-in tiny
+    models). Hub ids and folders the driver cannot see are left to the actors (each row then reports it).
+
+    Raises:
+        ConfigError: ``method.steps`` past the scheduler's training steps.
+    """
+    from diffusers import DDIMScheduler
+
+    from instdiff.errors import EditInputError
+    from instdiff.model_defaults import BUILT_IN, DEFAULT_MODEL, EMBEDDED_MODEL_DIR
+    from instdiff.models import looks_local
+    from instdiff.sampling import set_steps
+    from instdiff.tiny import tiny_scheduler
+
+    spec = cfg.model.spec
+    if spec in BUILT_IN or (spec == DEFAULT_MODEL and not EMBEDDED_MODEL_DIR.is_dir()):
+        sched = tiny_scheduler()
+    else:
+        folder = EMBEDDED_MODEL_DIR if spec == DEFAULT_MODEL else Path(spec).expanduser() if looks_local(spec) else None
+        if folder is None or not (folder / "scheduler" / "scheduler_config.json").is_file():
+            return
+        sched = DDIMScheduler.from_config(DDIMScheduler.load_config(str(folder), subfolder="scheduler"))
+    try:
+        set_steps(sched, cfg.method.steps)
+    except EditInputError as exc:
+        raise ConfigError(f"method.{exc}") from None
+
+
 def check_model(model: ModelConfig, local: bool) -> None:
     """Check on the driver, before Ray starts, what can be checked of the model without loading it.
 
@@ -243,6 +275,7 @@ def run_job(cfg: BatchConfig, run_id: str | None = None, address: str | None = N
     # 1. up-front checks: the output path and the model
     storage.check_output(cfg.output, "output", folder=True, storage_cfg=cfg.storage)
     check_model(cfg.model, local)
+    check_steps(cfg)
     # 2. the input: schema, ids
     plan = plan_input(in_fs, in_path, storage.display(in_fs, in_path), carry=cfg.carry)
     if plan.rows == 0:
