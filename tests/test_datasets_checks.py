@@ -69,6 +69,16 @@ def test_a_field_mapped_twice_is_refused_naming_it(tmp_path, capsys):
     assert rc == 2 and "maps field 'image' twice" in _one_error_line(capsys)
 
 
+def test_an_unknown_field_lists_the_accepted_fields_as_words(tmp_path, capsys):
+    from pipelines.make_dataset import shapes_table
+
+    pq.write_table(shapes_table(2, seed=0, size=32), tmp_path / "in.parquet")
+    argv = ["import-dataset", "hf", str(tmp_path / "in.parquet"), "--out", str(tmp_path / "x.parquet")]
+    assert main([*argv, "--columns", "bogus=foo"]) == 2
+    line = _one_error_line(capsys)
+    assert "unknown field(s) bogus in the column mapping; accepted: id, image, mask, source_prompt" in line
+
+
 # ---- prompt columns that hold no text ------------------------------------------------------------------------------
 def test_an_integer_prompt_column_names_its_type_and_what_is_accepted(tmp_path, capsys):
     path = tmp_path / "labels.parquet"

@@ -149,7 +149,9 @@ def read_hf(
         raise InputNotFoundError(f"no Parquet files at {shown}")
     unknown = sorted(set(columns or {}) - set(MAPPED_FIELDS))
     if unknown:
-        raise DatasetError(f"unknown field(s) {', '.join(unknown)} in the column mapping; accepted: {MAPPED_FIELDS}")
+        raise DatasetError(
+            f"unknown field(s) {', '.join(unknown)} in the column mapping; accepted: {', '.join(MAPPED_FIELDS)}"
+        )
     for what, tpl in (("--source-template", source_template), ("--target-template", target_template)):
         if tpl:
             check_template(tpl, what)
