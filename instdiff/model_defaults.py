@@ -49,13 +49,40 @@ def read_defaults_file(folder: str | Path) -> dict[str, Any]:
     return data
 
 
+def model_folder(spec: str | None) -> Path | None:
+    """The local folder :func:`instdiff.models.load_bundle` would read for ``spec``, without loading anything.
+
+    ``default`` is the embedded model's folder (``None`` when it does not ship: the loader then builds
+    ``tiny``), ``tiny``/``tiny-inpaint`` are built in code (``None``), an existing local folder is itself, and a
+    hub id has no local folder (``None``).
+
+    Args:
+        spec: a model spec (``None``: ``default``).
+
+    Returns:
+        The folder, or ``None``.
+    """
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        return EMBEDDED_MODEL_DIR if (EMBEDDED_MODEL_DIR / "model_index.json").exists() else None
+    if spec in BUILT_IN:
+        return None
+    path = Path(spec).expanduser()
+    return path if path.is_dir() else None
+
+
+def builds_tiny(spec: str | None) -> bool:
+    """Whether the loader builds the random tiny model for ``spec`` (``tiny``, or ``default`` when the embedded
+    model does not ship)."""
+    spec = spec or DEFAULT_MODEL
+    return spec in BUILT_IN or (spec == DEFAULT_MODEL and model_folder(spec) is None)
+
+
 def model_defaults(spec: str | None) -> dict[str, Any]:
     """The recommended settings of the model that :func:`instdiff.models.load_bundle` would load for ``spec``.
 
-    Mirrors the loader's choice without loading anything: ``default`` is the embedded model's folder (``{}``
-    when it does not ship, as the loader then builds ``tiny``), ``tiny``/``tiny-inpaint`` have none, an
-    existing local folder has its ``instdiff.json`` if any, and a hub id has none (the loader reads the file
-    from local folders only).
+    The ``instdiff.json`` of :func:`model_folder` (the loader reads the file from local folders only): ``{}``
+    for the built-in tiny models, hub ids and folders without the file.
 
     Args:
         spec: a model spec (``None``: ``default``).
@@ -66,10 +93,5 @@ def model_defaults(spec: str | None) -> dict[str, Any]:
     Raises:
         ModelLoadError: the folder's ``instdiff.json`` is not a JSON object.
     """
-    spec = spec or DEFAULT_MODEL
-    if spec == DEFAULT_MODEL:
-        return read_defaults_file(EMBEDDED_MODEL_DIR) if (EMBEDDED_MODEL_DIR / "model_index.json").exists() else {}
-    if spec in BUILT_IN:
-        return {}
-    path = Path(spec).expanduser()
-    return read_defaults_file(path) if path.is_dir() else {}
+    folder = model_folder(spec)
+    return read_defaults_file(folder) if folder is not None else {}

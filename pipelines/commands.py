@@ -114,8 +114,6 @@ def int_arg(text: str) -> int:
         argparse.ArgumentTypeError: not an integer, or more than :data:`MAX_INT_DIGITS` digits (the message never
             repeats a long value in full, nor Python's advice about its integer-conversion limit).
     """
-    import argparse
-
     value = text.strip()
     shown = text if len(text) <= 30 else f"{text[:20]}... ({len(text)} characters)"
     if not re.fullmatch(r"[+-]?[0-9]+", value):

@@ -158,16 +158,15 @@ def check_steps(cfg: BatchConfig) -> None:
     from diffusers import DDIMScheduler
 
     from instdiff.errors import EditInputError
-    from instdiff.model_defaults import BUILT_IN, DEFAULT_MODEL, EMBEDDED_MODEL_DIR
-    from instdiff.models import looks_local
+    from instdiff.model_defaults import builds_tiny, model_folder
     from instdiff.sampling import set_steps
     from instdiff.tiny import tiny_scheduler
 
     spec = cfg.model.spec
-    if spec in BUILT_IN or (spec == DEFAULT_MODEL and not EMBEDDED_MODEL_DIR.is_dir()):
+    if builds_tiny(spec):
         sched = tiny_scheduler()
     else:
-        folder = EMBEDDED_MODEL_DIR if spec == DEFAULT_MODEL else Path(spec).expanduser() if looks_local(spec) else None
+        folder = model_folder(spec)
         if folder is None or not (folder / "scheduler" / "scheduler_config.json").is_file():
             return
         sched = DDIMScheduler.from_config(DDIMScheduler.load_config(str(folder), subfolder="scheduler"))
