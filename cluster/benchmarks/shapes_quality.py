@@ -272,33 +272,38 @@ def sweep(
 EDIT_ROW_KEYS = ("iou", "success", "source_removed", "c_non", "seconds_per_image", "unet_calls_per_image", "per_kind")
 
 
-def earlier_problem(path: str) -> str | None:
-    """Why ``path`` cannot be tabulated as an earlier run (``None``: it can).
+def load_earlier(path: str) -> dict[str, Any]:
+    """An earlier run's results JSON, checked for the edit table :func:`markdown` tabulates from it.
 
     Args:
         path: a JSON file this benchmark wrote.
 
     Returns:
-        ``None``, or the problem in a few words (missing, not JSON, no ``edits`` section with ``n_pairs`` and
-        per-method rows holding :data:`EDIT_ROW_KEYS`).
+        The parsed document (its ``edits`` section holds ``n_pairs`` and per-method rows with
+        :data:`EDIT_ROW_KEYS`).
+
+    Raises:
+        ValueError: the problem in a few words (missing, not JSON, no such edit table).
     """
     p = Path(path)
     if not p.is_file():
-        return "does not exist"
+        raise ValueError("does not exist")
     try:
         data = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return f"is not readable JSON ({exc})"
+        raise ValueError(f"is not readable JSON ({exc})") from None
     edits = data.get("edits") if isinstance(data, dict) else None
     methods = edits.get("methods") if isinstance(edits, dict) else None
     if not isinstance(methods, dict) or not methods or not isinstance(edits.get("n_pairs"), int):
-        return (
+        raise ValueError(
             "holds no edit table (expected an 'edits' section with 'n_pairs' and 'methods', as this benchmark writes)"
         )
     bad = [m for m, r in methods.items() if not isinstance(r, dict) or any(k not in r for k in EDIT_ROW_KEYS)]
     if bad:
-        return f"has an edit row without the benchmark's figures: {bad[0]!r} (needs {', '.join(EDIT_ROW_KEYS)})"
-    return None
+        raise ValueError(
+            f"has an edit row without the benchmark's figures: {bad[0]!r} (needs {', '.join(EDIT_ROW_KEYS)})"
+        )
+    return data
 
 
 def edits_table(e: dict[str, Any]) -> list[str]:
@@ -335,11 +340,12 @@ def edits_table(e: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def markdown(res: dict[str, Any]) -> str:
+def markdown(res: dict[str, Any], earlier: dict[str, dict[str, Any]] | None = None) -> str:
     """A short Markdown report of the JSON result.
 
     Args:
         res: the result written by :func:`main` (the sections present so far).
+        earlier: earlier runs' documents by path (:func:`load_earlier`), tabulated after this run's edits.
 
     Returns:
         The Markdown page.
@@ -408,17 +414,15 @@ def markdown(res: dict[str, Any]) -> str:
             f"{PAPER_IOU_SD14}). SDEdit's mask is the whole image.",
             "",
         ]
-    for path in res.get("earlier", []):
-        earlier = json.loads(Path(path).read_text())  # checked by earlier_problem before the run
-        if "edits" in earlier:
-            e = earlier["edits"]
-            lines += [
-                f"## Earlier run: [{Path(path).name}]({Path(path).name}) ({e['n_pairs']} test pairs)",
-                "",
-                f"Commit `{earlier.get('git_commit', '?')}`; kept for comparison.",
-                "",
-                *edits_table(e),
-            ]
+    for path, doc in (earlier or {}).items():
+        e = doc["edits"]
+        lines += [
+            f"## Earlier run: [{Path(path).name}]({Path(path).name}) ({e['n_pairs']} test pairs)",
+            "",
+            f"Commit `{doc.get('git_commit', '?')}`; kept for comparison.",
+            "",
+            *edits_table(e),
+        ]
     return "\n".join(lines)
 
 
@@ -460,10 +464,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--earlier", nargs="*", default=[], help="results JSON of earlier runs, tabulated for comparison")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for path in args.earlier:  # checked before anything runs: a bad file must not surface after the edits
-        problem = earlier_problem(path)
-        if problem:
-            ap.error(f"--earlier: {path} {problem}")
+    earlier: dict[str, dict[str, Any]] = {}
+    for path in args.earlier:  # read once, before anything runs: a bad file must not surface after the edits
+        try:
+            earlier[path] = load_earlier(path)
+        except ValueError as exc:
+            ap.error(f"--earlier: {path} {exc}")
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -473,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def write(res: dict[str, Any]) -> None:
         res["seconds"] = time.perf_counter() - t0
         out.write_text(json.dumps(res, indent=2, default=str) + "\n")
-        md.write_text(markdown(res))
+        md.write_text(markdown(res, earlier))
 
     bundle = load_bundle(args.model, device=args.device, dtype=args.dtype)
     steps = args.steps or int(bundle.defaults.get("steps", 50))
